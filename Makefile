@@ -1,0 +1,23 @@
+# Two commands do everything on a fresh machine:
+#   make run    install, then run every stage of RIL on the built-in tiny task (CPU, ~2 minutes)
+#   make test   install, then run the test suite
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+export HF_HUB_OFFLINE := 1
+
+.PHONY: run test clean
+
+$(BIN)/.installed: requirements.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.txt pytest
+	touch $@
+
+run: $(BIN)/.installed
+	$(BIN)/python ril.py --out runs/ril
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest -q test_ril.py
+
+clean:
+	rm -rf runs .pytest_cache __pycache__

@@ -1,0 +1,962 @@
+"""
+ril.py: RIL, "Unified Reinforcement and Imitation Learning for Vision-Language Models"
+(Lee et al., NeurIPS 2025, arXiv 2510.19307), the whole method in one readable file.
+
+A small student VLM answers image questions. For each question it samples G answers, and we take G
+answers written by one or more large teacher VLMs (only their *text*: any tokenizer or model family
+can teach; this is black-box distillation). A discriminator D, a copy of the student's language model
+with a 1-unit head, learns to tell student text (label 1) from teacher text (label 0). All 2G answers
+are rewarded with r_sim = 1[D < 0.5] ("sounds like a teacher") plus r_ans (the answer is right), and
+the student takes a clipped policy-gradient step in the Dr.GRPO form over all 2G answers: advantage =
+reward minus group mean (no std), no per-answer length normalisation, k3 KL to the SFT reference.
+Teacher texts therefore get a likelihood push under the student ("imitation"), student samples get
+an RL push ("reinforcement"), in one objective.
+
+Usage
+    python ril.py                                    # tiny Qwen2-VL + built-in toy task; CPU, ~1-2 min
+    python ril.py --algo dr_grpo                     # Table 1 baselines: answer reward only, G student samples
+    python ril.py --algo grpo                        #   ... with std-scaled advantages and length normalisation
+    python ril.py --student Qwen2-VL-2B --teachers a,b --data train.jsonl --eval-data val.jsonl \\
+                  --sft-steps 0 --device cuda --dtype bf16 --lr 1e-6 --disc-lr 1e-6 --max-new-tokens 256
+    python ril.py --save-tiny DIR                    # write the tiny student as a Hugging Face folder
+
+Data: JSONL, one question per line, image paths relative to the JSONL file's folder:
+    {"id": "q1", "image": "img/q1.png", "question": "...", "answer": "...",
+     "teachers": {"a": ["text", ...], "b": ["text", ...]}}
+
+Stages: SFT warm-up on teacher texts -> discriminator pre-training -> RIL loop (Alg. 2) -> held-out
+evaluation before and after -> save_pretrained to --out.
+
+Left out on purpose (go to TRL's GRPOTrainer or verl for these): vLLM rollouts, DeepSpeed, LoRA,
+quantisation, video, multi-turn. An LLM judge for r_ans is replaced by a normalised matcher.
+Labels in comments: [P] the paper says so; [R] our reading where the paper is silent (see
+RIL_PAPER.md section 6). Requires torch and transformers >= 5 (tested with 5.23), pillow, tqdm.
+"""
+import ast
+import argparse
+import copy
+import dataclasses
+import inspect
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import transformers
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+transformers.utils.logging.set_verbosity_error()
+transformers.utils.logging.disable_progress_bar()
+
+
+# ================================================================================================
+# 1. Config
+# ================================================================================================
+@dataclass
+class Args:
+    # --- what to train, on what
+    student: str = "tiny"
+    """student VLM: 'tiny' (built in this file), an alias such as Qwen2-VL-2B, a Hugging Face id, or a local folder"""
+    teachers: str = ""
+    """comma-separated teacher names from the rows' "teachers" field; empty = every teacher in the data"""
+    data: str = "toy"
+    """'toy' (built-in shapes task drawn with Pillow) or a JSONL file (format in the header)"""
+    eval_data: str = ""
+    """held-out JSONL; empty = hold out --eval-size rows of --data"""
+    eval_size: int = 60
+    """held-out questions (toy split size, or rows taken from --data when --eval-data is empty)"""
+    toy_size: int = 600
+    """training questions in the toy task"""
+    algo: str = "ril"
+    """ril | dr_grpo | grpo (paper Table 1 rows; the baselines use r_ans only and no teacher texts)"""
+    out: str = "runs/ril"
+    """output folder: the trained student (save_pretrained), discriminator.pt, metrics.jsonl"""
+    seed: int = 0
+    """seeds the toy data, the model init, the data order and the sampling"""
+    device: str = "auto"
+    """auto | cpu | cuda"""
+    dtype: str = "auto"
+    """auto (bf16 on cuda, fp32 on cpu) | fp32 | bf16"""
+    save_tiny: str = ""
+    """write the tiny student (model + processor) to this folder and exit; the tests load it back"""
+    tiny_hidden: int = 64
+    """tiny student: hidden size (measured here: 64 trains the toy task in about a minute on 2 cores)"""
+    tiny_layers: int = 2
+    """tiny student: decoder layers"""
+    # --- RIL (paper values where it gives them)
+    G: int = 4
+    """student samples per question; RIL adds G teacher texts, so a group is 2G [P] App. C"""
+    eps: float = 0.2
+    """clip range of the ratio [P] §4.2"""
+    beta: float = 0.01
+    """KL weight to the reference (SFT) policy [P] Table 5b; 0 = no reference model is built"""
+    mu: int = 1
+    """policy iterations per batch [P] App. C, Table 5a"""
+    sim_threshold: float = 0.5
+    """r_sim = 1[D < threshold] [P] §3.3"""
+    sim_reward: str = "binary"
+    """binary [P] | continuous (1 - D; the Fig. 6 ablation)"""
+    temperature: float = 1.0
+    """sampling temperature [P] App. C"""
+    top_p: float = 0.95
+    """[P] App. C"""
+    top_k: int = 50
+    """[P] App. C"""
+    repetition_penalty: float = 1.05
+    """[P] App. C"""
+    # --- budget (the paper gives none of these for a tiny task; values measured on the toy task)
+    steps: int = 60
+    """RIL steps (one batch of questions each)"""
+    batch_size: int = 8
+    """questions per step; the paper's "144" [P] is likely questions per optimiser step [R]"""
+    max_new_tokens: int = 16
+    """generation cap; also the Dr.GRPO constant normaliser L_max (the paper does not give one)"""
+    lr: float = 2e-4
+    """student LR in the RIL loop (paper: 1e-6 constant for 3-8B models)"""
+    disc_lr: float = 2e-4
+    """discriminator LR in the RIL loop (paper: 1e-6 constant)"""
+    max_grad_norm: float = 1.0
+    """gradient clipping for student and discriminator [R] (GAD clips at 0.2)"""
+    sft_steps: int = 150
+    """SFT warm-up steps (0 = skip, for a checkpoint that is already SFT'd); batch_size x G questions each"""
+    sft_teacher_frac: float = 0.2
+    """share of SFT targets that are teacher texts; the rest are the rows' ground-truth answers (1 = teacher texts only)"""
+    sft_lr: float = 3e-3
+    """SFT peak LR, decayed linearly to a tenth (the paper: 1e-5 -> 1e-6)"""
+    disc_pretrain_steps: int = 40
+    """discriminator pre-training steps (student samples vs teacher texts)"""
+    disc_pretrain_lr: float = 1e-3
+    """discriminator pre-training peak LR, decayed linearly to a tenth (the paper: 1e-5 -> 1e-6)"""
+    # --- images
+    min_pixels: int = 56 * 56
+    """image processor lower bound (Qwen2-VL family)"""
+    max_pixels: int = 112 * 112
+    """image processor upper bound: caps image tokens instead of truncating prompts (PEERS §4.1b)"""
+    # --- logging
+    eval_every: int = 0
+    """evaluate on the held-out split every N RIL steps (0 = only before and after)"""
+    dump_every: int = 20
+    """print one group (texts, r_sim, r_ans, D) every N steps (0 = never)"""
+
+
+def parse_args(argv=None) -> Args:
+    """Turn Args into argparse flags; the docstring under each field becomes its --help text."""
+    tree = ast.parse(inspect.getsource(Args))
+    body, docs = tree.body[0].body, {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = nxt.value.value
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(Args):
+        p.add_argument("--" + f.name.replace("_", "-"), type=f.type,
+                       default=f.default, help=f"{docs.get(f.name, '')} (default: {f.default})")
+    return Args(**vars(p.parse_args(argv)))
+
+
+def fail(msg: str):
+    """User mistakes get one actionable line and exit code 2, never a traceback."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check_args(a: Args):
+    if a.algo not in ("ril", "dr_grpo", "grpo"):
+        fail(f"--algo {a.algo}: choose ril, dr_grpo or grpo")
+    if a.sim_reward not in ("binary", "continuous"):
+        fail(f"--sim-reward {a.sim_reward}: choose binary or continuous")
+    for name, ok in [("G", a.G >= 2), ("eps", a.eps > 0), ("beta", a.beta >= 0), ("mu", a.mu >= 1),
+                     ("steps", a.steps >= 0), ("sft-teacher-frac", 0 <= a.sft_teacher_frac <= 1), ("batch-size", a.batch_size >= 1), ("max-new-tokens", a.max_new_tokens >= 1)]:
+        if not ok:
+            fail(f"--{name} {getattr(a, name.replace('-', '_'))} is impossible; see python ril.py --help")
+
+
+# ================================================================================================
+# 2. Data: the built-in toy task and the JSONL format
+# ================================================================================================
+COLORS = {"red": (220, 40, 40), "green": (30, 160, 60), "blue": (40, 70, 220), "yellow": (235, 200, 30)}
+SHAPES = ["circle", "square", "triangle"]
+NUMBER_WORDS = {"zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+                "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+# Two teachers, always correct, in two distinct styles, so imitation has something to learn and the
+# discriminator has something to see. Each has two phrasings per question kind.
+TOY_TEACHERS = {
+    "alice": {"color": ["The shape is {a}.", "The color of the shape is {a}."],
+              "shape": ["It is a {a}.", "The picture shows a {a}."],
+              "count": ["There are {a} shapes.", "I count {a} shapes in the picture."]},
+    "bob": {"color": ["Answer: {a}.", "{A}, clearly."],
+            "shape": ["Answer: {a}.", "{A}, clearly."],
+            "count": ["Answer: {a}.", "{A}, clearly."]},
+}
+TOY_QUESTIONS = {"color": "What color is the shape?", "shape": "What shape is in the image?",
+                 "count": "How many shapes are there?"}
+
+
+def draw_shape(d: ImageDraw.ImageDraw, shape: str, box, color):
+    x0, y0, x1, y1 = box
+    if shape == "circle":
+        d.ellipse(box, fill=color)
+    elif shape == "square":
+        d.rectangle(box, fill=color)
+    else:
+        d.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=color)
+
+
+def make_toy(n: int, seed: int) -> list:
+    """The built-in task: 56x56 images (4 image tokens after 2x2 merging), three question kinds.
+
+    >>> make_toy(1, 0)[0]["question"], make_toy(1, 0)[0]["answer"]
+    ('What color is the shape?', 'blue')
+    """
+    rng, rows = random.Random(seed), []
+    for i in range(n):
+        kind = ("color", "shape", "count")[i % 3]
+        img = Image.new("RGB", (56, 56), (255, 255, 255))
+        d = ImageDraw.Draw(img)
+        color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
+        if kind == "count":  # 1-4 small shapes, one per 28x28 quadrant, so each image token sees one
+            k = rng.randint(1, 4)
+            for q in rng.sample(range(4), k):
+                ox, oy, s = 28 * (q % 2) + rng.randint(2, 6), 28 * (q // 2) + rng.randint(2, 6), rng.randint(14, 20)
+                draw_shape(d, rng.choice(SHAPES), (ox, oy, ox + s, oy + s), COLORS[rng.choice(list(COLORS))])
+            answer = str(k)
+        else:
+            s = rng.randint(40, 48)  # big and near the centre: each quadrant token sees a corner
+            ox, oy = (56 - s) // 2 + rng.randint(-2, 2), (56 - s) // 2 + rng.randint(-2, 2)
+            draw_shape(d, shape, (ox, oy, ox + s, oy + s), COLORS[color])
+            answer = color if kind == "color" else shape
+        teachers = {t: [p.format(a=answer, A=answer.capitalize()) for p in styles[kind]] for t, styles in TOY_TEACHERS.items()}
+        if answer == "1":
+            teachers["alice"] = ["There is 1 shape.", "I count 1 shape in the picture."]
+        rows.append(dict(id=f"toy{seed}-{i}", image=img, question=TOY_QUESTIONS[kind], answer=answer,
+                         teachers=teachers, where=f"toy row {i}"))
+    return rows
+
+
+def load_jsonl(path: str) -> list:
+    """Read the JSONL format; every problem is reported as file:line with the fix."""
+    if not os.path.isfile(path):
+        fail(f"{path}: no such file; --data takes 'toy' or a JSONL file")
+    base, rows = os.path.dirname(os.path.abspath(path)), []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                fail(f"{path}:{n}: invalid JSON ({e.msg}); each line must be one JSON object")
+            if not isinstance(row, dict):
+                fail(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+            missing = [k for k in ("image", "question", "answer") if k not in row]
+            if missing:
+                fail(f"{path}:{n}: missing field(s) {', '.join(missing)}; each row needs image, question, answer")
+            image = row["image"] if os.path.isabs(row["image"]) else os.path.join(base, row["image"])
+            if not os.path.isfile(image):
+                fail(f"{path}:{n}: image not found: {image} (paths are relative to the JSONL file's folder)")
+            teachers = row.get("teachers", {})
+            if not isinstance(teachers, dict) or not all(isinstance(v, list) for v in teachers.values()):
+                fail(f'{path}:{n}: "teachers" must map a teacher name to a list of texts')
+            rows.append(dict(id=str(row.get("id", n)), image=image, question=str(row["question"]),
+                             answer=str(row["answer"]), teachers=teachers, where=f"{path}:{n}"))
+    if not rows:
+        fail(f"{path}: no rows; the file is empty")
+    return rows
+
+
+def load_data(a: Args):
+    """Returns (train_rows, eval_rows)."""
+    if a.data == "toy":
+        return make_toy(a.toy_size, a.seed), make_toy(a.eval_size, a.seed + 10_000)
+    rows = load_jsonl(a.data)
+    if a.eval_data:
+        return rows, load_jsonl(a.eval_data)
+    if len(rows) <= a.eval_size:
+        fail(f"{a.data}: {len(rows)} rows cannot spare --eval-size {a.eval_size} held-out rows; lower it or pass --eval-data")
+    rows = random.Random(a.seed).sample(rows, len(rows))
+    return rows[a.eval_size:], rows[:a.eval_size]
+
+
+def resolve_teachers(a: Args, rows: list) -> list:
+    names = [t for t in a.teachers.split(",") if t] or sorted({t for r in rows for t in r["teachers"]})
+    if a.algo == "ril" or (a.sft_steps > 0 and a.sft_teacher_frac > 0):
+        if not names:
+            fail(f"{a.data}: no teacher texts in the data; RIL and the SFT warm-up need a 'teachers' field")
+        for t in names:
+            lacking = [r for r in rows if not r["teachers"].get(t)]
+            if lacking:
+                fail(f"{lacking[0]['where']}: teacher '{t}' has no texts for {len(lacking)} row(s); "
+                     f"add them or drop '{t}' from --teachers")
+    return names
+
+
+def load_image(row) -> Image.Image:
+    return row["image"] if isinstance(row["image"], Image.Image) else Image.open(row["image"]).convert("RGB")
+
+
+def batch_at(rows: list, step: int, B: int, seed: int) -> list:
+    """The B questions of `step`: epoch-wise shuffles, a pure function of (seed, step), so a resumed
+    run sees exactly the questions the uninterrupted run would have (PEERS §4.4)."""
+    n, out = len(rows), []
+    for i in range(step * B, step * B + B):
+        perm = random.Random(seed * 1_000_003 + i // n).sample(range(n), n)
+        out.append(rows[perm[i % n]])
+    return out
+
+
+def sample_teacher_texts(row, teachers: list, G: int, rng: random.Random) -> list:
+    """G teacher texts for one question. [R] The paper does not say how the G slots are split
+    between teachers (RIL_PAPER §6.5): slot i goes to teacher i mod T (2 + 2 for two teachers), and
+    each teacher's texts are drawn without replacement until they run out, then reused."""
+    out = []
+    for i, t in enumerate(teachers):
+        texts, k = row["teachers"][t], len(range(i, G, len(teachers)))  # slots i, i+T, ... -> teacher i
+        out += rng.sample(texts, k) if k <= len(texts) else [rng.choice(texts) for _ in range(k)]
+    return out
+
+
+# ================================================================================================
+# 3. Models: the student (tiny or pretrained), the reference, the discriminator
+# ================================================================================================
+ALIASES = {"Qwen2-VL-2B": "Qwen/Qwen2-VL-2B-Instruct", "Qwen2-VL-7B": "Qwen/Qwen2-VL-7B-Instruct",
+           "Qwen2.5-VL-3B": "Qwen/Qwen2.5-VL-3B-Instruct", "Qwen2.5-VL-7B": "Qwen/Qwen2.5-VL-7B-Instruct",
+           "InternVL3-1B": "OpenGVLab/InternVL3-1B-hf", "InternVL3-2B": "OpenGVLab/InternVL3-2B-hf",
+           "InternVL3-8B": "OpenGVLab/InternVL3-8B-hf"}
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+            "<|image_pad|>", "<|video_pad|>"]
+# The Qwen2-VL chat format, cut down: a string or a list of {"type": "image"|"text"} parts per turn.
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor  # noqa: E402
+
+
+class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+    """Qwen2VLProcessor without its video half: the stock one cannot be built without torchvision
+    (OFFLINE_NOTES §2c). Used for the tiny student and as a fallback when AutoProcessor fails."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kw):
+        self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+        transformers.ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template, **kw)
+
+
+def build_tiny(a: Args, corpus: list):
+    """A random tiny Qwen2-VL with an in-process BPE tokenizer trained on the task's own texts, so
+    that words are single tokens and a 64-wide model can learn the task in a minute on a CPU."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder, tok.post_processor = decoders.ByteLevel(), processors.ByteLevel(trim_offsets=False)
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=600, special_tokens=SPECIALS, show_progress=False,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",  # pad != eos, as in real Qwen
+        additional_special_tokens=SPECIALS[1:], padding_side="left", model_input_names=["input_ids", "attention_mask"])
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    image_processor = transformers.Qwen2VLImageProcessorPil(min_pixels=a.min_pixels, max_pixels=a.max_pixels)
+    processor = ImageOnlyQwen2VLProcessor(image_processor, tokenizer, chat_template=TINY_CHAT_TEMPLATE)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIALS}
+    h, heads = a.tiny_hidden, 4
+    half = h // heads // 2
+    text = dict(vocab_size=len(tokenizer), hidden_size=h, intermediate_size=2 * h, num_hidden_layers=a.tiny_layers,
+                num_attention_heads=heads, num_key_value_heads=2, rope_theta=1e4,
+                rope_scaling={"type": "mrope", "mrope_section": [half - 2 * (half // 3), half // 3, half // 3]},
+                eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], bos_token_id=ids["<|im_start|>"])
+    vision = dict(depth=1, embed_dim=32, num_heads=2, hidden_size=h, mlp_ratio=2, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2)
+    cfg = transformers.Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True,
+                                     image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                                     vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    model = transformers.Qwen2VLForConditionalGeneration(cfg)
+    model.generation_config = transformers.GenerationConfig(
+        eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], bos_token_id=ids["<|im_start|>"])
+    return model, processor
+
+
+def load_processor(path: str):
+    """AutoProcessor, or the image-only Qwen2-VL processor where AutoProcessor cannot be built
+    (no torchvision) or silently returns a bare tokenizer (OFFLINE_NOTES §2c)."""
+    try:
+        proc = transformers.AutoProcessor.from_pretrained(path)
+        if hasattr(proc, "image_processor"):
+            return proc
+    except (OSError, ImportError, AttributeError, ValueError):
+        pass
+    return ImageOnlyQwen2VLProcessor.from_pretrained(path)
+
+
+def load_student(a: Args, corpus: list, device, dtype):
+    """Returns (model, processor); the tokenizer pads on the left for batched generation."""
+    if a.student == "tiny":
+        model, processor = build_tiny(a, corpus)
+    else:
+        name = ALIASES.get(a.student, a.student)
+        try:
+            model = transformers.AutoModelForImageTextToText.from_pretrained(name, dtype=dtype)
+            processor = load_processor(name)
+        except (OSError, ValueError) as e:
+            fail(f"--student {a.student}: cannot load '{name}' ({str(e).splitlines()[0][:160]}); "
+                 f"give 'tiny', a local model folder, or a Hugging Face id that is downloaded or reachable")
+    processor.tokenizer.padding_side = "left"
+    if processor.tokenizer.pad_token_id is None or processor.tokenizer.pad_token_id == processor.tokenizer.eos_token_id:
+        # pad == eos makes every mask drop EOS too, and the model never learns to stop (tiny-grpo's bug)
+        fail(f"--student {a.student}: its tokenizer has no pad token distinct from EOS; set one in tokenizer_config.json")
+    return model.to(device=device, dtype=dtype), processor
+
+
+def save_student(model, processor, folder: str):
+    """save_pretrained, loadable by plain transformers. Our image-only processor is saved under the
+    stock class name, so AutoProcessor builds the full processor wherever torchvision exists."""
+    os.makedirs(folder, exist_ok=True)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    cfg_path = os.path.join(folder, "processor_config.json")
+    if isinstance(processor, ImageOnlyQwen2VLProcessor) and os.path.isfile(cfg_path):
+        cfg = json.load(open(cfg_path))
+        cfg["processor_class"] = "Qwen2VLProcessor"
+        json.dump(cfg, open(cfg_path, "w"), indent=2)
+
+
+class Discriminator(nn.Module):
+    """D_phi [P] §3.1: the student's language model (same architecture, same initial weights: the
+    paper's answer to the GAN "balance problem") with the LM head swapped for a d x 1 linear head,
+    read at the last non-pad token. D(o) = sigmoid(logit) = P(student wrote o)."""
+
+    def __init__(self, student):
+        super().__init__()
+        self.backbone = copy.deepcopy(student.model.language_model)
+        p = next(self.backbone.parameters())
+        self.head = nn.Linear(student.config.get_text_config().hidden_size, 1).to(p.device, p.dtype)
+
+    def forward(self, input_ids, attention_mask):  # right-padded (N, T) -> logits (N,)
+        h = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (N, T, d)
+        last = attention_mask.sum(1) - 1  # (N,) index of the last real token
+        return self.head(h[torch.arange(len(h), device=h.device), last]).squeeze(-1).float()
+
+
+# ================================================================================================
+# 4. Batching: prompts with images, completions, masks
+# ================================================================================================
+def encode_prompts(processor, rows: list, device) -> dict:
+    """Chat-formatted, left-padded prompts with their images. Never truncated: cutting a prompt cuts
+    image tokens but not pixel_values, the most reported Qwen2-VL crash (PEERS §4.1b)."""
+    msgs = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r["question"]}]}] for r in rows]
+    texts = [processor.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in msgs]
+    enc = processor(text=texts, images=[load_image(r) for r in rows], padding=True, return_tensors="pt")
+    return {k: v.to(device) for k, v in enc.items()}
+
+
+def repeat_prompts(enc: dict, n: int) -> dict:
+    """Repeat every prompt n times in place: order q1,q1,..,q2,q2. Qwen2-VL's pixel_values is one flat
+    (sum_i t*h*w, D) patch matrix, so it is repeated per image block (rows = prod(image_grid_thw)),
+    never tiled, which would give I1,I2,I1,I2 (R1-V's bug, PEERS §1)."""
+    out = {k: v.repeat_interleave(n, 0) for k, v in enc.items() if k != "pixel_values"}
+    if "image_grid_thw" in enc:
+        blocks = enc["pixel_values"].split(enc["image_grid_thw"].prod(-1).tolist())  # one block per image
+        out["pixel_values"] = torch.cat([b for b in blocks for _ in range(n)])
+    elif "pixel_values" in enc:  # families with one (C, H, W) image per prompt
+        out["pixel_values"] = enc["pixel_values"].repeat_interleave(n, 0)
+    return out
+
+
+def completion_mask(ids: torch.Tensor, eos_ids: list) -> torch.Tensor:
+    """1 up to and including the first EOS, 0 after. EOS stays in: it is how the model learns to stop.
+
+    >>> completion_mask(torch.tensor([[5, 2, 0, 0], [5, 6, 7, 8]]), [2])
+    tensor([[1, 1, 0, 0],
+            [1, 1, 1, 1]])
+    """
+    is_eos = torch.isin(ids, torch.tensor(eos_ids, device=ids.device)).long()
+    return ((is_eos.cumsum(1) - is_eos) == 0).long()
+
+
+def pad_right(seqs: list, pad_id: int, device) -> tuple:
+    """list of token-id lists -> ids (N, T), mask (N, T)."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s, dtype=torch.long), 1
+    return ids.to(device), mask.to(device)
+
+
+class TextTokens:
+    """Teacher texts re-tokenised by the *student* tokenizer (only text crosses over [P]) + EOS,
+    cut to max_new_tokens so the Dr.GRPO normaliser stays an upper bound. Cached: teacher texts
+    repeat every epoch."""
+
+    def __init__(self, tokenizer, eos_id: int, max_len: int):
+        self.tok, self.eos, self.max_len, self.cache, self.cut = tokenizer, eos_id, max_len, {}, 0
+
+    def __call__(self, text: str) -> list:
+        if text not in self.cache:
+            ids = self.tok(text, add_special_tokens=False)["input_ids"] + [self.eos]
+            self.cut += len(ids) > self.max_len
+            self.cache[text] = ids[:self.max_len]
+        return self.cache[text]
+
+
+# ================================================================================================
+# 5. Rollouts and log-probs
+# ================================================================================================
+def vision_token_ids(model) -> list:
+    names = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id", "image_token_index")
+    return sorted({getattr(model.config, n) for n in names if isinstance(getattr(model.config, n, None), int)})
+
+
+def generation_config(a: Args, model, tokenizer, greedy: bool) -> transformers.GenerationConfig:
+    sampling = {} if greedy else dict(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
+                                      repetition_penalty=a.repetition_penalty)
+    return transformers.GenerationConfig(
+        do_sample=not greedy, max_new_tokens=a.max_new_tokens, **sampling,
+        # A policy that samples <|image_pad|> crashes the next forward ("Image features and image
+        # tokens do not match", PEERS §4.1a): vision placeholders are never allowed in a completion.
+        suppress_tokens=vision_token_ids(model),
+        eos_token_id=eos_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id)
+
+
+def eos_ids(model, tokenizer) -> list:
+    ids = model.generation_config.eos_token_id
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    return sorted(set(ids) | {tokenizer.eos_token_id})
+
+
+@torch.no_grad()
+def generate(model, enc: dict, gen_cfg, output_logits: bool = False):
+    """One batched generate for every prompt in enc. Returns completion ids (N, T) with pad after the
+    first EOS, their mask (N, T) and, if asked, generate's raw logits (N, T, V)."""
+    out = model.generate(**enc, generation_config=gen_cfg, return_dict_in_generate=True, output_logits=output_logits)
+    comp = out.sequences[:, enc["input_ids"].shape[1]:]  # (N, T)
+    mask = completion_mask(comp, gen_cfg.eos_token_id)
+    comp = comp.masked_fill(mask == 0, gen_cfg.pad_token_id)
+    bad = torch.isin(comp, torch.tensor(gen_cfg.suppress_tokens or [-1], device=comp.device))
+    assert not bad.any(), "a completion contains a vision placeholder token"
+    logits = torch.stack(out.logits, 1) if output_logits else None
+    return comp, mask, logits
+
+
+def token_logprobs(model, enc: dict, comp: torch.Tensor, comp_mask: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log pi(o_t | q, o_<t) for every completion token, (N, T). enc holds N left-padded prompts.
+    No position_ids: Qwen2-VL builds its 3-D M-RoPE positions itself, 1-D ones corrupt the logits
+    silently (PEERS §6). Logits are divided by the sampling temperature, so these are the log-probs of
+    the distribution that was sampled (TRL does the same)."""
+    P, T = enc["input_ids"].shape[1], comp.shape[1]
+    extra = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    if "mm_token_type_ids" in enc:  # transformers >= 5 wants it whenever images are passed; 0 = text
+        extra["mm_token_type_ids"] = torch.cat([enc["mm_token_type_ids"], torch.zeros_like(comp)], 1)
+    logits = model(input_ids=torch.cat([enc["input_ids"], comp], 1),
+                   attention_mask=torch.cat([enc["attention_mask"], comp_mask], 1),
+                   logits_to_keep=T + 1, **extra).logits[:, :-1]  # (N, T, V): position P-1+t predicts o_t
+    logits = logits.float() / temperature
+    return logits.gather(-1, comp[..., None]).squeeze(-1) - logits.logsumexp(-1)  # (N, T)
+
+
+# ================================================================================================
+# 6. Discriminator: the Fig. 3 prompt, scoring, one BCE update (Eq. 1)
+# ================================================================================================
+DISC_SYSTEM = ("You are a discriminator assistant. You are given a response inside <response></response>. "
+               "Decide whether a teacher model or a student model wrote it: 0 means teacher, 1 means student.")
+DISC_USER = ("<response>{response}</response>\nDetermine the source of this response. "
+             "Answer 0 (Teacher model) or 1 (Student model).")
+
+
+def disc_inputs(tokenizer, texts: list, device) -> tuple:
+    """Fig. 3 [P]: only the response is shown, no question and no image (RIL_PAPER §6.2). Student
+    samples are decoded and re-encoded exactly like teacher texts, so D cannot tell them apart by
+    tokenisation artefacts, only by what they say."""
+    prompts = [tokenizer.apply_chat_template(
+        [{"role": "system", "content": DISC_SYSTEM}, {"role": "user", "content": DISC_USER.format(response=t)}],
+        tokenize=False, add_generation_prompt=True) for t in texts]
+    enc = tokenizer(prompts, padding=True, padding_side="right", add_special_tokens=False, return_tensors="pt")
+    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+
+
+@torch.no_grad()
+def disc_logits(disc, tokenizer, texts: list, device) -> torch.Tensor:
+    return disc(*disc_inputs(tokenizer, texts, device))
+
+
+def disc_update(disc, opt, tokenizer, student_texts: list, teacher_texts: list, a: Args, device) -> dict:
+    """One step of Eq. 1: BCE with student = 1, teacher = 0."""
+    disc.train()
+    labels = torch.tensor([1.0] * len(student_texts) + [0.0] * len(teacher_texts), device=device)
+    logits = disc(*disc_inputs(tokenizer, student_texts + teacher_texts, device))  # (2N,)
+    loss = F.binary_cross_entropy_with_logits(logits, labels)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(disc.parameters(), a.max_grad_norm)
+    opt.step()
+    pred = (logits.detach() > 0).float()
+    n = len(student_texts)
+    return {"disc/loss": loss.item(), "disc/acc_student": pred[:n].mean().item(),
+            "disc/acc_teacher": (1 - pred[n:]).mean().item()}
+
+
+# ================================================================================================
+# 7. Rewards: r_sim (discriminator), r_ans (answer match), R = r_sim + r_ans
+# ================================================================================================
+def normalize(text: str) -> list:
+    """Lower-case words, punctuation dropped, number words as digits.
+
+    >>> normalize("There are Three shapes!")
+    ['there', 'are', '3', 'shapes']
+    """
+    return [NUMBER_WORDS.get(w, w) for w in re.findall(r"[a-z0-9]+", text.lower())]
+
+
+def answer_match(response: str, answer: str) -> float:
+    """r_ans without an LLM judge: 1 if the normalised answer appears as a whole-word span of the
+    normalised response. [R] The paper's judge (Qwen2.5-32B, Fig. 4) is replaced by this matcher;
+    it is hackable by listing every candidate, which the KL and the discriminator both punish.
+
+    >>> answer_match("I count three shapes.", "3"), answer_match("Reddish.", "red")
+    (1.0, 0.0)
+    """
+    r, t = normalize(response), normalize(answer)
+    return float(bool(t) and any(r[i:i + len(t)] == t for i in range(len(r) - len(t) + 1)))
+
+
+def similarity_reward(d_logits: torch.Tensor, a: Args) -> torch.Tensor:
+    """r_sim = 1[D < 0.5] [P] §3.3: 1 when D thinks a *teacher* wrote the text. Binary on purpose:
+    the paper's Fig. 6 finds a continuous 1 - D worse (the policy exploits tiny gaps in D)."""
+    d = torch.sigmoid(d_logits)
+    return (d < a.sim_threshold).float() if a.sim_reward == "binary" else 1 - d
+
+
+# ================================================================================================
+# 8. Advantages and the clipped policy objective (Eq. 2, Dr.GRPO form)
+# ================================================================================================
+def group_advantages(rewards: torch.Tensor, group: int, scale_std: bool) -> torch.Tensor:
+    """A_i = R_i - mean of its group [P] Eq. 2 (Dr.GRPO: no std division). scale_std=True is the
+    GRPO baseline's A_i / (std + 1e-4).
+
+    >>> group_advantages(torch.tensor([2., 0., 1., 1.]), 4, False)
+    tensor([ 1., -1.,  0.,  0.])
+    """
+    r = rewards.view(-1, group)  # (B, group)
+    adv = r - r.mean(1, keepdim=True)
+    if scale_std:
+        adv = adv / (r.std(1, keepdim=True) + 1e-4)
+    return adv.view(-1)
+
+
+def policy_loss(logp, old_logp, ref_logp, adv, mask, a: Args) -> tuple:
+    """Eq. 2 at token level. All tensors (N, T) except adv (N,). Returns (loss, stats).
+
+    With mu = 1, old_logp = logp.detach(): the ratio is exactly 1, the clip never binds, and the loss
+    *value* is ~0 because advantages are centred, while its gradient is not (the most-asked GRPO
+    question, PEERS §1). Watch policy/grad_norm, not policy/loss."""
+    mask = mask.float()
+    ratio = torch.exp((logp - old_logp).clamp(-20, 20))  # clamp as verl does, so exp cannot overflow
+    A = adv[:, None]
+    surrogate = torch.min(ratio * A, ratio.clamp(1 - a.eps, 1 + a.eps) * A)  # (N, T)
+    per_token = surrogate
+    kl = torch.zeros_like(logp)
+    if ref_logp is not None:
+        # [R] k3 estimator of KL(pi || ref) per token (the paper names none; GRPO and TRL use k3)
+        log_r = ref_logp - logp
+        kl = torch.exp(log_r) - log_r - 1
+        per_token = surrogate - a.beta * kl
+    if a.algo == "grpo":  # GRPO: mean over each answer's tokens, then over answers
+        loss = -((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+    else:
+        # Dr.GRPO [R] (RIL_PAPER §6.6): loss = -sum_{i,t} mask_it * term_it / (N * L_max), with
+        # N = sequences in the step and L_max = --max-new-tokens. A constant, so a long answer's tokens
+        # weigh what a short answer's do (TRL's loss_type="dr_grpo" divides the same way; verl's
+        # default divides by the batch's padded length, which varies).
+        loss = -(per_token * mask).sum() / (mask.shape[0] * a.max_new_tokens)
+    clipped = ((ratio - 1).abs() > a.eps).float()
+    n_tok = mask.sum().clamp(min=1)
+    return loss, {"policy/clip_frac": ((clipped * mask).sum() / n_tok).item(),
+                  "policy/kl": ((kl * mask).sum() / n_tok).item()}
+
+
+# ================================================================================================
+# 9. Evaluation
+# ================================================================================================
+@torch.no_grad()
+def evaluate(model, processor, disc, rows: list, a: Args, device, bs: int = 32) -> tuple:
+    """Greedy answers on the held-out split. Returns (metrics, answers)."""
+    model.eval()
+    tok, gen_cfg = processor.tokenizer, generation_config(a, model, processor.tokenizer, greedy=True)
+    texts, lengths = [], []
+    for i in range(0, len(rows), bs):
+        comp, mask, _ = generate(model, encode_prompts(processor, rows[i:i + bs], device), gen_cfg)
+        texts += tok.batch_decode(comp, skip_special_tokens=True)
+        lengths += mask.sum(1).tolist()
+    m = {"eval/acc": sum(answer_match(t, r["answer"]) for t, r in zip(texts, rows)) / len(rows),
+         "eval/teacher_match": sum(norm_eq(t, r) for t, r in zip(texts, rows)) / len(rows),
+         "eval/len": sum(lengths) / len(lengths)}
+    if disc is not None:
+        m["eval/teacher_like"] = teacher_likeness(disc, tok, texts, device)
+    return m, texts
+
+
+def norm_eq(text: str, row) -> bool:
+    """The answer is word for word one of the row's teacher texts (an exact imitation measure)."""
+    return any(normalize(text) == normalize(t) for ts in row["teachers"].values() for t in ts)
+
+
+def teacher_likeness(disc, tokenizer, texts: list, device, bs: int = 64) -> float:
+    """mean(1 - D): how teacher-like D finds the texts."""
+    d = torch.cat([torch.sigmoid(disc_logits(disc, tokenizer, texts[i:i + bs], device)) for i in range(0, len(texts), bs)])
+    return (1 - d).mean().item()
+
+
+# ================================================================================================
+# 10. Stages: SFT warm-up, discriminator pre-training, one RIL step
+# ================================================================================================
+def linear_decay(opt, total: int, floor: float = 0.1):
+    """LR decayed linearly from its peak to floor x peak (the paper: 1e-5 -> 1e-6)."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - (1 - floor) * min(s, total) / max(total, 1))
+
+
+def sft_warmup(model, processor, rows, teachers, text_tokens, a: Args, device):
+    """Stage 0 [P]: the paper starts RIL from a student SFT'd on its instruction data. Cross-entropy on
+    one target per question, through the same forward as the policy update. [R] The default target is
+    the rows' ground-truth answer, as in the paper's SFT set. Measured on the toy task: SFT on teacher
+    texts teaches the templates but not the images (the answer is one token of seven, accuracy stays at
+    chance), and leaves the student's style identical to the teachers', so D has nothing to see."""
+    opt = torch.optim.AdamW(model.parameters(), lr=a.sft_lr)
+    sched = linear_decay(opt, a.sft_steps)
+    model.train()
+    for step in (bar := tqdm(range(a.sft_steps), desc="sft", leave=False)):
+        batch = batch_at(rows, step, a.batch_size * a.G, a.seed + 1)
+        rng = random.Random(f"{a.seed}-sft-{step}")
+        texts = [sample_teacher_texts(r, teachers, 1, rng)[0] if rng.random() < a.sft_teacher_frac else r["answer"] for r in batch]
+        comp, mask = pad_right([text_tokens(t) for t in texts], processor.tokenizer.pad_token_id, device)
+        logp = token_logprobs(model, encode_prompts(processor, batch, device), comp, mask, 1.0)
+        loss = -(logp * mask).sum() / mask.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), a.max_grad_norm)
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    print(f"sft: {a.sft_steps} steps, final loss {loss.item():.3f}" if a.sft_steps else "sft: skipped")
+
+
+def policy_update(model, ref, opt, enc, comp, mask, adv, a: Args) -> dict:
+    """mu optimiser steps of Eq. 2 on one batch of groups. enc: N prompts (already repeated per
+    group member), comp/mask: (N, T) completions, adv: (N,)."""
+    model.train()
+    old_logp = ref_logp = None
+    with torch.no_grad():
+        if a.mu > 1:  # with mu = 1 the old log-probs are the current ones, detached: no extra forward
+            old_logp = token_logprobs(model, enc, comp, mask, a.temperature)
+        if ref is not None:
+            ref_logp = token_logprobs(ref, enc, comp, mask, a.temperature)
+    for _ in range(a.mu):
+        logp = token_logprobs(model, enc, comp, mask, a.temperature)  # (N, T)
+        loss, stats = policy_loss(logp, logp.detach() if old_logp is None else old_logp, ref_logp, adv, mask, a)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), a.max_grad_norm)
+        opt.step()
+    return {"policy/loss": loss.item(), "policy/grad_norm": grad_norm.item(), **stats}
+
+
+def rollout(model, processor, batch, teachers, text_tokens, a: Args, device, rng, with_teachers: bool) -> dict:
+    """G student samples per question from one batched generate, plus G teacher texts per question.
+    Group layout for question b: [G student samples, G teacher texts] (RIL) or [G samples] (baselines)."""
+    tok = processor.tokenizer
+    enc = encode_prompts(processor, batch, device)
+    t0 = time.time()
+    model.eval()
+    comp, mask, _ = generate(model, repeat_prompts(enc, a.G), generation_config(a, model, tok, greedy=False))
+    t_gen = time.time() - t0
+    student_texts = tok.batch_decode(comp, skip_special_tokens=True)
+    student_ids = [c[m.bool()].tolist() for c, m in zip(comp, mask)]
+    seqs, texts, is_teacher, answers = [], [], [], []
+    for b, row in enumerate(batch):
+        group = list(zip(student_ids[b * a.G:(b + 1) * a.G], student_texts[b * a.G:(b + 1) * a.G]))
+        if with_teachers:
+            group += [(text_tokens(t), t) for t in sample_teacher_texts(row, teachers, a.G, rng)]
+        seqs += [s for s, _ in group]
+        texts += [t for _, t in group]
+        is_teacher += [0] * a.G + [1] * (len(group) - a.G)
+        answers += [row["answer"]] * len(group)
+    ids, m = pad_right(seqs, tok.pad_token_id, device)
+    return dict(enc=enc, comp=ids, mask=m, texts=texts, is_teacher=torch.tensor(is_teacher, device=device),
+                answers=answers, truncated=(mask.sum(1) == comp.shape[1]).float().mean().item(), t_gen=t_gen)
+
+
+def pretrain_disc(disc, model, processor, rows, teachers, text_tokens, eval_rows, a: Args, device):
+    """Stage 2 [P]: D learns student samples (1) vs teacher texts (0) before any policy update, so the
+    first similarity rewards mean something. [R] Samples come from the SFT'd student, drawn fresh each
+    step instead of cached (the paper caches N = 16 per question; same distribution)."""
+    opt = torch.optim.AdamW(disc.parameters(), lr=a.disc_pretrain_lr)
+    sched = linear_decay(opt, a.disc_pretrain_steps)
+    for step in (bar := tqdm(range(a.disc_pretrain_steps), desc="disc pre-train", leave=False)):
+        batch = batch_at(rows, step, a.batch_size, a.seed + 2)
+        ro = rollout(model, processor, batch, teachers, text_tokens, a, device, random.Random(f"{a.seed}-d-{step}"), True)
+        s = [t for t, x in zip(ro["texts"], ro["is_teacher"]) if not x]
+        t = [t for t, x in zip(ro["texts"], ro["is_teacher"]) if x]
+        m = disc_update(disc, opt, processor.tokenizer, s, t, a, device)
+        sched.step()
+        bar.set_postfix(loss=f"{m['disc/loss']:.3f}")
+    # held-out accuracy: sampled student answers vs teacher texts of questions D never saw
+    ro = rollout(model, processor, eval_rows[:32], teachers, text_tokens, a, device, random.Random(a.seed), True)
+    with torch.no_grad():
+        pred = disc_logits(disc, processor.tokenizer, ro["texts"], device) > 0
+    acc = (pred == (ro["is_teacher"] == 0)).float().mean().item()
+    print(f"disc pre-train: {a.disc_pretrain_steps} steps, held-out accuracy {acc:.3f} (student vs teacher texts)")
+    return acc
+
+
+def ril_step(step, model, ref, disc, opt, d_opt, processor, batch, teachers, text_tokens, a: Args, device) -> tuple:
+    """One iteration of Alg. 2 [P] (or Alg. 1 for the baselines). Returns (metrics, dump)."""
+    tok, ril = processor.tokenizer, a.algo == "ril"
+    rng = random.Random(f"{a.seed}-ril-{step}")
+    ro = rollout(model, processor, batch, teachers, text_tokens, a, device, rng, with_teachers=ril)
+    group = 2 * a.G if ril else a.G
+    metrics = {"time/generate": ro["t_gen"], "len/truncated_frac": ro["truncated"]}
+
+    # (a) discriminator update on this step's texts: students 1, teachers 0 (Eq. 1, mu = 1)
+    t0 = time.time()
+    r_ans = torch.tensor([answer_match(t, ans) for t, ans in zip(ro["texts"], ro["answers"])], device=device)
+    if ril:
+        student = [t for t, x in zip(ro["texts"], ro["is_teacher"]) if not x]
+        teacher = [t for t, x in zip(ro["texts"], ro["is_teacher"]) if x]
+        if a.disc_lr > 0:
+            metrics.update(disc_update(disc, d_opt, tok, student, teacher, a, device))
+        # (b) score all 2G texts with the just-updated D ([R] the order Alg. 2 implies)
+        disc.eval()
+        d_logits = disc_logits(disc, tok, ro["texts"], device)  # (B * 2G,)
+        r_sim = similarity_reward(d_logits, a)
+    else:
+        d_logits, r_sim = torch.zeros_like(r_ans), torch.zeros_like(r_ans)
+    rewards = r_sim + r_ans  # R = r_sim + r_ans, unweighted [P] §3.3
+    adv = group_advantages(rewards, group, scale_std=(a.algo == "grpo"))
+    metrics["time/disc"] = time.time() - t0
+
+    # (c) policy update over all texts of every group (Eq. 2), mu iterations
+    t0 = time.time()
+    stats = policy_update(model, ref, opt, repeat_prompts(ro["enc"], group), ro["comp"], ro["mask"], adv, a)
+    metrics["time/policy"] = time.time() - t0
+
+    s = ro["is_teacher"] == 0
+    metrics.update({"reward/sim": r_sim[s].mean().item(), "reward/ans": r_ans[s].mean().item(),
+                    "reward/total": rewards[s].mean().item(), **stats, "len/mean": ro["mask"][s].sum(1).float().mean().item()})
+    if ril:
+        metrics.update({"reward/sim_teacher": r_sim[~s].mean().item(), "reward/ans_teacher": r_ans[~s].mean().item(),
+                        "disc/p_student": torch.sigmoid(d_logits[s]).mean().item()})
+    dump = [dict(source="teacher" if ro["is_teacher"][i] else "student", text=ro["texts"][i], r_sim=r_sim[i].item(),
+                 r_ans=r_ans[i].item(), D=torch.sigmoid(d_logits[i]).item() if ril else None, adv=adv[i].item())
+            for i in range(group)]
+    return metrics, {"question": batch[0]["question"], "answer": batch[0]["answer"], "texts": dump}
+
+
+# ================================================================================================
+# 11. Main: SFT -> D pre-training -> eval -> RIL loop -> eval -> save
+# ================================================================================================
+def log_line(step: int, m: dict) -> str:
+    f = lambda k, fmt="{:.3f}": fmt.format(m[k]) if k in m else "-"  # noqa: E731
+    return (f"step {step:4d} | R {f('reward/total')} sim {f('reward/sim')} ans {f('reward/ans')} | "
+            f"D loss {f('disc/loss')} acc s/t {f('disc/acc_student', '{:.2f}')}/{f('disc/acc_teacher', '{:.2f}')} | "
+            f"pg loss {f('policy/loss', '{:+.4f}')} gn {f('policy/grad_norm', '{:.2f}')} kl {f('policy/kl', '{:.4f}')} | "
+            f"len {f('len/mean', '{:.1f}')} | gen {f('time/generate', '{:.2f}')}s pol {f('time/policy', '{:.2f}')}s")
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    check_args(a)
+    device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else ("cpu" if a.device == "auto" else a.device))
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(a.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    random.seed(a.seed)
+    torch.manual_seed(a.seed)
+    t_start = time.time()
+
+    train_rows, eval_rows = load_data(a)
+    teachers = resolve_teachers(a, train_rows)
+    corpus = [s for r in train_rows + eval_rows for s in [r["question"], r["answer"]] + [t for ts in r["teachers"].values() for t in ts]]
+    model, processor = load_student(a, corpus + [DISC_SYSTEM, DISC_USER, "user assistant system"], device, dtype)
+    if a.save_tiny:
+        save_student(model, processor, a.save_tiny)
+        print(f"saved the tiny student to {a.save_tiny}")
+        return
+    tok = processor.tokenizer
+    text_tokens = TextTokens(tok, tok.eos_token_id, a.max_new_tokens)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"student {a.student}: {n_params / 1e6:.2f}M params on {device} ({dtype}); algo {a.algo}; "
+          f"{len(train_rows)} train / {len(eval_rows)} held-out questions; teachers {teachers or '-'}")
+    os.makedirs(a.out, exist_ok=True)
+    json.dump(dataclasses.asdict(a), open(os.path.join(a.out, "args.json"), "w"), indent=2)
+    metrics_file = open(os.path.join(a.out, "metrics.jsonl"), "w")
+
+    def log(step, m):
+        metrics_file.write(json.dumps({"step": step, **m}) + "\n")
+        metrics_file.flush()
+
+    # Stage 0: SFT warm-up. [R] Every algo starts from the same SFT'd student, so Table 1 rows compare
+    # the RL stage alone (the paper does not say whether its baselines were SFT'd, RIL_PAPER §6.9).
+    if a.sft_steps > 0:
+        sft_warmup(model, processor, train_rows, teachers, text_tokens, a, device)
+    # The reference is the starting (SFT'd) student, frozen [P] Alg. 2; not built when beta = 0.
+    ref = copy.deepcopy(model).eval().requires_grad_(False) if a.beta > 0 else None
+    # Stage 2: D from the same weights as the student, new 1-unit head [P] §3.1 / [R] §6.3.
+    disc = Discriminator(model) if a.algo == "ril" else None
+    if disc is not None and a.disc_pretrain_steps > 0:
+        pretrain_disc(disc, model, processor, train_rows, teachers, text_tokens, eval_rows, a, device)
+
+    before, before_texts = evaluate(model, processor, disc, eval_rows, a, device)
+    log(0, before)
+    print("eval before RIL: " + "  ".join(f"{k} {v:.3f}" for k, v in before.items()))
+
+    # Stage 3: the RIL loop (Alg. 2). The paper uses constant LRs here [P] App. C.
+    opt = torch.optim.AdamW(model.parameters(), lr=a.lr)
+    d_opt = torch.optim.AdamW(disc.parameters(), lr=a.disc_lr) if disc is not None else None
+    samples_file = open(os.path.join(a.out, "samples.jsonl"), "w")
+    for step in (bar := tqdm(range(1, a.steps + 1), desc=a.algo)):
+        batch = batch_at(train_rows, step - 1, a.batch_size, a.seed + 3)
+        m, dump = ril_step(step, model, ref, disc, opt, d_opt, processor, batch, teachers, text_tokens, a, device)
+        if a.eval_every and step % a.eval_every == 0 and step != a.steps:
+            m.update(evaluate(model, processor, disc, eval_rows, a, device)[0])
+        log(step, m)
+        tqdm.write(log_line(step, m))
+        samples_file.write(json.dumps({"step": step, **dump}) + "\n")
+        if a.dump_every and step % a.dump_every == 0:
+            tqdm.write(f"--- step {step} group: {dump['question']} (answer: {dump['answer']})")
+            for d in dump["texts"]:
+                tqdm.write(f"    {d['source']:7s} r_sim {d['r_sim']:.0f} r_ans {d['r_ans']:.0f} "
+                           f"D {'-' if d['D'] is None else format(d['D'], '.2f')} adv {d['adv']:+.2f} | {d['text']!r}")
+    samples_file.close()
+
+    after, after_texts = evaluate(model, processor, disc, eval_rows, a, device)
+    log(a.steps, after)
+    if text_tokens.cut:
+        print(f"note: {text_tokens.cut} teacher text(s) were longer than --max-new-tokens and were cut")
+
+    # Before/after table. Teacher-likeness of both rows (and of the teachers' own texts) is scored by
+    # the *final* discriminator, one ruler for all rows; the online value is in metrics.jsonl.
+    rows = [("before RIL (after SFT)", before, before_texts), (f"after {a.algo}", after, after_texts)]
+    print(f"\n| held-out ({len(eval_rows)} questions) | accuracy | teacher-likeness | teacher match | length |")
+    print("|---|---|---|---|---|")
+    for name, m, texts in rows:
+        tl = f"{teacher_likeness(disc, tok, texts, device):.3f}" if disc is not None else "n/a"
+        print(f"| {name} | {m['eval/acc']:.3f} | {tl} | {m['eval/teacher_match']:.3f} | {m['eval/len']:.1f} |")
+    if disc is not None:
+        t_texts = [t for r in eval_rows for ts in (r["teachers"][t] for t in teachers) for t in ts]
+        print(f"| teacher texts | 1.000 | {teacher_likeness(disc, tok, t_texts, device):.3f} | 1.000 | - |")
+
+    save_student(model, processor, a.out)
+    if disc is not None:
+        torch.save({"backbone": disc.backbone.state_dict(), "head": disc.head.state_dict()}, os.path.join(a.out, "discriminator.pt"))
+    metrics_file.close()
+    print(f"\nsaved student + processor to {a.out} ({time.time() - t_start:.0f}s total)")
+
+
+if __name__ == "__main__":
+    main()

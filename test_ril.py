@@ -1,0 +1,320 @@
+"""Tests for ril.py. Each test states a property of the paper or of a correct VLM RL loop, and each
+can fail. Run with `make test` (HF_HUB_OFFLINE=1: nothing is downloaded; the tests build and save
+their own tiny checkpoints and load them through the real from_pretrained path)."""
+import json
+import os
+import subprocess
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+import ril  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CPU = torch.device("cpu")
+
+
+def args(**kw) -> ril.Args:
+    return ril.Args(**kw)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A tiny Qwen2-VL + processor, the toy rows, and the student's tokenised teacher texts."""
+    torch.manual_seed(0)
+    a = args()
+    train, held = ril.make_toy(24, 0), ril.make_toy(8, 1)
+    corpus = [s for r in train + held for s in [r["question"], r["answer"]] + [t for ts in r["teachers"].values() for t in ts]]
+    model, proc = ril.build_tiny(a, corpus + [ril.DISC_SYSTEM, ril.DISC_USER])
+    return dict(a=a, model=model, proc=proc, rows=train, held=held,
+                text_tokens=ril.TextTokens(proc.tokenizer, proc.tokenizer.eos_token_id, a.max_new_tokens))
+
+
+# ---------------------------------------------------------------- advantages and the objective
+def test_advantages_are_group_mean_centred_and_not_std_scaled():
+    r = torch.tensor([2.0, 0.0, 1.0, 1.0, 2.0, 2.0, 2.0, 0.0])  # two groups of 4
+    adv = ril.group_advantages(r, 4, scale_std=False)
+    assert torch.allclose(adv, torch.tensor([1.0, -1.0, 0.0, 0.0, 0.5, 0.5, 0.5, -1.5]))
+    assert torch.allclose(adv.view(2, 4).sum(1), torch.zeros(2))
+    # the magnitude is the raw reward gap: scaling rewards scales advantages (no std division)
+    assert torch.allclose(ril.group_advantages(3 * r, 4, scale_std=False), 3 * adv)
+
+
+def test_grpo_advantages_are_std_scaled():
+    r = torch.tensor([2.0, 0.0, 1.0, 1.0])
+    adv = ril.group_advantages(r, 4, scale_std=True)
+    assert torch.allclose(adv, (r - r.mean()) / (r.std() + 1e-4))
+    assert torch.allclose(ril.group_advantages(3 * r, 4, scale_std=True), adv, atol=1e-4)
+
+
+def _token_weights(algo: str, lengths: list, L_max: int = 8) -> torch.Tensor:
+    """d loss / d logp_t for every token of answers of the given lengths, all with advantage 1."""
+    a = args(algo=algo, max_new_tokens=L_max, beta=0.0)
+    mask = torch.tensor([[1] * n + [0] * (L_max - n) for n in lengths])
+    logp = torch.zeros(mask.shape, requires_grad=True)
+    loss, _ = ril.policy_loss(logp, logp.detach(), None, torch.ones(len(lengths)), mask, a)
+    loss.backward()
+    return logp.grad
+
+
+def test_dr_grpo_normaliser_does_not_depend_on_answer_length():
+    g = _token_weights("ril", [1, 3, 8])
+    valid = g[torch.tensor([[1] + [0] * 7, [1] * 3 + [0] * 5, [1] * 8]).bool()]
+    # every token of every answer weighs -A / (N * L_max), long answer or short
+    assert torch.allclose(valid, torch.full_like(valid, -1 / (3 * 8)))
+    assert (g[0, 1:] == 0).all()  # padding gets no gradient
+
+
+def test_grpo_normalises_each_answer_by_its_length():
+    g = _token_weights("grpo", [1, 4])
+    assert torch.isclose(g[0, 0], torch.tensor(-1 / 2)) and torch.isclose(g[1, 0], torch.tensor(-1 / 8))
+
+
+def test_clipping_bounds_the_ratio():
+    a = args(eps=0.2, beta=0.0)
+    old = torch.zeros(2, 1)
+    logp = torch.log(torch.tensor([[1.5], [0.5]])).requires_grad_(True)  # ratios 1.5 and 0.5
+    adv = torch.tensor([1.0, -1.0])
+    loss, stats = ril.policy_loss(logp, old, None, adv, torch.ones(2, 1), a)
+    # A > 0: the objective stops at (1 + eps) A; A < 0: at (1 - eps) A. Outside the range, no gradient.
+    assert torch.isclose(loss, -torch.tensor((1.2 * 1.0 + 0.8 * -1.0) / (2 * a.max_new_tokens)))
+    loss.backward()
+    assert torch.equal(logp.grad, torch.zeros(2, 1))
+    assert stats["policy/clip_frac"] == 1.0
+    # inside the range the gradient flows
+    logp2 = torch.log(torch.tensor([[1.1]])).requires_grad_(True)
+    ril.policy_loss(logp2, torch.zeros(1, 1), None, torch.tensor([1.0]), torch.ones(1, 1), a)[0].backward()
+    assert logp2.grad.abs().item() > 0
+
+
+def test_k3_kl_is_zero_at_the_reference_and_positive_elsewhere():
+    a = args(beta=0.5)
+    logp = torch.tensor([[-1.0, -2.0]])
+    _, same = ril.policy_loss(logp, logp, logp.clone(), torch.zeros(1), torch.ones(1, 2), a)
+    _, diff = ril.policy_loss(logp, logp, logp - 1.0, torch.zeros(1), torch.ones(1, 2), a)
+    assert same["policy/kl"] == 0.0 and diff["policy/kl"] > 0
+
+
+def test_teacher_text_with_positive_advantage_gains_log_probability(tiny):
+    model, proc, a, tt = tiny["model"], tiny["proc"], args(lr=1e-3, beta=0.0), tiny["text_tokens"]
+    model = ril.copy.deepcopy(model)
+    rows = tiny["rows"][:1]
+    texts = [rows[0]["teachers"]["alice"][0], rows[0]["teachers"]["bob"][0]]  # a group of 2: teacher text, other
+    comp, mask = ril.pad_right([tt(t) for t in texts], proc.tokenizer.pad_token_id, CPU)
+    enc = ril.repeat_prompts(ril.encode_prompts(proc, rows, CPU), 2)
+    adv = ril.group_advantages(torch.tensor([2.0, 0.0]), 2, scale_std=False)  # teacher text: +1
+    with torch.no_grad():
+        before = (ril.token_logprobs(model, enc, comp, mask, 1.0) * mask).sum(1)
+    ril.policy_update(model, None, torch.optim.AdamW(model.parameters(), lr=1e-3), enc, comp, mask, adv, a)
+    with torch.no_grad():
+        after = (ril.token_logprobs(model, enc, comp, mask, 1.0) * mask).sum(1)
+    assert after[0] > before[0] and after[1] < before[1]
+
+
+# ---------------------------------------------------------------- discriminator and rewards
+def test_one_discriminator_update_lowers_its_bce_on_a_fixed_batch(tiny):
+    disc = ril.Discriminator(tiny["model"])
+    tok = tiny["proc"].tokenizer
+    student, teacher = ["red", "3", "circle"], ["The shape is red.", "There are 3 shapes.", "Answer: circle."]
+    labels = torch.tensor([1.0] * 3 + [0.0] * 3)
+
+    def bce():
+        with torch.no_grad():
+            return torch.nn.functional.binary_cross_entropy_with_logits(ril.disc_logits(disc, tok, student + teacher, CPU), labels)
+
+    def margin():  # mean logit on student texts minus mean logit on teacher texts
+        with torch.no_grad():
+            d = ril.disc_logits(disc, tok, student + teacher, CPU)
+        return (d[:3].mean() - d[3:].mean()).item()
+
+    before, m0 = bce(), margin()
+    # a plain gradient step (Adam's first step is sign descent, which can overshoot on a random tiny model)
+    ril.disc_update(disc, torch.optim.SGD(disc.parameters(), lr=1e-2), tok, student, teacher, args(), CPU)
+    assert bce() < before
+    assert margin() > m0  # student = 1, teacher = 0: student texts move up, teacher texts down
+
+
+def test_discriminator_starts_from_the_student_weights_and_ignores_padding(tiny):
+    disc = ril.Discriminator(tiny["model"])
+    lm = tiny["model"].model.language_model.state_dict()
+    assert all(torch.equal(v, lm[k]) for k, v in disc.backbone.state_dict().items())
+    tok = tiny["proc"].tokenizer
+    batch = ril.disc_logits(disc, tok, ["red", "The color of the shape is yellow."], CPU)
+    alone = ril.disc_logits(disc, tok, ["red"], CPU)
+    assert torch.allclose(batch[0], alone[0], atol=1e-5)
+
+
+def test_similarity_reward_is_one_when_d_says_teacher():
+    logits = torch.logit(torch.tensor([0.1, 0.49, 0.51, 0.9]))
+    assert ril.similarity_reward(logits, args()).tolist() == [1.0, 1.0, 0.0, 0.0]
+    assert torch.allclose(ril.similarity_reward(logits, args(sim_reward="continuous")), torch.tensor([0.9, 0.51, 0.49, 0.1]))
+
+
+def test_answer_match_normalises_and_wants_whole_words():
+    assert ril.answer_match("There are three shapes.", "3") == 1.0
+    assert ril.answer_match("The shape is RED.", "red") == 1.0
+    assert ril.answer_match("Reddish.", "red") == 0.0
+    assert ril.answer_match("There are 13 shapes.", "3") == 0.0
+
+
+# ---------------------------------------------------------------- masks, tokens, log-probs
+def test_masks_keep_eos_and_drop_padding():
+    eos, pad = 2, 0
+    ids = torch.tensor([[5, 6, eos, pad, pad], [5, eos, 7, 8, 9], [5, 6, 7, 8, 9]])
+    assert ril.completion_mask(ids, [eos]).tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
+    comp, mask = ril.pad_right([[5, eos], [5, 6, 7, eos]], pad, CPU)
+    assert comp.tolist() == [[5, eos, pad, pad], [5, 6, 7, eos]] and mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+
+
+def test_teacher_texts_are_retokenised_by_the_student_and_end_in_eos(tiny):
+    tok, tt = tiny["proc"].tokenizer, tiny["text_tokens"]
+    ids = tt("The shape is red.")
+    assert ids[-1] == tok.eos_token_id and tok.decode(ids[:-1]) == "The shape is red."
+
+
+def test_completions_never_contain_vision_placeholder_tokens(tiny):
+    model, proc = ril.copy.deepcopy(tiny["model"]), tiny["proc"]
+    vision = ril.vision_token_ids(model)
+    image_pad = model.config.image_token_id
+    with torch.no_grad():  # make <|image_pad|> the policy's favourite token
+        model.lm_head.weight[image_pad] = model.lm_head.weight[image_pad] * 0 + 5 * model.model.language_model.norm(
+            model.model.language_model.embed_tokens.weight.mean(0, keepdim=True))[0]
+    enc = ril.repeat_prompts(ril.encode_prompts(proc, tiny["rows"][:2], CPU), 4)
+    cfg = ril.generation_config(args(), model, proc.tokenizer, greedy=False)
+    raw = model.generate(**enc, generation_config=transformers.GenerationConfig(**{**cfg.to_dict(), "suppress_tokens": None}))
+    assert (raw[:, enc["input_ids"].shape[1]:] == image_pad).any(), "the biased model should want image tokens"
+    comp, _, _ = ril.generate(model, enc, cfg)
+    assert not torch.isin(comp, torch.tensor(vision)).any()
+
+
+def test_training_logprobs_match_generate(tiny):
+    model, proc = tiny["model"], tiny["proc"]
+    a = args(temperature=1.0)
+    enc = ril.repeat_prompts(ril.encode_prompts(proc, tiny["rows"][:3], CPU), 2)
+    comp, mask, logits = ril.generate(model, enc, ril.generation_config(a, model, proc.tokenizer, greedy=False), output_logits=True)
+    with torch.no_grad():
+        lp = ril.token_logprobs(model, enc, comp, mask, a.temperature)
+    ref = torch.log_softmax(logits.float(), -1).gather(-1, comp[..., None]).squeeze(-1)
+    assert (lp - ref)[mask.bool()].abs().max() < 1e-4
+
+
+def test_repeat_prompts_keeps_each_image_with_its_prompt(tiny):
+    proc, rows = tiny["proc"], tiny["rows"][:3]
+    rep = ril.repeat_prompts(ril.encode_prompts(proc, rows, CPU), 2)
+    direct = ril.encode_prompts(proc, [r for r in rows for _ in range(2)], CPU)
+    for k in direct:
+        assert torch.equal(rep[k], direct[k]), k
+
+
+def test_batches_are_a_pure_function_of_the_step():
+    rows = list(range(10))
+    assert ril.batch_at(rows, 3, 4, 0) == ril.batch_at(rows, 3, 4, 0)
+    epoch = [x for s in range(5) for x in ril.batch_at(rows, s, 2, 0)]
+    assert sorted(epoch) == rows  # one epoch sees every question once
+
+
+def test_teacher_slots_alternate_between_teachers():
+    row = {"teachers": {"a": ["a1", "a2"], "b": ["b1"]}}
+    out = ril.sample_teacher_texts(row, ["a", "b"], 4, ril.random.Random(0))
+    assert sorted(out[:2]) == ["a1", "a2"] and out[2:] == ["b1", "b1"]
+
+
+# ---------------------------------------------------------------- the script, end to end
+def _save_toy_jsonl(folder, rows, name):
+    os.makedirs(os.path.join(folder, "img"), exist_ok=True)
+    with open(os.path.join(folder, name), "w") as f:
+        for r in rows:
+            r["image"].save(os.path.join(folder, "img", f"{r['id']}.png"))
+            f.write(json.dumps({"id": r["id"], "image": f"img/{r['id']}.png", "question": r["question"],
+                                "answer": r["answer"], "teachers": r["teachers"]}) + "\n")
+
+
+def test_script_trains_student_and_discriminator_from_a_saved_checkpoint(tmp_path):
+    """The real user path: a saved checkpoint through --student PATH, JSONL data, a few RIL steps;
+    both models change, metrics.jsonl is written, and --out reloads with plain transformers."""
+    ckpt, out = tmp_path / "tiny", tmp_path / "out"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    run = lambda *flags: subprocess.run([sys.executable, os.path.join(HERE, "ril.py"), *flags],  # noqa: E731
+                                        capture_output=True, text=True, env=env, timeout=300)
+    p = run("--save-tiny", str(ckpt))
+    assert p.returncode == 0, p.stderr
+    _save_toy_jsonl(tmp_path, ril.make_toy(12, 0), "train.jsonl")
+    _save_toy_jsonl(tmp_path, ril.make_toy(4, 1), "val.jsonl")
+    p = run("--student", str(ckpt), "--data", str(tmp_path / "train.jsonl"), "--eval-data", str(tmp_path / "val.jsonl"),
+            "--sft-steps", "0", "--disc-pretrain-steps", "2", "--steps", "3", "--batch-size", "2", "--out", str(out),
+            "--lr", "1e-3", "--disc-lr", "1e-3", "--dump-every", "1")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "after ril" in p.stdout and "student r_sim" in p.stdout
+
+    lines = [json.loads(x) for x in open(out / "metrics.jsonl")]
+    steps = [m for m in lines if "reward/total" in m]
+    assert len(steps) == 3
+    for key in ["reward/sim", "reward/ans", "reward/total", "disc/loss", "disc/acc_student", "disc/acc_teacher",
+                "policy/loss", "policy/grad_norm", "policy/clip_frac", "policy/kl", "len/mean",
+                "time/generate", "time/disc", "time/policy"]:
+        assert all(key in m for m in steps), key
+    assert {"eval/acc", "eval/teacher_like"} <= set(lines[0]) and {"eval/acc", "eval/teacher_like"} <= set(lines[-1])
+
+    start = transformers.AutoModelForImageTextToText.from_pretrained(ckpt)
+    trained = transformers.AutoModelForImageTextToText.from_pretrained(out)
+    s0, s1 = start.state_dict(), trained.state_dict()
+    assert any(not torch.equal(s0[k], s1[k]) for k in s0), "the student did not change"
+    disc = torch.load(out / "discriminator.pt", weights_only=True)["backbone"]
+    lm = start.model.language_model.state_dict()
+    assert any(not torch.equal(v, lm[k]) for k, v in disc.items()), "the discriminator did not change"
+
+    proc = ril.load_processor(str(out))
+    enc = ril.encode_prompts(proc, ril.make_toy(2, 5), CPU)
+    gen = trained.generate(**enc, max_new_tokens=4, do_sample=False)
+    assert gen.shape[1] > enc["input_ids"].shape[1]
+
+
+@pytest.mark.parametrize("algo", ["dr_grpo", "grpo"])
+def test_baselines_run_without_discriminator_or_teachers(tmp_path, algo, capsys):
+    ril.main(["--algo", algo, "--toy-size", "12", "--eval-size", "4", "--sft-steps", "2", "--steps", "2",
+              "--batch-size", "2", "--out", str(tmp_path)])
+    assert not (tmp_path / "discriminator.pt").exists()
+    steps = [json.loads(x) for x in open(tmp_path / "metrics.jsonl") if "reward/total" in x]
+    assert len(steps) == 2 and "disc/loss" not in steps[0]
+    assert f"after {algo}" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- bad input: one line, exit 2
+@pytest.mark.parametrize("line,expect", [
+    ("{not json", "invalid JSON"),
+    ('{"image": "x.png", "question": "q"}', "missing field(s) answer"),
+    ('{"image": "nowhere.png", "question": "q", "answer": "a"}', "image not found"),
+])
+def test_bad_rows_get_one_line_naming_file_and_line(tmp_path, capsys, line, expect):
+    data = tmp_path / "d.jsonl"
+    good = '{"image": "ok.png", "question": "q", "answer": "a", "teachers": {"t": ["x"]}}'
+    ril.Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    data.write_text(good + "\n" + line + "\n")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("old")
+    with pytest.raises(SystemExit) as e:
+        ril.main(["--data", str(data), "--eval-data", str(data), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1
+    assert f"{data}:2" in err and expect in err
+    assert os.listdir(tmp_path / "out") == ["keep.txt"]
+
+
+def test_a_teacher_missing_from_rows_is_named_with_its_count(tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    ril.Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    data.write_text('{"image": "ok.png", "question": "q", "answer": "a", "teachers": {"t": ["x"]}}\n'
+                    '{"image": "ok.png", "question": "q", "answer": "a", "teachers": {"u": ["y"]}}\n')
+    with pytest.raises(SystemExit):
+        ril.main(["--data", str(data), "--eval-data", str(data), "--teachers", "t", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert "teacher 't' has no texts for 1 row(s)" in err and f"{data}:2" in err
+
+
+def test_impossible_arguments_are_refused(capsys):
+    with pytest.raises(SystemExit) as e:
+        ril.main(["--G", "1"])
+    assert e.value.code == 2 and "--G 1" in capsys.readouterr().err
