@@ -36,6 +36,7 @@ import ast
 import argparse
 import copy
 import dataclasses
+import functools
 import inspect
 import json
 import math
@@ -71,7 +72,7 @@ class Args:
     """'toy' (built-in shapes task drawn with Pillow) or a JSONL file (format in the header)"""
     eval_data: str = ""
     """held-out JSONL; empty = hold out --eval-size rows of --data"""
-    eval_size: int = 60
+    eval_size: int = 120
     """held-out questions (toy split size, or rows taken from --data when --eval-data is empty)"""
     toy_size: int = 600
     """training questions in the toy task"""
@@ -113,20 +114,22 @@ class Args:
     repetition_penalty: float = 1.05
     """[P] App. C"""
     # --- budget (the paper gives none of these for a tiny task; values measured on the toy task)
-    steps: int = 60
+    steps: int = 200
     """RIL steps (one batch of questions each)"""
-    batch_size: int = 8
+    batch_size: int = 16
     """questions per step; the paper's "144" [P] is likely questions per optimiser step [R]"""
     max_new_tokens: int = 16
     """generation cap; also the Dr.GRPO constant normaliser L_max (the paper does not give one)"""
-    lr: float = 2e-4
+    lr: float = 1e-3
     """student LR in the RIL loop (paper: 1e-6 constant for 3-8B models)"""
     disc_lr: float = 2e-4
     """discriminator LR in the RIL loop (paper: 1e-6 constant)"""
     max_grad_norm: float = 1.0
     """gradient clipping for student and discriminator [R] (GAD clips at 0.2)"""
-    sft_steps: int = 150
-    """SFT warm-up steps (0 = skip, for a checkpoint that is already SFT'd); batch_size x G questions each"""
+    sft_steps: int = 300
+    """SFT warm-up steps (0 = skip, for a checkpoint that is already SFT'd)"""
+    sft_batch_size: int = 32
+    """questions per SFT step"""
     sft_teacher_frac: float = 0.2
     """share of SFT targets that are teacher texts; the rest are the rows' ground-truth answers (1 = teacher texts only)"""
     sft_lr: float = 3e-3
@@ -186,14 +189,16 @@ SHAPES = ["circle", "square", "triangle"]
 NUMBER_WORDS = {"zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
                 "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
 # Two teachers, always correct, in two distinct styles, so imitation has something to learn and the
-# discriminator has something to see. Each has two phrasings per question kind.
+# discriminator has something to see. Both give the answer first, then a phrase of their own (many
+# large VLMs answer this way), so the one word that depends on the image sits where the SFT'd student
+# already puts it, and imitation changes the framing around it. Two phrasings per teacher and kind.
 TOY_TEACHERS = {
-    "alice": {"color": ["The shape is {a}.", "The color of the shape is {a}."],
-              "shape": ["It is a {a}.", "The picture shows a {a}."],
-              "count": ["There are {a} shapes.", "I count {a} shapes in the picture."]},
-    "bob": {"color": ["Answer: {a}.", "{A}, clearly."],
-            "shape": ["Answer: {a}.", "{A}, clearly."],
-            "count": ["Answer: {a}.", "{A}, clearly."]},
+    "alice": {"color": ["{a}. That is the color of the shape.", "{a}. The shape has this color."],
+              "shape": ["{a}. That is the shape in the picture.", "{a}. The picture shows this shape."],
+              "count": ["{a}. That is how many shapes there are.", "{a}. I counted every shape."]},
+    "bob": {"color": ["{a}, clearly.", "{a} is my answer."],
+            "shape": ["{a}, clearly.", "{a} is my answer."],
+            "count": ["{a}, clearly.", "{a} is my answer."]},
 }
 TOY_QUESTIONS = {"color": "What color is the shape?", "shape": "What shape is in the image?",
                  "count": "How many shapes are there?"}
@@ -213,7 +218,7 @@ def make_toy(n: int, seed: int) -> list:
     """The built-in task: 56x56 images (4 image tokens after 2x2 merging), three question kinds.
 
     >>> make_toy(1, 0)[0]["question"], make_toy(1, 0)[0]["answer"]
-    ('What color is the shape?', 'blue')
+    ('What color is the shape?', 'yellow')
     """
     rng, rows = random.Random(seed), []
     for i in range(n):
@@ -232,9 +237,7 @@ def make_toy(n: int, seed: int) -> list:
             ox, oy = (56 - s) // 2 + rng.randint(-2, 2), (56 - s) // 2 + rng.randint(-2, 2)
             draw_shape(d, shape, (ox, oy, ox + s, oy + s), COLORS[color])
             answer = color if kind == "color" else shape
-        teachers = {t: [p.format(a=answer, A=answer.capitalize()) for p in styles[kind]] for t, styles in TOY_TEACHERS.items()}
-        if answer == "1":
-            teachers["alice"] = ["There is 1 shape.", "I count 1 shape in the picture."]
+        teachers = {t: [p.format(a=answer) for p in styles[kind]] for t, styles in TOY_TEACHERS.items()}
         rows.append(dict(id=f"toy{seed}-{i}", image=img, question=TOY_QUESTIONS[kind], answer=answer,
                          teachers=teachers, where=f"toy row {i}"))
     return rows
@@ -288,7 +291,8 @@ def resolve_teachers(a: Args, rows: list) -> list:
     names = [t for t in a.teachers.split(",") if t] or sorted({t for r in rows for t in r["teachers"]})
     if a.algo == "ril" or (a.sft_steps > 0 and a.sft_teacher_frac > 0):
         if not names:
-            fail(f"{a.data}: no teacher texts in the data; RIL and the SFT warm-up need a 'teachers' field")
+            fail(f"{a.data}: no teacher texts in the data; RIL needs a 'teachers' field in the rows "
+                 f"(the baselines can run with --sft-teacher-frac 0)")
         for t in names:
             lacking = [r for r in rows if not r["teachers"].get(t)]
             if lacking:
@@ -374,7 +378,7 @@ def build_tiny(a: Args, corpus: list):
                 num_attention_heads=heads, num_key_value_heads=2, rope_theta=1e4,
                 rope_scaling={"type": "mrope", "mrope_section": [half - 2 * (half // 3), half // 3, half // 3]},
                 eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], bos_token_id=ids["<|im_start|>"])
-    vision = dict(depth=1, embed_dim=32, num_heads=2, hidden_size=h, mlp_ratio=2, patch_size=14,
+    vision = dict(depth=1, embed_dim=h // 2, num_heads=2, hidden_size=h, mlp_ratio=2, patch_size=14,
                   spatial_merge_size=2, temporal_patch_size=2)
     cfg = transformers.Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True,
                                      image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
@@ -566,10 +570,9 @@ def token_logprobs(model, enc: dict, comp: torch.Tensor, comp_mask: torch.Tensor
 # ================================================================================================
 # 6. Discriminator: the Fig. 3 prompt, scoring, one BCE update (Eq. 1)
 # ================================================================================================
-DISC_SYSTEM = ("You are a discriminator assistant. You are given a response inside <response></response>. "
-               "Decide whether a teacher model or a student model wrote it: 0 means teacher, 1 means student.")
-DISC_USER = ("<response>{response}</response>\nDetermine the source of this response. "
-             "Answer 0 (Teacher model) or 1 (Student model).")
+DISC_SYSTEM = ("You are a discriminator. Given a response in <response></response>, "
+               "say whether a teacher model (0) or a student model (1) wrote it.")
+DISC_USER = "<response>{response}</response>\nTeacher (0) or student (1)?"
 
 
 def disc_inputs(tokenizer, texts: list, device) -> tuple:
@@ -616,16 +619,35 @@ def normalize(text: str) -> list:
     return [NUMBER_WORDS.get(w, w) for w in re.findall(r"[a-z0-9]+", text.lower())]
 
 
-def answer_match(response: str, answer: str) -> float:
-    """r_ans without an LLM judge: 1 if the normalised answer appears as a whole-word span of the
-    normalised response. [R] The paper's judge (Qwen2.5-32B, Fig. 4) is replaced by this matcher;
-    it is hackable by listing every candidate, which the KL and the discriminator both punish.
+STOPWORDS = {"a", "an", "the", "is", "it", "of", "in", "on", "and", "or", "to"}
 
-    >>> answer_match("I count three shapes.", "3"), answer_match("Reddish.", "red")
-    (1.0, 0.0)
+
+def spans(words: list, n_max: int) -> set:
+    return {tuple(words[i:i + n]) for n in range(1, n_max + 1) for i in range(len(words) - n + 1)}
+
+
+def answer_vocab(rows: list) -> frozenset:
+    """The short answers (1-3 words) of a dataset: the candidates a response may not list besides
+    the right one."""
+    return frozenset(t for r in rows if 1 <= len(t := tuple(normalize(r["answer"]))) <= 3 and t[0] not in STOPWORDS)
+
+
+def answer_match(response: str, answer: str, candidates: frozenset = frozenset()) -> float:
+    """r_ans without an LLM judge: 1 if the normalised answer is a whole-word span of the response and
+    no *other* candidate answer is. [R] The paper's judge (Qwen2.5-32B, Fig. 4) is replaced by this
+    matcher. Plain containment is gamed within 100 steps: the policy learns to list every answer
+    ("3 count 4 4 4 4", measured on the toy task), so rival answers make the match fail.
+
+    >>> c = frozenset({("3",), ("4",), ("red",)})
+    >>> answer_match("I count three shapes.", "3", c), answer_match("3 or 4", "3", c), answer_match("Reddish.", "red", c)
+    (1.0, 0.0, 0.0)
     """
-    r, t = normalize(response), normalize(answer)
-    return float(bool(t) and any(r[i:i + len(t)] == t for i in range(len(r) - len(t) + 1)))
+    r, t = normalize(response), tuple(normalize(answer))
+    found = spans(r, max(3, len(t)))
+    if not t or t not in found:
+        return 0.0
+    rivals = (found & candidates) - spans(list(t), len(t))
+    return float(not rivals)
 
 
 def similarity_reward(d_logits: torch.Tensor, a: Args) -> torch.Tensor:
@@ -687,7 +709,7 @@ def policy_loss(logp, old_logp, ref_logp, adv, mask, a: Args) -> tuple:
 # 9. Evaluation
 # ================================================================================================
 @torch.no_grad()
-def evaluate(model, processor, disc, rows: list, a: Args, device, bs: int = 32) -> tuple:
+def evaluate(model, processor, disc, rows: list, judge, a: Args, device, bs: int = 32) -> tuple:
     """Greedy answers on the held-out split. Returns (metrics, answers)."""
     model.eval()
     tok, gen_cfg = processor.tokenizer, generation_config(a, model, processor.tokenizer, greedy=True)
@@ -696,7 +718,7 @@ def evaluate(model, processor, disc, rows: list, a: Args, device, bs: int = 32) 
         comp, mask, _ = generate(model, encode_prompts(processor, rows[i:i + bs], device), gen_cfg)
         texts += tok.batch_decode(comp, skip_special_tokens=True)
         lengths += mask.sum(1).tolist()
-    m = {"eval/acc": sum(answer_match(t, r["answer"]) for t, r in zip(texts, rows)) / len(rows),
+    m = {"eval/acc": sum(judge(t, r["answer"]) for t, r in zip(texts, rows)) / len(rows),
          "eval/teacher_match": sum(norm_eq(t, r) for t, r in zip(texts, rows)) / len(rows),
          "eval/len": sum(lengths) / len(lengths)}
     if disc is not None:
@@ -733,7 +755,7 @@ def sft_warmup(model, processor, rows, teachers, text_tokens, a: Args, device):
     sched = linear_decay(opt, a.sft_steps)
     model.train()
     for step in (bar := tqdm(range(a.sft_steps), desc="sft", leave=False)):
-        batch = batch_at(rows, step, a.batch_size * a.G, a.seed + 1)
+        batch = batch_at(rows, step, a.sft_batch_size, a.seed + 1)
         rng = random.Random(f"{a.seed}-sft-{step}")
         texts = [sample_teacher_texts(r, teachers, 1, rng)[0] if rng.random() < a.sft_teacher_frac else r["answer"] for r in batch]
         comp, mask = pad_right([text_tokens(t) for t in texts], processor.tokenizer.pad_token_id, device)
@@ -816,7 +838,7 @@ def pretrain_disc(disc, model, processor, rows, teachers, text_tokens, eval_rows
     return acc
 
 
-def ril_step(step, model, ref, disc, opt, d_opt, processor, batch, teachers, text_tokens, a: Args, device) -> tuple:
+def ril_step(step, model, ref, disc, opt, d_opt, processor, batch, teachers, text_tokens, judge, a: Args, device) -> tuple:
     """One iteration of Alg. 2 [P] (or Alg. 1 for the baselines). Returns (metrics, dump)."""
     tok, ril = processor.tokenizer, a.algo == "ril"
     rng = random.Random(f"{a.seed}-ril-{step}")
@@ -826,7 +848,7 @@ def ril_step(step, model, ref, disc, opt, d_opt, processor, batch, teachers, tex
 
     # (a) discriminator update on this step's texts: students 1, teachers 0 (Eq. 1, mu = 1)
     t0 = time.time()
-    r_ans = torch.tensor([answer_match(t, ans) for t, ans in zip(ro["texts"], ro["answers"])], device=device)
+    r_ans = torch.tensor([judge(t, ans) for t, ans in zip(ro["texts"], ro["answers"])], device=device)
     if ril:
         student = [t for t, x in zip(ro["texts"], ro["is_teacher"]) if not x]
         teacher = [t for t, x in zip(ro["texts"], ro["is_teacher"]) if x]
@@ -888,6 +910,7 @@ def main(argv=None):
         print(f"saved the tiny student to {a.save_tiny}")
         return
     tok = processor.tokenizer
+    judge = functools.partial(answer_match, candidates=answer_vocab(train_rows))  # r_ans(text, answer)
     text_tokens = TextTokens(tok, tok.eos_token_id, a.max_new_tokens)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"student {a.student}: {n_params / 1e6:.2f}M params on {device} ({dtype}); algo {a.algo}; "
@@ -911,7 +934,7 @@ def main(argv=None):
     if disc is not None and a.disc_pretrain_steps > 0:
         pretrain_disc(disc, model, processor, train_rows, teachers, text_tokens, eval_rows, a, device)
 
-    before, before_texts = evaluate(model, processor, disc, eval_rows, a, device)
+    before, before_texts = evaluate(model, processor, disc, eval_rows, judge, a, device)
     log(0, before)
     print("eval before RIL: " + "  ".join(f"{k} {v:.3f}" for k, v in before.items()))
 
@@ -921,9 +944,9 @@ def main(argv=None):
     samples_file = open(os.path.join(a.out, "samples.jsonl"), "w")
     for step in (bar := tqdm(range(1, a.steps + 1), desc=a.algo)):
         batch = batch_at(train_rows, step - 1, a.batch_size, a.seed + 3)
-        m, dump = ril_step(step, model, ref, disc, opt, d_opt, processor, batch, teachers, text_tokens, a, device)
+        m, dump = ril_step(step, model, ref, disc, opt, d_opt, processor, batch, teachers, text_tokens, judge, a, device)
         if a.eval_every and step % a.eval_every == 0 and step != a.steps:
-            m.update(evaluate(model, processor, disc, eval_rows, a, device)[0])
+            m.update(evaluate(model, processor, disc, eval_rows, judge, a, device)[0])
         log(step, m)
         tqdm.write(log_line(step, m))
         samples_file.write(json.dumps({"step": step, **dump}) + "\n")
@@ -934,7 +957,7 @@ def main(argv=None):
                            f"D {'-' if d['D'] is None else format(d['D'], '.2f')} adv {d['adv']:+.2f} | {d['text']!r}")
     samples_file.close()
 
-    after, after_texts = evaluate(model, processor, disc, eval_rows, a, device)
+    after, after_texts = evaluate(model, processor, disc, eval_rows, judge, a, device)
     log(a.steps, after)
     if text_tokens.cut:
         print(f"note: {text_tokens.cut} teacher text(s) were longer than --max-new-tokens and were cut")

@@ -153,11 +153,19 @@ def test_similarity_reward_is_one_when_d_says_teacher():
     assert torch.allclose(ril.similarity_reward(logits, args(sim_reward="continuous")), torch.tensor([0.9, 0.51, 0.49, 0.1]))
 
 
-def test_answer_match_normalises_and_wants_whole_words():
-    assert ril.answer_match("There are three shapes.", "3") == 1.0
-    assert ril.answer_match("The shape is RED.", "red") == 1.0
-    assert ril.answer_match("Reddish.", "red") == 0.0
-    assert ril.answer_match("There are 13 shapes.", "3") == 0.0
+def test_answer_match_normalises_wants_whole_words_and_refuses_lists():
+    c = ril.answer_vocab(ril.make_toy(30, 0))
+    assert {("red",), ("circle",), ("3",)} <= c
+    assert ril.answer_match("There are three shapes.", "3", c) == 1.0
+    assert ril.answer_match("The shape is RED.", "red", c) == 1.0
+    assert ril.answer_match("Reddish.", "red", c) == 0.0
+    assert ril.answer_match("There are 13 shapes.", "3", c) == 0.0
+    # listing candidates is not an answer (the hack plain containment rewards)
+    assert ril.answer_match("3 count 4 4 4", "3", c) == 0.0
+    assert ril.answer_match("red, blue or green", "red", c) == 0.0
+    # every toy teacher text is judged correct
+    for r in ril.make_toy(30, 0):
+        assert all(ril.answer_match(t, r["answer"], c) == 1.0 for ts in r["teachers"].values() for t in ts)
 
 
 # ---------------------------------------------------------------- masks, tokens, log-probs
@@ -280,6 +288,11 @@ def test_baselines_run_without_discriminator_or_teachers(tmp_path, algo, capsys)
     steps = [json.loads(x) for x in open(tmp_path / "metrics.jsonl") if "reward/total" in x]
     assert len(steps) == 2 and "disc/loss" not in steps[0]
     assert f"after {algo}" in capsys.readouterr().out
+
+
+def test_docstring_examples_hold():
+    import doctest
+    assert doctest.testmod(ril).failed == 0
 
 
 # ---------------------------------------------------------------- bad input: one line, exit 2
