@@ -746,10 +746,11 @@ def linear_decay(opt, total: int, floor: float = 0.1):
 
 def sft_warmup(model, processor, rows, teachers, text_tokens, a: Args, device):
     """Stage 0 [P]: the paper starts RIL from a student SFT'd on its instruction data. Cross-entropy on
-    one target per question, through the same forward as the policy update. [R] The default target is
-    the rows' ground-truth answer, as in the paper's SFT set. Measured on the toy task: SFT on teacher
-    texts teaches the templates but not the images (the answer is one token of seven, accuracy stays at
-    chance), and leaves the student's style identical to the teachers', so D has nothing to see."""
+    one target per question, through the same forward as the policy update. [R] The target is the row's
+    ground-truth answer, as in the paper's SFT set, or with probability --sft-teacher-frac a teacher
+    text. Measured on the toy task: teacher texts alone make the student's style identical to the
+    teachers' (D has nothing to see); answers alone make D perfect from the start, every student sample
+    then gets a negative advantage and the student collapses into noise."""
     opt = torch.optim.AdamW(model.parameters(), lr=a.sft_lr)
     sched = linear_decay(opt, a.sft_steps)
     model.train()
@@ -814,6 +815,12 @@ def rollout(model, processor, batch, teachers, text_tokens, a: Args, device, rng
                 answers=answers, truncated=(mask.sum(1) == comp.shape[1]).float().mean().item(), t_gen=t_gen)
 
 
+def by_source(ro: dict) -> tuple:
+    """(student texts, teacher texts) of a rollout."""
+    return ([t for t, x in zip(ro["texts"], ro["is_teacher"]) if not x],
+            [t for t, x in zip(ro["texts"], ro["is_teacher"]) if x])
+
+
 def pretrain_disc(disc, model, processor, rows, teachers, text_tokens, eval_rows, a: Args, device):
     """Stage 2 [P]: D learns student samples (1) vs teacher texts (0) before any policy update, so the
     first similarity rewards mean something. [R] Samples come from the SFT'd student, drawn fresh each
@@ -823,9 +830,7 @@ def pretrain_disc(disc, model, processor, rows, teachers, text_tokens, eval_rows
     for step in (bar := tqdm(range(a.disc_pretrain_steps), desc="disc pre-train", leave=False)):
         batch = batch_at(rows, step, a.batch_size, a.seed + 2)
         ro = rollout(model, processor, batch, teachers, text_tokens, a, device, random.Random(f"{a.seed}-d-{step}"), True)
-        s = [t for t, x in zip(ro["texts"], ro["is_teacher"]) if not x]
-        t = [t for t, x in zip(ro["texts"], ro["is_teacher"]) if x]
-        m = disc_update(disc, opt, processor.tokenizer, s, t, a, device)
+        m = disc_update(disc, opt, processor.tokenizer, *by_source(ro), a, device)
         sched.step()
         bar.set_postfix(loss=f"{m['disc/loss']:.3f}")
     # held-out accuracy: sampled student answers vs teacher texts of questions D never saw
@@ -849,10 +854,8 @@ def ril_step(step, model, ref, disc, opt, d_opt, processor, batch, teachers, tex
     t0 = time.time()
     r_ans = torch.tensor([judge(t, ans) for t, ans in zip(ro["texts"], ro["answers"])], device=device)
     if ril:
-        student = [t for t, x in zip(ro["texts"], ro["is_teacher"]) if not x]
-        teacher = [t for t, x in zip(ro["texts"], ro["is_teacher"]) if x]
         if a.disc_lr > 0:
-            metrics.update(disc_update(disc, d_opt, tok, student, teacher, a, device))
+            metrics.update(disc_update(disc, d_opt, tok, *by_source(ro), a, device))
         # (b) score all 2G texts with the just-updated D ([R] the order Alg. 2 implies)
         disc.eval()
         d_logits = disc_logits(disc, tok, ro["texts"], device)  # (B * 2G,)
