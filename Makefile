@@ -14,7 +14,7 @@ $(BIN)/.installed: requirements.txt
 	touch $@
 
 run: $(BIN)/.installed
-	$(BIN)/python ril.py --out runs/ril
+	$(BIN)/python ril.py --out runs/ril --overwrite
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q test_ril.py

@@ -42,6 +42,8 @@ import json
 import os
 import random
 import re
+import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -143,6 +145,20 @@ class Args:
     max_pixels: int = 112 * 112
     """image processor upper bound: caps image tokens instead of truncating prompts (PEERS §4.1b)"""
     # --- logging
+    save_every: int = 50
+    """checkpoint every N RIL steps into --out/checkpoints (Ctrl-C and SIGTERM also save one)"""
+    keep_last: int = 2
+    """checkpoints kept; older ones are deleted once a newer one is complete"""
+    resume: bool = False
+    """continue from the newest complete checkpoint in --out, with its arguments (only --steps may change)"""
+    overwrite: bool = False
+    """start afresh in an --out that holds checkpoints (they are deleted)"""
+    max_bad_steps: int = 3
+    """stop after this many steps in a row whose loss or gradient is NaN/inf (each one is skipped)"""
+    max_image_pixels: int = 40_000_000
+    """refuse images larger than this (a decompression bomb must not exhaust memory)"""
+    trust_remote_code: bool = False
+    """allow a model folder's own Python code to run (off: only transformers' classes are used)"""
     eval_every: int = 0
     """evaluate on the held-out split every N RIL steps (0 = only before and after)"""
     dump_every: int = 20
@@ -158,8 +174,8 @@ def parse_args(argv=None) -> Args:
             docs[node.target.id] = nxt.value.value
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(Args):
-        p.add_argument("--" + f.name.replace("_", "-"), type=f.type,
-                       default=f.default, help=f"{docs.get(f.name, '')} (default: {f.default})")
+        kind = {"action": "store_true"} if f.type is bool else {"type": f.type}
+        p.add_argument("--" + f.name.replace("_", "-"), **kind, default=f.default, help=f"{docs.get(f.name, '')} (default: {f.default})")
     return Args(**vars(p.parse_args(argv)))
 
 
@@ -175,7 +191,12 @@ def check_args(a: Args):
     if a.sim_reward not in ("binary", "continuous"):
         fail(f"--sim-reward {a.sim_reward}: choose binary or continuous")
     for name, ok in [("G", a.G >= 2), ("eps", a.eps > 0), ("beta", a.beta >= 0), ("mu", a.mu >= 1),
-                     ("steps", a.steps >= 0), ("sft-teacher-frac", 0 <= a.sft_teacher_frac <= 1), ("batch-size", a.batch_size >= 1), ("max-new-tokens", a.max_new_tokens >= 1)]:
+                     ("steps", a.steps >= 0), ("sft-steps", a.sft_steps >= 0), ("batch-size", a.batch_size >= 1),
+                     ("sft-batch-size", a.sft_batch_size >= 1), ("sft-teacher-frac", 0 <= a.sft_teacher_frac <= 1),
+                     ("max-new-tokens", a.max_new_tokens >= 1), ("lr", a.lr >= 0), ("disc-lr", a.disc_lr >= 0),
+                     ("temperature", a.temperature > 0), ("top-p", 0 < a.top_p <= 1), ("eval-size", a.eval_size >= 1),
+                     ("sim-threshold", 0 < a.sim_threshold < 1), ("save-every", a.save_every >= 0),
+                     ("keep-last", a.keep_last >= 1), ("max-bad-steps", a.max_bad_steps >= 1)]:
         if not ok:
             fail(f"--{name} {getattr(a, name.replace('-', '_'))} is impossible; see python ril.py --help")
 
@@ -242,13 +263,18 @@ def make_toy(n: int, seed: int) -> list:
     return rows
 
 
-def load_jsonl(path: str) -> list:
-    """Read the JSONL format; every problem is reported as file:line with the fix."""
+def load_jsonl(path: str, max_pixels: int) -> list:
+    """Read the JSONL format and check every row and image before any training starts; every problem
+    is reported as file:line with the fix."""
     if not os.path.isfile(path):
         fail(f"{path}: no such file; --data takes 'toy' or a JSONL file")
     base, rows = os.path.dirname(os.path.abspath(path)), []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                fail(f"{path}:{n}: not UTF-8 (byte {e.start}); re-save the file as UTF-8")
             if not line.strip():
                 continue
             try:
@@ -261,10 +287,10 @@ def load_jsonl(path: str) -> list:
             if missing:
                 fail(f"{path}:{n}: missing field(s) {', '.join(missing)}; each row needs image, question, answer")
             image = row["image"] if os.path.isabs(row["image"]) else os.path.join(base, row["image"])
-            if not os.path.isfile(image):
-                fail(f"{path}:{n}: image not found: {image} (paths are relative to the JSONL file's folder)")
+            check_image(image, f"{path}:{n}", max_pixels)
             teachers = row.get("teachers", {})
-            if not isinstance(teachers, dict) or not all(isinstance(v, list) for v in teachers.values()):
+            if not isinstance(teachers, dict) or not all(isinstance(v, list) and all(isinstance(t, str) for t in v)
+                                                         for v in teachers.values()):
                 fail(f'{path}:{n}: "teachers" must map a teacher name to a list of texts')
             rows.append(dict(id=str(row.get("id", n)), image=image, question=str(row["question"]),
                              answer=str(row["answer"]), teachers=teachers, where=f"{path}:{n}"))
@@ -273,13 +299,30 @@ def load_jsonl(path: str) -> list:
     return rows
 
 
+def check_image(image: str, where: str, max_pixels: int):
+    """Exists, is small enough (read from the header, before any pixel is decoded) and decodes."""
+    if not os.path.isfile(image):
+        fail(f"{where}: image not found: {image} (paths are relative to the JSONL file's folder)")
+    try:
+        with Image.open(image) as im:
+            w, h = im.size
+            if w * h > max_pixels:
+                fail(f"{where}: image {image} is {w}x{h} pixels, over --max-image-pixels {max_pixels}; resize it")
+            im.verify()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        fail(f"{where}: cannot decode image {image} ({str(e).splitlines()[0][:80]}); replace it or drop the row")
+
+
 def load_data(a: Args):
     """Returns (train_rows, eval_rows)."""
     if a.data == "toy":
         return make_toy(a.toy_size, a.seed), make_toy(a.eval_size, a.seed + 10_000)
-    rows = load_jsonl(a.data)
-    if a.eval_data:
-        return rows, load_jsonl(a.eval_data)
+    Image.MAX_IMAGE_PIXELS = None  # check_image reads each size from the header and says which file
+    rows = load_jsonl(a.data, a.max_image_pixels)
+    held = load_jsonl(a.eval_data, a.max_image_pixels) if a.eval_data else None
+    Image.MAX_IMAGE_PIXELS = a.max_image_pixels  # then Pillow's own bomb check, with our limit
+    if held is not None:
+        return rows, held
     if len(rows) <= a.eval_size:
         fail(f"{a.data}: {len(rows)} rows cannot spare --eval-size {a.eval_size} held-out rows; lower it or pass --eval-data")
     rows = random.Random(a.seed).sample(rows, len(rows))
@@ -292,11 +335,16 @@ def resolve_teachers(a: Args, rows: list) -> list:
         if not names:
             fail(f"{a.data}: no teacher texts in the data; RIL needs a 'teachers' field in the rows "
                  f"(the baselines can run with --sft-teacher-frac 0)")
-        for t in names:
+        for i, t in enumerate(names):
             lacking = [r for r in rows if not r["teachers"].get(t)]
             if lacking:
                 fail(f"{lacking[0]['where']}: teacher '{t}' has no texts for {len(lacking)} row(s); "
                      f"add them or drop '{t}' from --teachers")
+            k = len(range(i, a.G, len(names)))  # group slots this teacher fills (sample_teacher_texts)
+            short = [r for r in rows if len(r["teachers"][t]) < k]
+            if short and a.algo == "ril":
+                print(f"warning: teacher '{t}' has fewer than {k} texts for {len(short)} row(s) (first: "
+                      f"{short[0]['where']}); their texts are reused within a group", file=sys.stderr)
     return names
 
 
@@ -388,11 +436,11 @@ def build_tiny(a: Args, corpus: list):
     return model, processor
 
 
-def load_processor(path: str):
+def load_processor(path: str, trust_remote_code: bool = False):
     """AutoProcessor, or the image-only Qwen2-VL processor where AutoProcessor cannot be built
     (no torchvision) or silently returns a bare tokenizer (OFFLINE_NOTES §2c)."""
     try:
-        proc = transformers.AutoProcessor.from_pretrained(path)
+        proc = transformers.AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
         if hasattr(proc, "image_processor"):
             return proc
     except (OSError, ImportError, AttributeError, ValueError):
@@ -407,8 +455,11 @@ def load_student(a: Args, corpus: list, device, dtype):
     else:
         name = ALIASES.get(a.student, a.student)
         try:
-            model = transformers.AutoModelForImageTextToText.from_pretrained(name, dtype=dtype)
-            processor = load_processor(name)
+            # Safe loading: weights from safetensors only (a pickle can run code), and a model folder's
+            # own Python code only with --trust-remote-code.
+            model = transformers.AutoModelForImageTextToText.from_pretrained(
+                name, dtype=dtype, use_safetensors=True, trust_remote_code=a.trust_remote_code)
+            processor = load_processor(name, a.trust_remote_code)
         except (OSError, ValueError) as e:
             fail(f"--student {a.student}: cannot load '{name}' ({str(e).splitlines()[0][:160]}); "
                  f"give 'tiny', a local model folder, or a Hugging Face id that is downloaded or reachable")
@@ -420,16 +471,21 @@ def load_student(a: Args, corpus: list, device, dtype):
 
 
 def save_student(model, processor, folder: str):
-    """save_pretrained, loadable by plain transformers. Our image-only processor is saved under the
-    stock class name, so AutoProcessor builds the full processor wherever torchvision exists."""
-    os.makedirs(folder, exist_ok=True)
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    cfg_path = os.path.join(folder, "processor_config.json")
+    """save_pretrained, loadable by plain transformers, written to a temporary folder and moved into
+    place file by file, so a kill never leaves a half-written weight file. Our image-only processor is
+    saved under the stock class name, so AutoProcessor builds the full one wherever torchvision exists."""
+    tmp = os.path.join(folder, ".tmp_save")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    cfg_path = os.path.join(tmp, "processor_config.json")
     if isinstance(processor, ImageOnlyQwen2VLProcessor) and os.path.isfile(cfg_path):
         cfg = json.load(open(cfg_path))
         cfg["processor_class"] = "Qwen2VLProcessor"
         json.dump(cfg, open(cfg_path, "w"), indent=2)
+    for f in os.listdir(tmp):
+        os.replace(os.path.join(tmp, f), os.path.join(folder, f))
+    os.rmdir(tmp)
 
 
 class Discriminator(nn.Module):
@@ -598,12 +654,14 @@ def disc_update(disc, opt, tokenizer, student_texts: list, teacher_texts: list, 
     loss = F.binary_cross_entropy_with_logits(logits, labels)
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(disc.parameters(), a.max_grad_norm)
-    opt.step()
+    grad_norm = torch.nn.utils.clip_grad_norm_(disc.parameters(), a.max_grad_norm)
+    ok = bool(torch.isfinite(loss) and torch.isfinite(grad_norm))
+    if ok:
+        opt.step()
     pred = (logits.detach() > 0).float()
     n = len(student_texts)
     return {"disc/loss": loss.item(), "disc/acc_student": pred[:n].mean().item(),
-            "disc/acc_teacher": (1 - pred[n:]).mean().item()}
+            "disc/acc_teacher": (1 - pred[n:]).mean().item(), "guard/disc_skipped": float(not ok)}
 
 
 # ================================================================================================
@@ -780,14 +838,19 @@ def policy_update(model, ref, opt, enc, comp, mask, adv, a: Args) -> dict:
             old_logp = token_logprobs(model, enc, comp, mask, a.temperature)
         if ref is not None:
             ref_logp = token_logprobs(ref, enc, comp, mask, a.temperature)
+    skipped = 0.0
     for _ in range(a.mu):
         logp = token_logprobs(model, enc, comp, mask, a.temperature)  # (N, T)
         loss, stats = policy_loss(logp, logp.detach() if old_logp is None else old_logp, ref_logp, adv, mask, a)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), a.max_grad_norm)
-        opt.step()
-    return {"policy/loss": loss.item(), "policy/grad_norm": grad_norm.item(), **stats}
+        if torch.isfinite(loss) and torch.isfinite(grad_norm):
+            opt.step()
+        else:  # non-finite guard: one NaN step would poison every weight and the Adam moments with it
+            opt.zero_grad(set_to_none=True)
+            skipped = 1.0
+    return {"policy/loss": loss.item(), "policy/grad_norm": grad_norm.item(), "guard/skipped": skipped, **stats}
 
 
 def rollout(model, processor, batch, teachers, text_tokens, a: Args, device, rng, with_teachers: bool) -> dict:
@@ -834,12 +897,13 @@ def pretrain_disc(disc, model, processor, rows, teachers, text_tokens, eval_rows
         sched.step()
         bar.set_postfix(loss=f"{m['disc/loss']:.3f}")
     # held-out accuracy: sampled student answers vs teacher texts of questions D never saw
-    ro = rollout(model, processor, eval_rows[:32], teachers, text_tokens, a, device, random.Random(a.seed), True)
-    with torch.no_grad():
-        pred = disc_logits(disc, processor.tokenizer, ro["texts"], device) > 0
+    held = [r for r in eval_rows if all(r["teachers"].get(t) for t in teachers)][:32]
+    if not held:
+        return print("disc pre-train: the held-out rows have no teacher texts; no held-out accuracy")
+    ro = rollout(model, processor, held, teachers, text_tokens, a, device, random.Random(a.seed), True)
+    pred = disc_logits(disc, processor.tokenizer, ro["texts"], device) > 0
     acc = (pred == (ro["is_teacher"] == 0)).float().mean().item()
     print(f"disc pre-train: {a.disc_pretrain_steps} steps, held-out accuracy {acc:.3f} (student vs teacher texts)")
-    return acc
 
 
 def ril_step(step, model, ref, disc, opt, d_opt, processor, batch, teachers, text_tokens, judge, a: Args, device) -> tuple:
@@ -880,11 +944,69 @@ def ril_step(step, model, ref, disc, opt, d_opt, processor, batch, teachers, tex
     dump = [dict(source="teacher" if ro["is_teacher"][i] else "student", text=ro["texts"][i], r_sim=r_sim[i].item(),
                  r_ans=r_ans[i].item(), D=torch.sigmoid(d_logits[i]).item() if ril else None, adv=adv[i].item())
             for i in range(group)]
-    return metrics, {"question": batch[0]["question"], "answer": batch[0]["answer"], "texts": dump}
+    return metrics, {"ids": [r["id"] for r in batch], "question": batch[0]["question"], "answer": batch[0]["answer"], "texts": dump}
 
 
 # ================================================================================================
-# 11. Main: SFT -> D pre-training -> eval -> RIL loop -> eval -> save
+# 11. Checkpoints: atomic writes, exact resume, a checkpoint on Ctrl-C / SIGTERM
+# ================================================================================================
+def replace_atomic(path: str, write):
+    """write(tmp), then rename it over path: a kill mid-write leaves the old file, never half a file."""
+    write(path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def checkpoints(out: str) -> list:
+    """Complete checkpoints, oldest first. A folder gets its step_ name only once fully written."""
+    root = os.path.join(out, "checkpoints")
+    return sorted(os.path.join(root, d) for d in os.listdir(root) if d.startswith("step_")) if os.path.isdir(root) else []
+
+
+def save_checkpoint(out: str, step: int, model, disc, opt, d_opt, before, keep_last: int) -> str:
+    """Everything the rest of the run depends on: both models, both optimizers, the step, every RNG
+    state and the pre-RIL evaluation. The data order needs no state: batch_at is a pure function of
+    (seed, step), so a resumed run replays the same questions (PEERS §4.4)."""
+    root = os.path.join(out, "checkpoints")
+    final, tmp = os.path.join(root, f"step_{step:07d}"), os.path.join(root, f"tmp_step_{step:07d}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    torch.save({"step": step, "student": model.state_dict(), "opt": opt.state_dict(),
+                "disc": None if disc is None else disc.state_dict(), "d_opt": None if d_opt is None else d_opt.state_dict(),
+                "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
+                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                "before": before}, os.path.join(tmp, "state.pt"))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)  # the checkpoint appears complete, or not at all
+    for old in checkpoints(out)[:-keep_last]:
+        shutil.rmtree(old)
+    return final
+
+
+def resume_args(a: Args) -> tuple:
+    """The interrupted run's own arguments, with this command's --steps. Returns (args, checkpoint)."""
+    found, args_path = checkpoints(a.out), os.path.join(a.out, "args.json")
+    if not found or not os.path.isfile(args_path):
+        fail(f"--resume: no complete checkpoint in {a.out}/checkpoints; start a run there without --resume")
+    saved = json.load(open(args_path))
+    print(f"resuming {found[-1]} with the arguments in {args_path} (only --steps comes from this command)")
+    return Args(**{**saved, "steps": a.steps, "resume": True, "overwrite": False}), found[-1]
+
+
+def trim_jsonl(path: str, last_step: int):
+    """Drop what was logged after the checkpoint: those steps are about to run again."""
+    if os.path.isfile(path):
+        keep = []
+        for line in open(path):
+            try:
+                if json.loads(line)["step"] <= last_step:
+                    keep.append(line)
+            except (json.JSONDecodeError, KeyError):  # a line cut by the kill
+                pass
+        replace_atomic(path, lambda tmp: open(tmp, "w").writelines(keep))
+
+
+# ================================================================================================
+# 12. Main: SFT -> D pre-training -> eval -> RIL loop -> eval -> save
 # ================================================================================================
 def log_line(step: int, m: dict) -> str:
     f = lambda k, fmt="{:.3f}": fmt.format(m[k]) if k in m else "-"  # noqa: E731
@@ -897,17 +1019,25 @@ def log_line(step: int, m: dict) -> str:
 def main(argv=None):
     a = parse_args(argv)
     check_args(a)
+    last_ckpt = None
+    if a.resume:  # continue the interrupted run exactly as it was configured
+        a, last_ckpt = resume_args(a)
     device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else ("cpu" if a.device == "auto" else a.device))
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(a.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
     random.seed(a.seed)
     torch.manual_seed(a.seed)
     t_start = time.time()
 
+    # Everything is validated before anything is written: a bad row or flag costs nothing in --out.
     train_rows, eval_rows = load_data(a)
     teachers = resolve_teachers(a, train_rows)
+    if not a.resume and checkpoints(a.out) and not a.overwrite and not a.save_tiny:
+        fail(f"{a.out}: holds checkpoints of an earlier run; pass --resume to continue it, "
+             f"--overwrite to start again, or another --out")
     corpus = [s for r in train_rows + eval_rows for s in [r["question"], r["answer"]] + [t for ts in r["teachers"].values() for t in ts]]
     model, processor = load_student(a, corpus + [DISC_SYSTEM, DISC_USER, "user assistant system"], device, dtype)
     if a.save_tiny:
+        os.makedirs(a.save_tiny, exist_ok=True)
         save_student(model, processor, a.save_tiny)
         print(f"saved the tiny student to {a.save_tiny}")
         return
@@ -918,45 +1048,99 @@ def main(argv=None):
     print(f"student {a.student}: {n_params / 1e6:.2f}M params on {device} ({dtype}); algo {a.algo}; "
           f"{len(train_rows)} train / {len(eval_rows)} held-out questions; teachers {teachers or '-'}")
     os.makedirs(a.out, exist_ok=True)
-    json.dump(dataclasses.asdict(a), open(os.path.join(a.out, "args.json"), "w"), indent=2)
-    metrics_file = open(os.path.join(a.out, "metrics.jsonl"), "w")
+    if a.overwrite:
+        shutil.rmtree(os.path.join(a.out, "checkpoints"), ignore_errors=True)
+    replace_atomic(os.path.join(a.out, "args.json"), lambda tmp: json.dump(dataclasses.asdict(a), open(tmp, "w"), indent=2))
+    state = torch.load(os.path.join(last_ckpt, "state.pt"), weights_only=True) if a.resume else None
+
+    # Stage 0: SFT warm-up. [R] Every algo starts from the same SFT'd student, so Table 1 rows compare
+    # the RL stage alone (the paper does not say whether its baselines were SFT'd, RIL_PAPER §6.9).
+    if state is not None:
+        model.load_state_dict(state["student"])
+    elif a.sft_steps > 0:
+        sft_warmup(model, processor, train_rows, teachers, text_tokens, a, device)
+    # The reference is the starting (SFT'd) student, frozen [P] Alg. 2; not built when beta = 0.
+    ref_path = os.path.join(a.out, "checkpoints", "reference.pt")
+    ref = copy.deepcopy(model).eval().requires_grad_(False) if a.beta > 0 else None
+    if ref is not None and state is not None:
+        ref.load_state_dict(torch.load(ref_path, weights_only=True))
+    # Stage 2: D from the same weights as the student, new 1-unit head [P] §3.1 / [R] §6.3.
+    disc = Discriminator(model) if a.algo == "ril" else None
+    if disc is not None and state is not None:
+        disc.load_state_dict(state["disc"])
+    elif disc is not None and a.disc_pretrain_steps > 0:
+        pretrain_disc(disc, model, processor, train_rows, teachers, text_tokens, eval_rows, a, device)
+    # Stage 3 optimisers: the paper uses constant LRs in the loop [P] App. C.
+    opt = torch.optim.AdamW(model.parameters(), lr=a.lr)
+    d_opt = torch.optim.AdamW(disc.parameters(), lr=a.disc_lr) if disc is not None else None
+
+    metrics_path, samples_path = os.path.join(a.out, "metrics.jsonl"), os.path.join(a.out, "samples.jsonl")
+    if state is not None:
+        opt.load_state_dict(state["opt"])
+        if d_opt is not None:
+            d_opt.load_state_dict(state["d_opt"])
+        before, start = state["before"], state["step"] + 1
+        trim_jsonl(metrics_path, state["step"])
+        trim_jsonl(samples_path, state["step"])
+        random.setstate(state["rng"]["python"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    else:
+        m, texts = evaluate(model, processor, disc, eval_rows, judge, a, device)
+        before, start = {"metrics": m, "texts": texts}, 1
+        for path in (metrics_path, samples_path):
+            open(path, "w").close()
+        if ref is not None:
+            os.makedirs(os.path.dirname(ref_path), exist_ok=True)
+            replace_atomic(ref_path, lambda tmp: torch.save(ref.state_dict(), tmp))
+        last_ckpt = save_checkpoint(a.out, 0, model, disc, opt, d_opt, before, a.keep_last)
+    metrics_file, samples_file = open(metrics_path, "a"), open(samples_path, "a")
 
     def log(step, m):
         metrics_file.write(json.dumps({"step": step, **m}) + "\n")
         metrics_file.flush()
 
-    # Stage 0: SFT warm-up. [R] Every algo starts from the same SFT'd student, so Table 1 rows compare
-    # the RL stage alone (the paper does not say whether its baselines were SFT'd, RIL_PAPER §6.9).
-    if a.sft_steps > 0:
-        sft_warmup(model, processor, train_rows, teachers, text_tokens, a, device)
-    # The reference is the starting (SFT'd) student, frozen [P] Alg. 2; not built when beta = 0.
-    ref = copy.deepcopy(model).eval().requires_grad_(False) if a.beta > 0 else None
-    # Stage 2: D from the same weights as the student, new 1-unit head [P] §3.1 / [R] §6.3.
-    disc = Discriminator(model) if a.algo == "ril" else None
-    if disc is not None and a.disc_pretrain_steps > 0:
-        pretrain_disc(disc, model, processor, train_rows, teachers, text_tokens, eval_rows, a, device)
+    if state is None:
+        log(0, before["metrics"])
+    print("eval before RIL: " + "  ".join(f"{k} {v:.3f}" for k, v in before["metrics"].items()))
 
-    before, before_texts = evaluate(model, processor, disc, eval_rows, judge, a, device)
-    log(0, before)
-    print("eval before RIL: " + "  ".join(f"{k} {v:.3f}" for k, v in before.items()))
+    # Ctrl-C and SIGTERM (a cluster's pre-emption) finish the step, save a checkpoint and exit.
+    stop = []
 
-    # Stage 3: the RIL loop (Alg. 2). The paper uses constant LRs here [P] App. C.
-    opt = torch.optim.AdamW(model.parameters(), lr=a.lr)
-    d_opt = torch.optim.AdamW(disc.parameters(), lr=a.disc_lr) if disc is not None else None
-    samples_file = open(os.path.join(a.out, "samples.jsonl"), "w")
-    for step in (bar := tqdm(range(1, a.steps + 1), desc=a.algo)):
+    def on_signal(signum, frame):
+        if stop:  # a second Ctrl-C: stop at once
+            raise KeyboardInterrupt
+        stop.append(signum)
+        tqdm.write(f"signal {signum}: finishing step, saving a checkpoint, then exiting")
+
+    handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    bad = 0  # steps in a row whose loss or gradient was not finite
+    for step in (bar := tqdm(range(start, a.steps + 1), desc=a.algo, initial=start - 1, total=a.steps)):
         batch = batch_at(train_rows, step - 1, a.batch_size, a.seed + 3)
         m, dump = ril_step(step, model, ref, disc, opt, d_opt, processor, batch, teachers, text_tokens, judge, a, device)
+        bad = bad + 1 if m["guard/skipped"] or m.get("guard/disc_skipped") else 0
         if a.eval_every and step % a.eval_every == 0 and step != a.steps:
             m.update(evaluate(model, processor, disc, eval_rows, judge, a, device)[0])
         log(step, m)
         tqdm.write(log_line(step, m))
         samples_file.write(json.dumps({"step": step, **dump}) + "\n")
+        samples_file.flush()
         if a.dump_every and step % a.dump_every == 0:
             tqdm.write(f"--- step {step} group: {dump['question']} (answer: {dump['answer']})")
             for d in dump["texts"]:
                 tqdm.write(f"    {d['source']:7s} r_sim {d['r_sim']:.0f} r_ans {d['r_ans']:.0f} "
                            f"D {'-' if d['D'] is None else format(d['D'], '.2f')} adv {d['adv']:+.2f} | {d['text']!r}")
+        if bad >= a.max_bad_steps:
+            fail(f"step {step}: loss or gradient was NaN/inf for {bad} steps in a row (each was skipped); "
+                 f"the last good checkpoint is {last_ckpt}; lower --lr / --disc-lr or check the data")
+        if stop or (a.save_every and step % a.save_every == 0) or step == a.steps:
+            last_ckpt = save_checkpoint(a.out, step, model, disc, opt, d_opt, before, a.keep_last)
+        if stop:
+            print(f"stopped after step {step}; checkpoint {last_ckpt}; continue with: python ril.py --out {a.out} --resume")
+            sys.exit(128 + stop[0])
+    for sig, h in handlers.items():
+        signal.signal(sig, h)
     samples_file.close()
 
     after, after_texts = evaluate(model, processor, disc, eval_rows, judge, a, device)
@@ -970,16 +1154,17 @@ def main(argv=None):
     print(f"\n| held-out ({len(eval_rows)} questions) | accuracy | teacher-likeness (D then) | "
           "teacher-likeness (final D) | teacher match | length |")
     print("|---|---|---|---|---|---|")
-    for name, m, texts in [("before RIL (after SFT)", before, before_texts), (f"after {a.algo}", after, after_texts)]:
+    for name, m, texts in [("before RIL (after SFT)", before["metrics"], before["texts"]), (f"after {a.algo}", after, after_texts)]:
         tl = (f"{m['eval/teacher_like']:.3f} | {teacher_likeness(disc, tok, texts, device):.3f}" if disc is not None else "n/a | n/a")
         print(f"| {name} | {m['eval/acc']:.3f} | {tl} | {m['eval/teacher_match']:.3f} | {m['eval/len']:.1f} |")
-    if disc is not None:
-        t_texts = [t for r in eval_rows for ts in (r["teachers"][t] for t in teachers) for t in ts]
+    t_texts = [t for r in eval_rows for name in teachers for t in r["teachers"].get(name, [])]
+    if disc is not None and t_texts:
         print(f"| teacher texts | 1.000 | - | {teacher_likeness(disc, tok, t_texts, device):.3f} | 1.000 | - |")
 
     save_student(model, processor, a.out)
     if disc is not None:
-        torch.save({"backbone": disc.backbone.state_dict(), "head": disc.head.state_dict()}, os.path.join(a.out, "discriminator.pt"))
+        replace_atomic(os.path.join(a.out, "discriminator.pt"),
+                       lambda tmp: torch.save({"backbone": disc.backbone.state_dict(), "head": disc.head.state_dict()}, tmp))
     metrics_file.close()
     print(f"\nsaved student + processor to {a.out} ({time.time() - t_start:.0f}s total)")
 

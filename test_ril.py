@@ -3,8 +3,10 @@ can fail. Run with `make test` (HF_HUB_OFFLINE=1: nothing is downloaded; the tes
 their own tiny checkpoints and load them through the real from_pretrained path)."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
@@ -231,7 +233,7 @@ def test_teacher_slots_alternate_between_teachers():
 
 
 # ---------------------------------------------------------------- the script, end to end
-def _save_toy_jsonl(folder, rows, name):
+def _save_jsonl(folder, rows, name):
     os.makedirs(os.path.join(folder, "img"), exist_ok=True)
     with open(os.path.join(folder, name), "w") as f:
         for r in rows:
@@ -249,8 +251,8 @@ def test_script_trains_student_and_discriminator_from_a_saved_checkpoint(tmp_pat
                                         capture_output=True, text=True, env=env, timeout=300)
     p = run("--save-tiny", str(ckpt))
     assert p.returncode == 0, p.stderr
-    _save_toy_jsonl(tmp_path, ril.make_toy(12, 0), "train.jsonl")
-    _save_toy_jsonl(tmp_path, ril.make_toy(4, 1), "val.jsonl")
+    _save_jsonl(tmp_path, ril.make_toy(12, 0), "train.jsonl")
+    _save_jsonl(tmp_path, ril.make_toy(4, 1), "val.jsonl")
     p = run("--student", str(ckpt), "--data", str(tmp_path / "train.jsonl"), "--eval-data", str(tmp_path / "val.jsonl"),
             "--sft-steps", "0", "--disc-pretrain-steps", "2", "--steps", "3", "--batch-size", "2", "--out", str(out),
             "--lr", "1e-3", "--disc-lr", "1e-3", "--dump-every", "1")
@@ -296,38 +298,201 @@ def test_docstring_examples_hold():
 
 
 # ---------------------------------------------------------------- bad input: one line, exit 2
+GOOD = '{"image": "ok.png", "question": "q", "answer": "a", "teachers": {"t": ["x", "y"]}}'
+
+
+def _bad_input(tmp_path, capsys, lines, extra=(), data_bytes=None):
+    """Run main on a JSONL whose line 2 is bad; return (exit code, stderr). --out must stay untouched."""
+    data = tmp_path / "d.jsonl"
+    ril.Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    if data_bytes is not None:
+        data.write_bytes(data_bytes)
+    else:
+        data.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    (out / "keep.txt").write_text("old")
+    with pytest.raises(SystemExit) as e:
+        ril.main(["--data", str(data), "--eval-data", str(data), "--out", str(out), *extra])
+    err = capsys.readouterr().err.strip()
+    assert sorted(os.listdir(out)) == ["keep.txt"] and (out / "keep.txt").read_text() == "old"
+    return e.value.code, err, str(data)
+
+
+def _png_header(w: int, h: int) -> bytes:
+    """A PNG that claims w x h pixels in its header and has no pixel data: a decompression bomb's shape."""
+    import struct
+    import zlib
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    chunk = lambda kind, data: struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))  # noqa: E731
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
 @pytest.mark.parametrize("line,expect", [
     ("{not json", "invalid JSON"),
     ('{"image": "x.png", "question": "q"}', "missing field(s) answer"),
     ('{"image": "nowhere.png", "question": "q", "answer": "a"}', "image not found"),
+    ('{"image": "broken.png", "question": "q", "answer": "a"}', "cannot decode image"),
+    ('{"image": "huge.png", "question": "q", "answer": "a"}', "100000x100000 pixels, over --max-image-pixels"),
+    ('{"image": "ok.png", "question": "q", "answer": "a", "teachers": {"t": "x"}}', "list of texts"),
 ])
 def test_bad_rows_get_one_line_naming_file_and_line(tmp_path, capsys, line, expect):
-    data = tmp_path / "d.jsonl"
-    good = '{"image": "ok.png", "question": "q", "answer": "a", "teachers": {"t": ["x"]}}'
-    ril.Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
-    data.write_text(good + "\n" + line + "\n")
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "keep.txt").write_text("old")
-    with pytest.raises(SystemExit) as e:
-        ril.main(["--data", str(data), "--eval-data", str(data), "--out", str(tmp_path / "out")])
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and len(err.splitlines()) == 1
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not an image")
+    (tmp_path / "huge.png").write_bytes(_png_header(100_000, 100_000))
+    code, err, data = _bad_input(tmp_path, capsys, [GOOD, line])
+    assert code == 2 and len(err.splitlines()) == 1
     assert f"{data}:2" in err and expect in err
-    assert os.listdir(tmp_path / "out") == ["keep.txt"]
+
+
+def test_non_utf8_text_is_named_with_its_line(tmp_path, capsys):
+    code, err, data = _bad_input(tmp_path, capsys, [], data_bytes=(GOOD + "\n").encode() + b'{"question": "caf\xe9"}\n')
+    assert code == 2 and f"{data}:2: not UTF-8" in err
+
+
+def test_an_empty_dataset_is_refused(tmp_path, capsys):
+    code, err, data = _bad_input(tmp_path, capsys, [], data_bytes=b"\n")
+    assert code == 2 and f"{data}: no rows" in err
 
 
 def test_a_teacher_missing_from_rows_is_named_with_its_count(tmp_path, capsys):
-    data = tmp_path / "d.jsonl"
-    ril.Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
-    data.write_text('{"image": "ok.png", "question": "q", "answer": "a", "teachers": {"t": ["x"]}}\n'
-                    '{"image": "ok.png", "question": "q", "answer": "a", "teachers": {"u": ["y"]}}\n')
-    with pytest.raises(SystemExit):
-        ril.main(["--data", str(data), "--eval-data", str(data), "--teachers", "t", "--out", str(tmp_path / "o")])
-    err = capsys.readouterr().err
-    assert "teacher 't' has no texts for 1 row(s)" in err and f"{data}:2" in err
+    code, err, data = _bad_input(tmp_path, capsys, [GOOD, GOOD.replace('"t"', '"u"'), GOOD.replace('"t"', '"u"')],
+                                 extra=["--teachers", "t"])
+    assert code == 2 and f"{data}:2: teacher 't' has no texts for 2 row(s)" in err
 
 
-def test_impossible_arguments_are_refused(capsys):
+@pytest.mark.parametrize("flags,name", [(["--G", "1"], "--G 1"), (["--eps", "0"], "--eps 0"),
+                                        (["--steps", "-1"], "--steps -1"), (["--top-p", "0"], "--top-p 0"),
+                                        (["--algo", "ppo"], "--algo ppo")])
+def test_impossible_arguments_are_refused(capsys, flags, name):
     with pytest.raises(SystemExit) as e:
-        ril.main(["--G", "1"])
-    assert e.value.code == 2 and "--G 1" in capsys.readouterr().err
+        ril.main(flags)
+    assert e.value.code == 2 and name in capsys.readouterr().err
+
+
+def test_fewer_teacher_texts_than_slots_warns_that_they_are_reused(tmp_path, capsys):
+    rows = ril.make_toy(6, 0)
+    for r in rows:
+        r["teachers"] = {"alice": r["teachers"]["alice"][:1], "bob": r["teachers"]["bob"]}
+    _save_jsonl(tmp_path, rows, "d.jsonl")
+    ril.main(["--data", str(tmp_path / "d.jsonl"), "--eval-data", str(tmp_path / "d.jsonl"), "--steps", "1",
+              "--sft-steps", "0", "--disc-pretrain-steps", "0", "--batch-size", "2", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert "teacher 'alice' has fewer than 2 texts for 6 row(s)" in err and "reused" in err
+
+
+# ---------------------------------------------------------------- checkpoints, resume, guard
+TINY_RUN = ["--toy-size", "24", "--eval-size", "4", "--sft-steps", "3", "--disc-pretrain-steps", "2",
+            "--batch-size", "2", "--dump-every", "0"]
+
+
+def _student(folder) -> dict:
+    return transformers.AutoModelForImageTextToText.from_pretrained(folder).state_dict()
+
+
+def _ids(out) -> list:
+    return [json.loads(x)["ids"] for x in open(os.path.join(out, "samples.jsonl"))]
+
+
+def test_resume_equals_the_uninterrupted_run(tmp_path):
+    full, half = tmp_path / "full", tmp_path / "half"
+    ril.main([*TINY_RUN, "--steps", "6", "--save-every", "3", "--out", str(full)])
+    ril.main([*TINY_RUN, "--steps", "3", "--save-every", "3", "--out", str(half)])
+    ril.main(["--out", str(half), "--resume", "--steps", "6"])
+    a, b = _student(full), _student(half)
+    assert all(torch.equal(a[k], b[k]) for k in a), "student parameters differ after resume"
+    da, db = (torch.load(p / "discriminator.pt", weights_only=True)["backbone"] for p in (full, half))
+    assert all(torch.equal(da[k], db[k]) for k in da), "discriminator parameters differ after resume"
+    assert _ids(full) == _ids(half) and len(_ids(full)) == 6  # same questions, same order, no step twice
+    steps = [json.loads(x)["step"] for x in open(half / "metrics.jsonl") if "reward/total" in x]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_kill_during_a_checkpoint_write_leaves_the_last_one_loadable(tmp_path, monkeypatch):
+    out = tmp_path / "o"
+    ril.main([*TINY_RUN, "--steps", "2", "--save-every", "1", "--out", str(out)])
+    good = ril.checkpoints(str(out))[-1]
+    assert good.endswith("step_0000002")
+
+    def killed(obj, f, *a, **k):  # the process dies half way through writing the state
+        open(f, "wb").write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ril.torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ril.save_checkpoint(str(out), 3, torch.nn.Linear(1, 1), None, torch.optim.SGD([torch.zeros(1)], lr=1), None, {}, 2)
+    monkeypatch.undo()
+    assert ril.checkpoints(str(out))[-1] == good
+    assert torch.load(os.path.join(good, "state.pt"), weights_only=True)["step"] == 2
+    ril.main(["--out", str(out), "--resume", "--steps", "3"])
+    assert ril.checkpoints(str(out))[-1].endswith("step_0000003")
+
+
+def _steps_logged(out) -> int:
+    path = out / "metrics.jsonl"
+    return sum("reward/total" in x for x in open(path)) if path.exists() else 0
+
+
+def test_sigterm_mid_run_leaves_a_checkpoint_that_resume_continues(tmp_path):
+    out, log = tmp_path / "o", open(tmp_path / "log.txt", "w+")
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, "ril.py"), *TINY_RUN, "--steps", "400",
+                          "--save-every", "1000", "--out", str(out)], stdout=log, stderr=subprocess.STDOUT,
+                         text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline and _steps_logged(out) < 3 and p.poll() is None:
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    p.wait(timeout=120)
+    log.seek(0)
+    text = log.read()
+    assert p.returncode == 128 + signal.SIGTERM, text[-2000:]
+    last = ril.checkpoints(str(out))[-1]
+    done = torch.load(os.path.join(last, "state.pt"), weights_only=True)["step"]
+    assert 3 <= done < 400 and "--resume" in text
+    ril.main(["--out", str(out), "--resume", "--steps", str(done + 2)])
+    steps = [json.loads(x)["step"] for x in open(out / "metrics.jsonl") if "reward/total" in x]
+    assert steps == list(range(1, done + 3))
+
+
+def test_non_finite_guard_skips_then_stops(tmp_path, monkeypatch, capsys):
+    real = ril.policy_loss
+
+    def nan_loss(*args, **kw):
+        loss, stats = real(*args, **kw)
+        return loss * float("nan"), stats
+
+    monkeypatch.setattr(ril, "policy_loss", nan_loss)
+    out = tmp_path / "skip"
+    ril.main([*TINY_RUN, "--steps", "2", "--max-bad-steps", "5", "--out", str(out)])
+    steps = [json.loads(x) for x in open(out / "metrics.jsonl") if "reward/total" in x]
+    assert [m["guard/skipped"] for m in steps] == [1.0, 1.0]
+    start = torch.load(os.path.join(out, "checkpoints", "reference.pt"), weights_only=True)
+    end = _student(out)
+    assert all(torch.equal(start[k], end[k]) for k in start), "a skipped step changed the student"
+
+    with pytest.raises(SystemExit) as e:
+        ril.main([*TINY_RUN, "--steps", "6", "--max-bad-steps", "3", "--out", str(tmp_path / "stop")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "step 3:" in err and "step_0000000" in err
+
+
+def test_a_fresh_run_will_not_overwrite_checkpoints(tmp_path, capsys):
+    out = tmp_path / "o"
+    ril.main([*TINY_RUN, "--steps", "1", "--out", str(out)])
+    before = sorted(os.listdir(out / "checkpoints"))
+    with pytest.raises(SystemExit) as e:
+        ril.main([*TINY_RUN, "--steps", "1", "--out", str(out)])
+    assert e.value.code == 2 and "--resume" in capsys.readouterr().err
+    assert sorted(os.listdir(out / "checkpoints")) == before
+
+
+def test_a_model_that_cannot_be_found_gets_one_line_naming_it(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        ril.main(["--student", str(tmp_path / "no-such-model"), "--toy-size", "6", "--eval-size", "2", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "no-such-model" in err
+
+
+def test_resume_without_a_checkpoint_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        ril.main(["--out", str(tmp_path), "--resume"])
+    assert e.value.code == 2 and "no complete checkpoint" in capsys.readouterr().err
