@@ -461,8 +461,11 @@ def load_student(a: Args, corpus: list, device, dtype):
                 name, dtype=dtype, use_safetensors=True, trust_remote_code=a.trust_remote_code)
             processor = load_processor(name, a.trust_remote_code)
         except (OSError, ValueError) as e:
-            fail(f"--student {a.student}: cannot load '{name}' ({str(e).splitlines()[0][:160]}); "
-                 f"give 'tiny', a local model folder, or a Hugging Face id that is downloaded or reachable")
+            why = str(e).splitlines()[0][:160]
+            fix = ("weights are read from safetensors only; convert the checkpoint with save_pretrained"
+                   if "safetensors" in why else
+                   "give 'tiny', a local model folder, or a Hugging Face id that is downloaded or reachable")
+            fail(f"--student {a.student}: cannot load '{name}' ({why}); {fix}")
     processor.tokenizer.padding_side = "left"
     if processor.tokenizer.pad_token_id is None or processor.tokenizer.pad_token_id == processor.tokenizer.eos_token_id:
         # pad == eos makes every mask drop EOS too, and the model never learns to stop (tiny-grpo's bug)

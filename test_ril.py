@@ -492,6 +492,18 @@ def test_a_model_that_cannot_be_found_gets_one_line_naming_it(tmp_path, capsys):
     assert e.value.code == 2 and len(err.splitlines()) == 1 and "no-such-model" in err
 
 
+def test_weights_load_from_safetensors_only(tmp_path, capsys):
+    """A pickled weight file can run code when loaded; such a checkpoint is refused, by name."""
+    ril.main(["--save-tiny", str(tmp_path / "m"), "--toy-size", "6", "--eval-size", "2"])
+    sd = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "m").state_dict()
+    torch.save(sd, tmp_path / "m" / "pytorch_model.bin")
+    os.remove(tmp_path / "m" / "model.safetensors")
+    with pytest.raises(SystemExit) as e:
+        ril.main(["--student", str(tmp_path / "m"), "--toy-size", "6", "--eval-size", "2", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "safetensors only" in err and not (tmp_path / "o").exists()
+
+
 def test_resume_without_a_checkpoint_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         ril.main(["--out", str(tmp_path), "--resume"])
