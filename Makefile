@@ -1,12 +1,13 @@
 # Two commands do everything on a fresh machine:
 #   make run    install, then run every stage of RIL on the built-in tiny task (CPU, ~2 minutes)
 #   make test   install, then run the test suite
+#   make bench  install, then time a RIL step against the bare model calls it needs (not a test)
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 
-.PHONY: run test clean
+.PHONY: run test bench clean
 
 $(BIN)/.installed: requirements.txt
 	$(PY) -m venv $(VENV)
@@ -18,6 +19,9 @@ run: $(BIN)/.installed
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q test_ril.py
+
+bench: $(BIN)/.installed
+	$(BIN)/python test_ril.py --bench
 
 clean:
 	rm -rf runs .pytest_cache __pycache__

@@ -102,6 +102,8 @@ class Args:
     """KL weight to the reference (SFT) policy [P] Table 5b; 0 = no reference model is built"""
     mu: int = 1
     """policy iterations per batch [P] App. C, Table 5a"""
+    score_before_update: bool = False
+    """score texts with D's logits from its update forward (one forward less, not the paper's order)"""
     sim_threshold: float = 0.5
     """r_sim = 1[D < threshold] [P] §3.3"""
     sim_reward: str = "binary"
@@ -636,12 +638,18 @@ DISC_USER = "<response>{response}</response>\nTeacher (0) or student (1)?"
 def disc_inputs(tokenizer, texts: list, device) -> tuple:
     """Fig. 3 [P]: only the response is shown, no question and no image (RIL_PAPER §6.2). Student
     samples are decoded and re-encoded exactly like teacher texts, so D cannot tell them apart by
-    tokenisation artefacts, only by what they say."""
-    prompts = [tokenizer.apply_chat_template(
-        [{"role": "system", "content": DISC_SYSTEM}, {"role": "user", "content": DISC_USER.format(response=t)}],
-        tokenize=False, add_generation_prompt=True) for t in texts]
-    enc = tokenizer(prompts, padding=True, padding_side="right", add_special_tokens=False, return_tensors="pt")
-    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+    tokenisation artefacts, only by what they say. Right-padded (N, T) ids and mask. Token ids are
+    cached per text: teacher texts come back every epoch."""
+    cache = tokenizer.__dict__.setdefault("_disc_ids", {})
+    if len(cache) > 200_000:
+        cache.clear()
+    for t in texts:
+        if t not in cache:
+            prompt = tokenizer.apply_chat_template(
+                [{"role": "system", "content": DISC_SYSTEM}, {"role": "user", "content": DISC_USER.format(response=t)}],
+                tokenize=False, add_generation_prompt=True)
+            cache[t] = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return pad_right([cache[t] for t in texts], tokenizer.pad_token_id, device)
 
 
 @torch.no_grad()
@@ -649,22 +657,25 @@ def disc_logits(disc, tokenizer, texts: list, device) -> torch.Tensor:
     return disc(*disc_inputs(tokenizer, texts, device))
 
 
-def disc_update(disc, opt, tokenizer, student_texts: list, teacher_texts: list, a: Args, device) -> dict:
-    """One step of Eq. 1: BCE with student = 1, teacher = 0."""
+def disc_update(disc, opt, tokenizer, texts: list, is_teacher: torch.Tensor, a: Args, device) -> tuple:
+    """One step of Eq. 1: BCE with student = 1, teacher = 0. Returns (metrics, logits of the texts
+    *before* the step, (N,)), so that scoring needs no second forward."""
     disc.train()
-    labels = torch.tensor([1.0] * len(student_texts) + [0.0] * len(teacher_texts), device=device)
-    logits = disc(*disc_inputs(tokenizer, student_texts + teacher_texts, device))  # (2N,)
-    loss = F.binary_cross_entropy_with_logits(logits, labels)
+    order = torch.argsort(is_teacher, stable=True)  # students first, then teachers (one batch for both)
+    labels = 1.0 - is_teacher.float()  # (N,)
+    logits = torch.empty(len(texts), device=device)
+    logits[order] = disc(*disc_inputs(tokenizer, [texts[i] for i in order.tolist()], device))  # (N,)
+    loss = F.binary_cross_entropy_with_logits(logits[order], labels[order])
     opt.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(disc.parameters(), a.max_grad_norm)
     ok = bool(torch.isfinite(loss) and torch.isfinite(grad_norm))
     if ok:
         opt.step()
-    pred = (logits.detach() > 0).float()
-    n = len(student_texts)
-    return {"disc/loss": loss.item(), "disc/acc_student": pred[:n].mean().item(),
-            "disc/acc_teacher": (1 - pred[n:]).mean().item(), "guard/disc_skipped": float(not ok)}
+    logits = logits.detach()
+    right = ((logits > 0).float() == labels).float()
+    return {"disc/loss": loss.item(), "disc/acc_student": right[labels == 1].mean().item(),
+            "disc/acc_teacher": right[labels == 0].mean().item(), "guard/disc_skipped": float(not ok)}, logits
 
 
 # ================================================================================================
@@ -831,29 +842,40 @@ def sft_warmup(model, processor, rows, teachers, text_tokens, a: Args, device):
     print(f"sft: {a.sft_steps} steps, final loss {loss.item():.3f}" if a.sft_steps else "sft: skipped")
 
 
+def clock(device) -> float:
+    """Wall time after the device has finished its queued work (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def policy_update(model, ref, opt, enc, comp, mask, adv, a: Args) -> dict:
     """mu optimiser steps of Eq. 2 on one batch of groups. enc: N prompts (already repeated per
     group member), comp/mask: (N, T) completions, adv: (N,)."""
     model.train()
     old_logp = ref_logp = None
+    t0 = clock(comp.device)
     with torch.no_grad():
         if a.mu > 1:  # with mu = 1 the old log-probs are the current ones, detached: no extra forward
             old_logp = token_logprobs(model, enc, comp, mask, a.temperature)
         if ref is not None:
             ref_logp = token_logprobs(ref, enc, comp, mask, a.temperature)
-    skipped = 0.0
+    skipped, t_opt, t1 = 0.0, 0.0, clock(comp.device)
     for _ in range(a.mu):
         logp = token_logprobs(model, enc, comp, mask, a.temperature)  # (N, T)
         loss, stats = policy_loss(logp, logp.detach() if old_logp is None else old_logp, ref_logp, adv, mask, a)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), a.max_grad_norm)
+        t2 = clock(comp.device)
         if torch.isfinite(loss) and torch.isfinite(grad_norm):
             opt.step()
         else:  # non-finite guard: one NaN step would poison every weight and the Adam moments with it
             opt.zero_grad(set_to_none=True)
             skipped = 1.0
-    return {"policy/loss": loss.item(), "policy/grad_norm": grad_norm.item(), "guard/skipped": skipped, **stats}
+        t_opt += clock(comp.device) - t2
+    return {"policy/loss": loss.item(), "policy/grad_norm": grad_norm.item(), "guard/skipped": skipped, **stats,
+            "time/ref": t1 - t0, "time/optimizer": t_opt}
 
 
 def rollout(model, processor, batch, teachers, text_tokens, a: Args, device, rng, with_teachers: bool) -> dict:
@@ -861,10 +883,10 @@ def rollout(model, processor, batch, teachers, text_tokens, a: Args, device, rng
     Group layout for question b: [G student samples, G teacher texts] (RIL) or [G samples] (baselines)."""
     tok = processor.tokenizer
     enc = encode_prompts(processor, batch, device)
-    t0 = time.time()
+    t0 = clock(device)
     model.eval()
     comp, mask, _ = generate(model, repeat_prompts(enc, a.G), generation_config(a, model, tok, greedy=False))
-    t_gen = time.time() - t0
+    t_gen = clock(device) - t0
     student_texts = tok.batch_decode(comp, skip_special_tokens=True)
     student_ids = [c[m.bool()].tolist() for c, m in zip(comp, mask)]
     seqs, texts, is_teacher, answers = [], [], [], []
@@ -881,12 +903,6 @@ def rollout(model, processor, batch, teachers, text_tokens, a: Args, device, rng
                 answers=answers, truncated=(mask.sum(1) == comp.shape[1]).float().mean().item(), t_gen=t_gen)
 
 
-def by_source(ro: dict) -> tuple:
-    """(student texts, teacher texts) of a rollout."""
-    return ([t for t, x in zip(ro["texts"], ro["is_teacher"]) if not x],
-            [t for t, x in zip(ro["texts"], ro["is_teacher"]) if x])
-
-
 def pretrain_disc(disc, model, processor, rows, teachers, text_tokens, eval_rows, a: Args, device):
     """Stage 2 [P]: D learns student samples (1) vs teacher texts (0) before any policy update, so the
     first similarity rewards mean something. [R] Samples come from the SFT'd student, drawn fresh each
@@ -896,7 +912,7 @@ def pretrain_disc(disc, model, processor, rows, teachers, text_tokens, eval_rows
     for step in (bar := tqdm(range(a.disc_pretrain_steps), desc="disc pre-train", leave=False)):
         batch = batch_at(rows, step, a.batch_size, a.seed + 2)
         ro = rollout(model, processor, batch, teachers, text_tokens, a, device, random.Random(f"{a.seed}-d-{step}"), True)
-        m = disc_update(disc, opt, processor.tokenizer, *by_source(ro), a, device)
+        m, _ = disc_update(disc, opt, processor.tokenizer, ro["texts"], ro["is_teacher"], a, device)
         sched.step()
         bar.set_postfix(loss=f"{m['disc/loss']:.3f}")
     # held-out accuracy: sampled student answers vs teacher texts of questions D never saw
@@ -917,26 +933,30 @@ def ril_step(step, model, ref, disc, opt, d_opt, processor, batch, teachers, tex
     group = 2 * a.G if ril else a.G
     metrics = {"time/generate": ro["t_gen"], "len/truncated_frac": ro["truncated"]}
 
-    # (a) discriminator update on this step's texts: students 1, teachers 0 (Eq. 1, mu = 1)
-    t0 = time.time()
+    # (a) discriminator update on this step's texts: students 1, teachers 0 (Eq. 1, mu = 1), and
+    t0 = clock(device)
     r_ans = torch.tensor([judge(t, ans) for t, ans in zip(ro["texts"], ro["answers"])], device=device)
     if ril:
         if a.disc_lr > 0:
-            metrics.update(disc_update(disc, d_opt, tok, *by_source(ro), a, device))
-        # (b) score all 2G texts with the just-updated D ([R] the order Alg. 2 implies)
-        disc.eval()
-        d_logits = disc_logits(disc, tok, ro["texts"], device)  # (B * 2G,)
+            m, d_logits = disc_update(disc, d_opt, tok, ro["texts"], ro["is_teacher"], a, device)  # (B * 2G,)
+            metrics.update(m)
+        # (b) score all 2G texts with the just-updated D, the order Alg. 2 implies. [R] With
+        # --score-before-update the update's own logits are used instead (D before this step): one D
+        # forward less per step (make bench), but measured on the toy task, a D near its threshold then
+        # gives noisy verdicts and one seed in four drifted (accuracy 0.98 -> 0.83).
+        if a.disc_lr == 0 or not a.score_before_update:
+            d_logits = disc_logits(disc.eval(), tok, ro["texts"], device)
         r_sim = similarity_reward(d_logits, a)
     else:
         d_logits, r_sim = torch.zeros_like(r_ans), torch.zeros_like(r_ans)
     rewards = r_sim + r_ans  # R = r_sim + r_ans, unweighted [P] §3.3
     adv = group_advantages(rewards, group, scale_std=(a.algo == "grpo"))
-    metrics["time/disc"] = time.time() - t0
+    metrics["time/disc"] = clock(device) - t0
 
     # (c) policy update over all texts of every group (Eq. 2), mu iterations
-    t0 = time.time()
+    t0 = clock(device)
     stats = policy_update(model, ref, opt, repeat_prompts(ro["enc"], group), ro["comp"], ro["mask"], adv, a)
-    metrics["time/policy"] = time.time() - t0
+    metrics["time/policy"] = clock(device) - t0
 
     s = ro["is_teacher"] == 0
     metrics.update({"reward/sim": r_sim[s].mean().item(), "reward/ans": r_ans[s].mean().item(),

@@ -1,6 +1,7 @@
 """Tests for ril.py. Each test states a property of the paper or of a correct VLM RL loop, and each
 can fail. Run with `make test` (HF_HUB_OFFLINE=1: nothing is downloaded; the tests build and save
 their own tiny checkpoints and load them through the real from_pretrained path)."""
+import functools
 import json
 import os
 import signal
@@ -134,7 +135,9 @@ def test_one_discriminator_update_lowers_its_bce_on_a_fixed_batch(tiny):
 
     before, m0 = bce(), margin()
     # a plain gradient step (Adam's first step is sign descent, which can overshoot on a random tiny model)
-    ril.disc_update(disc, torch.optim.SGD(disc.parameters(), lr=1e-2), tok, student, teacher, args(), CPU)
+    is_teacher = torch.tensor([0, 0, 0, 1, 1, 1])
+    _, logits = ril.disc_update(disc, torch.optim.SGD(disc.parameters(), lr=1e-2), tok, student + teacher, is_teacher, args(), CPU)
+    assert torch.allclose(torch.nn.functional.binary_cross_entropy_with_logits(logits, labels), before)  # pre-step scores
     assert bce() < before
     assert margin() > m0  # student = 1, teacher = 0: student texts move up, teacher texts down
 
@@ -508,3 +511,107 @@ def test_resume_without_a_checkpoint_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         ril.main(["--out", str(tmp_path), "--resume"])
     assert e.value.code == 2 and "no complete checkpoint" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- benchmark (make bench), not a test
+BENCH_WORKLOADS = {  # name: ril.Args overrides; the models are random, so answers run to the token cap
+    "tiny default": dict(),
+    "larger (hidden 256, 4 layers, 8 questions x G=4, 32 new tokens)":
+        dict(tiny_hidden=256, tiny_layers=4, batch_size=8, G=4, max_new_tokens=32),
+    "larger, --score-before-update (D scored by its update's forward)":
+        dict(tiny_hidden=256, tiny_layers=4, batch_size=8, G=4, max_new_tokens=32, score_before_update=True),
+}
+
+
+def _median(xs):
+    return sorted(xs)[len(xs) // 2]
+
+
+def bench_workload(name: str, overrides: dict, steps: int = 7, warmup: int = 2) -> dict:
+    """Time full RIL steps and, on the same shapes in the same process, the bare model calls a step
+    cannot avoid: the floor. Returns the median of each phase over `steps` steps after `warmup`."""
+    import resource
+    torch.manual_seed(0)
+    a = ril.Args(sft_steps=0, disc_pretrain_steps=0, **overrides)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rows = ril.make_toy(64, 0)
+    corpus = [s for r in rows for s in [r["question"], r["answer"]] + [t for ts in r["teachers"].values() for t in ts]]
+    model, proc = ril.build_tiny(a, corpus + [ril.DISC_SYSTEM, ril.DISC_USER])
+    model.to(dev)
+    tok, teachers = proc.tokenizer, ["alice", "bob"]
+    tt, judge = ril.TextTokens(tok, tok.eos_token_id, a.max_new_tokens), functools.partial(ril.answer_match, candidates=ril.answer_vocab(rows))
+    ref = ril.copy.deepcopy(model).eval().requires_grad_(False)
+    disc = ril.Discriminator(model)
+    opt, d_opt = torch.optim.AdamW(model.parameters(), lr=1e-5), torch.optim.AdamW(disc.parameters(), lr=1e-5)
+
+    # full RIL steps, as main() runs them
+    step_t, phases = [], []
+    for step in range(warmup + steps):
+        batch = ril.batch_at(rows, step, a.batch_size, 3)
+        t0 = ril.clock(dev)
+        m, _ = ril.ril_step(step, model, ref, disc, opt, d_opt, proc, batch, teachers, tt, judge, a, dev)
+        if step >= warmup:
+            step_t.append(ril.clock(dev) - t0)
+            phases.append(m)
+
+    # the floor: the same calls, bare, on one step's shapes (prompts, completions and D inputs prepared outside the clock)
+    ro = ril.rollout(model, proc, batch, teachers, tt, a, dev, ril.random.Random(0), True)
+    enc_g, enc_2g = ril.repeat_prompts(ro["enc"], a.G), ril.repeat_prompts(ro["enc"], 2 * a.G)
+    gen_cfg = ril.generation_config(a, model, tok, greedy=False)
+    ids = torch.cat([enc_2g["input_ids"], ro["comp"]], 1)
+    attn = torch.cat([enc_2g["attention_mask"], ro["mask"]], 1)
+    extra = dict(pixel_values=enc_2g["pixel_values"], image_grid_thw=enc_2g["image_grid_thw"],
+                 mm_token_type_ids=torch.cat([enc_2g["mm_token_type_ids"], torch.zeros_like(ro["comp"])], 1))
+    T = ro["comp"].shape[1]
+    d_ids, d_mask = ril.disc_inputs(tok, ro["texts"], dev)
+    labels = (1 - ro["is_teacher"]).float()
+    floor = {k: [] for k in ("generate", "ref forward", "policy fwd+bwd", "disc fwd+bwd", "optimizers")}
+    for i in range(warmup + steps):
+        t = [ril.clock(dev)]
+        with torch.no_grad():
+            model.generate(**enc_g, generation_config=gen_cfg)
+        t.append(ril.clock(dev))
+        with torch.no_grad():
+            ref(input_ids=ids, attention_mask=attn, logits_to_keep=T + 1, **extra).logits
+        t.append(ril.clock(dev))
+        model(input_ids=ids, attention_mask=attn, logits_to_keep=T + 1, **extra).logits.float().logsumexp(-1).mean().backward()
+        t.append(ril.clock(dev))
+        torch.nn.functional.binary_cross_entropy_with_logits(disc(d_ids, d_mask), labels).backward()
+        t.append(ril.clock(dev))
+        opt.step(), d_opt.step(), opt.zero_grad(), d_opt.zero_grad()
+        t.append(ril.clock(dev))
+        if i >= warmup:
+            for k, t0, t1 in zip(floor, t, t[1:]):
+                floor[k].append(t1 - t0)
+    floor = {k: _median(v) for k, v in floor.items()}
+    ph = {k: _median([m[k] for m in phases]) for k in ("time/generate", "time/ref", "time/disc", "time/policy", "time/optimizer")}
+    n_tok = _median([m["len/mean"] for m in phases]) * a.batch_size * a.G
+    peak = (torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return dict(name=name, step=_median(step_t), phases=ph, floor=floor, floor_total=sum(floor.values()),
+                tok_per_s=n_tok / ph["time/generate"], peak_mib=peak, device=str(dev))
+
+
+def run_bench():
+    import platform
+    torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
+    print(f"# make bench: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"transformers {transformers.__version__}, {torch.get_num_threads()} threads; medians of 7 steps after 2 warm-up")
+    for name, overrides in BENCH_WORKLOADS.items():
+        r = bench_workload(name, overrides)
+        p, f = r["phases"], r["floor"]
+        print(f"\n## {name} ({r['device']})\n")
+        print("| phase | RIL step (s) | floor: bare call (s) |\n|---|---|---|")
+        print(f"| generate (one batched call) | {p['time/generate']:.3f} | {f['generate']:.3f} |")
+        print(f"| reference log-probs | {p['time/ref']:.3f} | {f['ref forward']:.3f} |")
+        print(f"| discriminator update + scoring (+ rewards) | {p['time/disc']:.3f} | {f['disc fwd+bwd']:.3f} |")
+        print(f"| policy forward/backward | {p['time/policy'] - p['time/ref'] - p['time/optimizer']:.3f} | {f['policy fwd+bwd']:.3f} |")
+        print(f"| optimizer steps (student; D's is inside its update) | {p['time/optimizer']:.3f} | {f['optimizers']:.3f} (both) |")
+        print(f"| **whole step** | **{r['step']:.3f}** | **{r['floor_total']:.3f}** |")
+        print(f"\ntokens generated per second: {r['tok_per_s']:.0f}; peak memory: {r['peak_mib']:.0f} MiB "
+              f"({'CUDA allocated' if r['device'].startswith('cuda') else 'process max RSS'})")
+        print(f"ratio step / floor: {r['step'] / r['floor_total']:.2f}")
+
+
+if __name__ == "__main__" and "--bench" in sys.argv:
+    run_bench()
