@@ -143,10 +143,10 @@ class Args:
     """discriminator pre-training peak LR, decayed linearly to a tenth (the paper: 1e-5 -> 1e-6)"""
     # --- images
     min_pixels: int = 56 * 56
-    """image processor lower bound (Qwen2-VL family)"""
+    """image processor lower bound (tiny student only; a pretrained processor keeps its own)"""
     max_pixels: int = 112 * 112
-    """image processor upper bound: caps image tokens instead of truncating prompts (PEERS §4.1b)"""
-    # --- logging
+    """image processor upper bound, tiny student only: caps image tokens instead of truncating prompts (PEERS §4.1b)"""
+    # --- checkpoints and safety
     save_every: int = 50
     """checkpoint every N RIL steps into --out/checkpoints (Ctrl-C and SIGTERM also save one)"""
     keep_last: int = 2
@@ -161,6 +161,7 @@ class Args:
     """refuse images larger than this (a decompression bomb must not exhaust memory)"""
     trust_remote_code: bool = False
     """allow a model folder's own Python code to run (off: only transformers' classes are used)"""
+    # --- logging
     eval_every: int = 0
     """evaluate on the held-out split every N RIL steps (0 = only before and after)"""
     dump_every: int = 20
