@@ -886,8 +886,10 @@ def rollout(model, processor, batch, teachers, text_tokens, a: Args, device, rng
     enc = encode_prompts(processor, batch, device)
     t0 = clock(device)
     model.eval()
-    comp, mask, _ = generate(model, repeat_prompts(enc, a.G), generation_config(a, model, tok, greedy=False))
+    gen_cfg = generation_config(a, model, tok, greedy=False)
+    comp, mask, _ = generate(model, repeat_prompts(enc, a.G), gen_cfg)
     t_gen = clock(device) - t0
+    truncated = ~torch.isin(comp, torch.tensor(gen_cfg.eos_token_id, device=device)).any(1)  # hit the cap
     student_texts = tok.batch_decode(comp, skip_special_tokens=True)
     student_ids = [c[m.bool()].tolist() for c, m in zip(comp, mask)]
     seqs, texts, is_teacher, answers = [], [], [], []
@@ -901,7 +903,7 @@ def rollout(model, processor, batch, teachers, text_tokens, a: Args, device, rng
         answers += [row["answer"]] * len(group)
     ids, m = pad_right(seqs, tok.pad_token_id, device)
     return dict(enc=enc, comp=ids, mask=m, texts=texts, is_teacher=torch.tensor(is_teacher, device=device),
-                answers=answers, truncated=(mask.sum(1) == comp.shape[1]).float().mean().item(), t_gen=t_gen)
+                answers=answers, truncated=truncated.float().mean().item(), t_gen=t_gen)
 
 
 def pretrain_disc(disc, model, processor, rows, teachers, text_tokens, eval_rows, a: Args, device):
@@ -919,7 +921,8 @@ def pretrain_disc(disc, model, processor, rows, teachers, text_tokens, eval_rows
     # held-out accuracy: sampled student answers vs teacher texts of questions D never saw
     held = [r for r in eval_rows if all(r["teachers"].get(t) for t in teachers)][:32]
     if not held:
-        return print("disc pre-train: the held-out rows have no teacher texts; no held-out accuracy")
+        print("disc pre-train: the held-out rows have no teacher texts; no held-out accuracy")
+        return
     ro = rollout(model, processor, held, teachers, text_tokens, a, device, random.Random(a.seed), True)
     pred = disc_logits(disc, processor.tokenizer, ro["texts"], device) > 0
     acc = (pred == (ro["is_teacher"] == 0)).float().mean().item()

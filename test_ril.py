@@ -203,6 +203,15 @@ def test_completions_never_contain_vision_placeholder_tokens(tiny):
     assert not torch.isin(comp, torch.tensor(vision)).any()
 
 
+def test_truncated_means_no_eos_even_at_the_last_position(tiny, monkeypatch):
+    eos, pad = tiny["proc"].tokenizer.eos_token_id, tiny["proc"].tokenizer.pad_token_id
+    fake = torch.tensor([[7, 8, eos], [7, 8, 9], [7, eos, pad], [7, 8, 9]])  # ends on EOS / cap / early EOS / cap
+    monkeypatch.setattr(ril, "generate", lambda model, enc, cfg: (fake, ril.completion_mask(fake, [eos]), None))
+    ro = ril.rollout(tiny["model"], tiny["proc"], tiny["rows"][:1], ["alice", "bob"], tiny["text_tokens"],
+                     args(G=4), CPU, ril.random.Random(0), with_teachers=False)
+    assert ro["truncated"] == 0.5
+
+
 def test_training_logprobs_match_generate(tiny):
     model, proc = tiny["model"], tiny["proc"]
     a = args(temperature=1.0)
