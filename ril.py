@@ -34,7 +34,9 @@ RIL_PAPER.md section 6). Requires torch and transformers >= 5 (tested with 5.23)
 """
 import ast
 import argparse
+import contextlib
 import copy
+import hashlib
 import dataclasses
 import functools
 import inspect
@@ -68,7 +70,14 @@ class Args:
     student: str = "tiny"
     """student VLM: 'tiny' (built in this file), an alias such as Qwen2-VL-2B, a Hugging Face id, or a local folder"""
     teachers: str = ""
-    """comma-separated teacher names from the rows' "teachers" field; empty = every teacher in the data"""
+    """comma-separated teachers: a name in the rows' "teachers" field, or a model (local folder or Hugging Face id) whose
+    answers are generated once and cached in --out/teacher_cache; empty = every teacher in the data"""
+    teacher_samples: int = 4
+    """answers generated per question by each model teacher (the paper's sampling settings below)"""
+    judge: str = "match"
+    """r_ans: 'match' (normalised whole-word answer match) or a model (folder or id) prompted as the paper's Fig. 4 judge"""
+    judge_max_new_tokens: int = 128
+    """tokens the judge model may write (its explanation, then <answer>0|1</answer>)"""
     data: str = "toy"
     """'toy' (built-in shapes task drawn with Pillow) or a JSONL file (format in the header)"""
     eval_data: str = ""
@@ -86,7 +95,7 @@ class Args:
     device: str = "auto"
     """auto | cpu | cuda"""
     dtype: str = "auto"
-    """auto (bf16 on cuda, fp32 on cpu) | fp32 | bf16"""
+    """auto (amp on cuda, fp32 on cpu) | fp32 | amp (fp32 weights, bf16 autocast) | bf16 (bf16 weights and AdamW moments)"""
     save_tiny: str = ""
     """write the tiny student (model + processor) to this folder and exit; the tests load it back"""
     tiny_hidden: int = 64
@@ -146,6 +155,15 @@ class Args:
     """image processor lower bound (tiny student only; a pretrained processor keeps its own)"""
     max_pixels: int = 112 * 112
     """image processor upper bound, tiny student only: caps image tokens instead of truncating prompts (PEERS §4.1b)"""
+    # --- memory (for real model sizes; README "Memory")
+    grad_checkpointing: bool = False
+    """recompute activations in the backward pass (non-reentrant), for the student and the discriminator"""
+    freeze_vision: bool = False
+    """train the language model only: the vision tower gets no gradients and no AdamW moments"""
+    micro_batch: int = 0
+    """sequences per forward/backward in the policy, reference and discriminator passes (0 = all at once)"""
+    offload: bool = False
+    """keep the reference, the discriminator (with its AdamW moments) and the judge on the CPU while they are not in use"""
     # --- checkpoints and safety
     save_every: int = 50
     """checkpoint every N RIL steps into --out/checkpoints (Ctrl-C and SIGTERM also save one)"""
@@ -174,7 +192,7 @@ def parse_args(argv=None) -> Args:
     body, docs = tree.body[0].body, {}
     for node, nxt in zip(body, body[1:]):
         if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            docs[node.target.id] = nxt.value.value
+            docs[node.target.id] = " ".join(nxt.value.value.split())
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(Args):
         kind = {"action": "store_true"} if f.type is bool else {"type": f.type}
@@ -191,6 +209,8 @@ def fail(msg: str):
 def check_args(a: Args):
     if a.algo not in ("ril", "dr_grpo", "grpo"):
         fail(f"--algo {a.algo}: choose ril, dr_grpo or grpo")
+    if a.dtype not in ("auto", "fp32", "amp", "bf16"):
+        fail(f"--dtype {a.dtype}: choose auto, fp32, amp or bf16")
     if a.sim_reward not in ("binary", "continuous"):
         fail(f"--sim-reward {a.sim_reward}: choose binary or continuous")
     for name, ok in [("G", a.G >= 2), ("eps", a.eps > 0), ("beta", a.beta >= 0), ("mu", a.mu >= 1),
@@ -199,7 +219,9 @@ def check_args(a: Args):
                      ("max-new-tokens", a.max_new_tokens >= 1), ("lr", a.lr >= 0), ("disc-lr", a.disc_lr >= 0),
                      ("temperature", a.temperature > 0), ("top-p", 0 < a.top_p <= 1), ("eval-size", a.eval_size >= 1),
                      ("sim-threshold", 0 < a.sim_threshold < 1), ("save-every", a.save_every >= 0),
-                     ("keep-last", a.keep_last >= 1), ("max-bad-steps", a.max_bad_steps >= 1)]:
+                     ("keep-last", a.keep_last >= 1), ("max-bad-steps", a.max_bad_steps >= 1),
+                     ("teacher-samples", a.teacher_samples >= 1), ("micro-batch", a.micro_batch >= 0),
+                     ("judge-max-new-tokens", a.judge_max_new_tokens >= 1)]:
         if not ok:
             fail(f"--{name} {getattr(a, name.replace('-', '_'))} is impossible; see python ril.py --help")
 
@@ -324,6 +346,10 @@ def load_data(a: Args):
     rows = load_jsonl(a.data, a.max_image_pixels)
     held = load_jsonl(a.eval_data, a.max_image_pixels) if a.eval_data else None
     Image.MAX_IMAGE_PIXELS = a.max_image_pixels  # then Pillow's own bomb check, with our limit
+    seen = {}
+    for r in rows + (held or []):  # ids key the teacher cache and the logs
+        if seen.setdefault(r["id"], r["where"]) != r["where"]:
+            fail(f"{r['where']}: id '{r['id']}' is also the id of {seen[r['id']]}; ids must be unique")
     if held is not None:
         return rows, held
     if len(rows) <= a.eval_size:
@@ -332,23 +358,37 @@ def load_data(a: Args):
     return rows[a.eval_size:], rows[:a.eval_size]
 
 
-def resolve_teachers(a: Args, rows: list) -> list:
-    names = [t for t in a.teachers.split(",") if t] or sorted({t for r in rows for t in r["teachers"]})
+def resolve_teachers(a: Args, rows: list) -> tuple:
+    """Returns (names, models): every teacher, and the ones among them that are models (a --teachers
+    entry that is not a name in the rows' "teachers" field). Data teachers are checked here, before
+    anything is written; model teachers get their texts from model_teacher_texts."""
+    in_data = sorted({t for r in rows for t in r["teachers"]})
+    names = [t for t in a.teachers.split(",") if t] or in_data
+    models = [t for t in names if t not in in_data]
+    for t in models:
+        if not (t in ALIASES or "/" in t or os.path.isdir(t)):  # a path or an id; it is loaded only without a cache
+            fail(f"--teachers {t}: not a teacher in {a.data} (it has: {', '.join(in_data) or 'none'}) and not a model "
+                 f"folder or Hugging Face id; fix the name or the path")
     if a.algo == "ril" or (a.sft_steps > 0 and a.sft_teacher_frac > 0):
         if not names:
-            fail(f"{a.data}: no teacher texts in the data; RIL needs a 'teachers' field in the rows "
-                 f"(the baselines can run with --sft-teacher-frac 0)")
+            fail(f"{a.data}: no teacher texts in the data; RIL needs a 'teachers' field in the rows or a teacher model "
+                 f"in --teachers (the baselines can run with --sft-teacher-frac 0)")
         for i, t in enumerate(names):
+            k = len(range(i, a.G, len(names)))  # group slots this teacher fills (sample_teacher_texts)
+            if t in models:
+                if a.teacher_samples < k and a.algo == "ril":
+                    print(f"warning: --teacher-samples {a.teacher_samples} < {k} slots of teacher '{t}'; its texts are "
+                          f"reused within a group", file=sys.stderr)
+                continue
             lacking = [r for r in rows if not r["teachers"].get(t)]
             if lacking:
                 fail(f"{lacking[0]['where']}: teacher '{t}' has no texts for {len(lacking)} row(s); "
                      f"add them or drop '{t}' from --teachers")
-            k = len(range(i, a.G, len(names)))  # group slots this teacher fills (sample_teacher_texts)
             short = [r for r in rows if len(r["teachers"][t]) < k]
             if short and a.algo == "ril":
                 print(f"warning: teacher '{t}' has fewer than {k} texts for {len(short)} row(s) (first: "
                       f"{short[0]['where']}); their texts are reused within a group", file=sys.stderr)
-    return names
+    return names, models
 
 
 def load_image(row) -> Image.Image:
@@ -406,31 +446,43 @@ class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
         transformers.ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template, **kw)
 
 
-def build_tiny(a: Args, corpus: list):
-    """A random tiny Qwen2-VL with an in-process BPE tokenizer trained on the task's own texts, so
-    that words are single tokens and a 64-wide model can learn the task in a minute on a CPU."""
+def tiny_tokenizer(corpus: list, specials: list = SPECIALS, chat_template: str = TINY_CHAT_TEMPLATE):
+    """A byte-level BPE tokenizer (600 entries) trained in-process on the task's own texts, so that words
+    are single tokens. Qwen's special tokens; pad != eos, as in real Qwen. The tests reuse it for other
+    families."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder, tok.post_processor = decoders.ByteLevel(), processors.ByteLevel(trim_offsets=False)
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=600, special_tokens=SPECIALS, show_progress=False,
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=600, special_tokens=specials, show_progress=False,
                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",  # pad != eos, as in real Qwen
-        additional_special_tokens=SPECIALS[1:], padding_side="left", model_input_names=["input_ids", "attention_mask"])
-    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", additional_special_tokens=specials[1:],
+        padding_side="left", model_input_names=["input_ids", "attention_mask"])
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def tiny_text_config(a: Args, tokenizer, mrope: bool = True) -> dict:
+    h, heads = a.tiny_hidden, 4
+    half = h // heads // 2  # M-RoPE sections (t, h, w) must add up to head_dim / 2
+    rope = {"rope_scaling": {"type": "mrope", "mrope_section": [half - 2 * (half // 3), half // 3, half // 3]}} if mrope else {}
+    return dict(vocab_size=len(tokenizer), hidden_size=h, intermediate_size=2 * h, num_hidden_layers=a.tiny_layers,
+                num_attention_heads=heads, num_key_value_heads=2, rope_theta=1e4, **rope, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.convert_tokens_to_ids("<|im_start|>"))
+
+
+def build_tiny(a: Args, corpus: list):
+    """A random tiny Qwen2-VL (hidden --tiny-hidden, --tiny-layers layers, a 1-block vision tower) with
+    the in-process tokenizer: a 64-wide model learns the toy task in a minute on a CPU."""
+    tokenizer = tiny_tokenizer(corpus)
     image_processor = transformers.Qwen2VLImageProcessorPil(min_pixels=a.min_pixels, max_pixels=a.max_pixels)
     processor = ImageOnlyQwen2VLProcessor(image_processor, tokenizer, chat_template=TINY_CHAT_TEMPLATE)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIALS}
-    h, heads = a.tiny_hidden, 4
-    half = h // heads // 2
-    text = dict(vocab_size=len(tokenizer), hidden_size=h, intermediate_size=2 * h, num_hidden_layers=a.tiny_layers,
-                num_attention_heads=heads, num_key_value_heads=2, rope_theta=1e4,
-                rope_scaling={"type": "mrope", "mrope_section": [half - 2 * (half // 3), half // 3, half // 3]},
-                eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], bos_token_id=ids["<|im_start|>"])
+    h = a.tiny_hidden
     vision = dict(depth=1, embed_dim=h // 2, num_heads=2, hidden_size=h, mlp_ratio=2, patch_size=14,
                   spatial_merge_size=2, temporal_patch_size=2)
-    cfg = transformers.Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True,
+    cfg = transformers.Qwen2VLConfig(text_config=tiny_text_config(a, tokenizer), vision_config=vision, tie_word_embeddings=True,
                                      image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
                                      vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
     model = transformers.Qwen2VLForConditionalGeneration(cfg)
@@ -451,29 +503,60 @@ def load_processor(path: str, trust_remote_code: bool = False):
     return ImageOnlyQwen2VLProcessor.from_pretrained(path)
 
 
+def load_vlm(name: str, a: Args, dtype, flag: str):
+    """Any AutoModelForImageTextToText with a chat template, and its processor (left padding). Used for
+    the student and for teacher models. Every failure is one line that names the model and the fix."""
+    path = ALIASES.get(name, name)
+    try:
+        # Safe loading: weights from safetensors only (a pickle can run code), and a model folder's own
+        # Python code only with --trust-remote-code.
+        model = transformers.AutoModelForImageTextToText.from_pretrained(
+            path, dtype=dtype, use_safetensors=True, trust_remote_code=a.trust_remote_code)
+        processor = load_processor(path, a.trust_remote_code)
+    except (OSError, ValueError, ImportError, KeyError) as e:
+        why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        fix = ("weights are read from safetensors only; convert the checkpoint with save_pretrained" if "safetensors" in why
+               else "it is not an image-text-to-text model that transformers knows" if "Unrecognized" in why
+               else "give a local model folder, or a Hugging Face id that is downloaded or reachable")
+        fail(f"{flag} {name}: cannot load '{path}' ({why}); {fix}")
+    family, tok = type(model).__name__, processor.tokenizer
+    if not (getattr(processor, "chat_template", None) or getattr(tok, "chat_template", None)):
+        fail(f"{flag} {name}: {family} has no chat template, so prompts cannot be formatted; add chat_template.jinja to the folder")
+    tok.padding_side = "left"
+    if tok.pad_token_id is None:  # generation needs some pad id; the student is checked more strictly below
+        tok.pad_token = tok.eos_token
+    return model, processor
+
+
 def load_student(a: Args, corpus: list, device, dtype):
     """Returns (model, processor); the tokenizer pads on the left for batched generation."""
     if a.student == "tiny":
         model, processor = build_tiny(a, corpus)
     else:
-        name = ALIASES.get(a.student, a.student)
-        try:
-            # Safe loading: weights from safetensors only (a pickle can run code), and a model folder's
-            # own Python code only with --trust-remote-code.
-            model = transformers.AutoModelForImageTextToText.from_pretrained(
-                name, dtype=dtype, use_safetensors=True, trust_remote_code=a.trust_remote_code)
-            processor = load_processor(name, a.trust_remote_code)
-        except (OSError, ValueError) as e:
-            why = str(e).splitlines()[0][:160]
-            fix = ("weights are read from safetensors only; convert the checkpoint with save_pretrained"
-                   if "safetensors" in why else
-                   "give 'tiny', a local model folder, or a Hugging Face id that is downloaded or reachable")
-            fail(f"--student {a.student}: cannot load '{name}' ({why}); {fix}")
-    processor.tokenizer.padding_side = "left"
-    if processor.tokenizer.pad_token_id is None or processor.tokenizer.pad_token_id == processor.tokenizer.eos_token_id:
+        model, processor = load_vlm(a.student, a, dtype, "--student")
+    tok = processor.tokenizer
+    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
         # pad == eos makes every mask drop EOS too, and the model never learns to stop (tiny-grpo's bug)
         fail(f"--student {a.student}: its tokenizer has no pad token distinct from EOS; set one in tokenizer_config.json")
+    if language_model(model) is None:
+        fail(f"--student {a.student}: {type(model).__name__} has no language model that the discriminator can copy")
     return model.to(device=device, dtype=dtype), processor
+
+
+def checkpoint_activations(model):
+    """--grad-checkpointing: each decoder layer's activations are recomputed in the backward pass.
+    Non-reentrant, the variant that works when the inputs need no gradient (a frozen vision tower)."""
+    kw = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # the name in transformers >= 5.23
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+
+
+def language_model(vlm):
+    """The decoder stack without the LM head: model.language_model (Qwen2-VL, LLaVA, ...) or get_decoder()."""
+    lm = getattr(getattr(vlm, "model", None), "language_model", None) or getattr(getattr(vlm, "model", None), "text_model", None)
+    return lm if lm is not None else vlm.get_decoder()
 
 
 def save_student(model, processor, folder: str):
@@ -501,7 +584,7 @@ class Discriminator(nn.Module):
 
     def __init__(self, student):
         super().__init__()
-        self.backbone = copy.deepcopy(student.model.language_model)
+        self.backbone = copy.deepcopy(language_model(student))
         p = next(self.backbone.parameters())
         self.head = nn.Linear(student.config.get_text_config().hidden_size, 1).to(p.device, p.dtype)
 
@@ -523,16 +606,31 @@ def encode_prompts(processor, rows: list, device) -> dict:
     return {k: v.to(device) for k, v in enc.items()}
 
 
+def image_rows(enc: dict) -> torch.Tensor:
+    """Offsets of each prompt's block of pixel_values rows, (N + 1,). Qwen2-VL's pixel_values is one
+    flat (sum_i t*h*w, D) patch matrix (one image per prompt here); other families have one row per
+    prompt."""
+    n = len(enc["input_ids"])
+    sizes = enc["image_grid_thw"].prod(-1) if "image_grid_thw" in enc else torch.ones(n, dtype=torch.long)
+    return torch.cat([sizes.new_zeros(1), sizes.cumsum(0)]).tolist()
+
+
 def repeat_prompts(enc: dict, n: int) -> dict:
-    """Repeat every prompt n times in place: order q1,q1,..,q2,q2. Qwen2-VL's pixel_values is one flat
-    (sum_i t*h*w, D) patch matrix, so it is repeated per image block (rows = prod(image_grid_thw)),
-    never tiled, which would give I1,I2,I1,I2 (R1-V's bug, PEERS §1)."""
+    """Repeat every prompt n times in place: order q1,q1,..,q2,q2. pixel_values is repeated per image
+    block, never tiled, which would give I1,I2,I1,I2 (R1-V's bug, PEERS §1)."""
     out = {k: v.repeat_interleave(n, 0) for k, v in enc.items() if k != "pixel_values"}
-    if "image_grid_thw" in enc:
-        blocks = enc["pixel_values"].split(enc["image_grid_thw"].prod(-1).tolist())  # one block per image
-        out["pixel_values"] = torch.cat([b for b in blocks for _ in range(n)])
-    elif "pixel_values" in enc:  # families with one (C, H, W) image per prompt
-        out["pixel_values"] = enc["pixel_values"].repeat_interleave(n, 0)
+    if "pixel_values" in enc:
+        off = image_rows(enc)
+        out["pixel_values"] = torch.cat([enc["pixel_values"][i:j] for i, j in zip(off, off[1:]) for _ in range(n)])
+    return out
+
+
+def slice_prompts(enc: dict, start: int, stop: int) -> dict:
+    """Prompts start..stop-1 of enc, with their pixel rows (a micro-batch)."""
+    out = {k: v[start:stop] for k, v in enc.items() if k != "pixel_values"}
+    if "pixel_values" in enc:
+        off = image_rows(enc)
+        out["pixel_values"] = enc["pixel_values"][off[start]:off[stop]]
     return out
 
 
@@ -612,15 +710,58 @@ def generate(model, enc: dict, gen_cfg, output_logits: bool = False):
     return comp, mask, logits
 
 
+def model_teacher_texts(spec: str, rows: list, a: Args, device, dtype):
+    """A teacher that is a model: --teacher-samples answers per question, sampled with the paper's
+    settings, generated once and cached in --out/teacher_cache (one JSON line per question id, keyed by
+    the model and the sampling settings), then put in row["teachers"][spec]. A run that finds every
+    question in the cache never loads the model; an interrupted generation resumes at the first
+    question without a line. Only the text crosses over, so any family and tokenizer can teach [P]."""
+    settings = {k: getattr(a, k) for k in ("teacher_samples", "temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens")}
+    tag = hashlib.sha1(json.dumps({"model": spec, **settings}, sort_keys=True).encode()).hexdigest()[:10]
+    path = os.path.join(a.out, "teacher_cache", f"{re.sub(r'[^A-Za-z0-9.-]+', '_', spec).strip('_')}-{tag}.jsonl")
+    cache, lines = {}, open(path).readlines() if os.path.isfile(path) else []
+    for line in lines:
+        try:
+            entry = json.loads(line)
+            cache[entry["id"]] = entry["texts"]
+        except (json.JSONDecodeError, KeyError, TypeError):  # the line a kill cut short
+            pass
+    if len(cache) < len(lines):  # drop it, so that appending starts on a fresh line
+        replace_atomic(path, lambda tmp: open(tmp, "w").writelines(json.dumps({"id": k, "texts": v}) + "\n" for k, v in cache.items()))
+    todo, n = [r for r in rows if r["id"] not in cache], a.teacher_samples
+    if todo:
+        model, processor = load_vlm(spec, a, dtype, "--teachers")
+        model.to(device).eval()
+        gen_cfg = generation_config(a, model, processor.tokenizer, greedy=False)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "a") as f, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(a.seed + len(cache))  # the student's random stream does not depend on the cache
+            for i in tqdm(range(0, len(todo), a.batch_size), desc=f"teacher {spec}"):
+                batch = todo[i:i + a.batch_size]
+                comp, _, _ = generate(model, repeat_prompts(encode_prompts(processor, batch, device), n), gen_cfg)
+                texts = [t.strip() for t in processor.tokenizer.batch_decode(comp, skip_special_tokens=True)]
+                for j, r in enumerate(batch):
+                    cache[r["id"]] = texts[j * n:(j + 1) * n]
+                    f.write(json.dumps({"id": r["id"], "texts": cache[r["id"]]}) + "\n")
+                f.flush()
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    for r in rows:
+        r["teachers"][spec] = cache[r["id"]]
+    print(f"teacher {spec}: {len(rows) - len(todo)} question(s) read from {path}, {len(todo)} generated")
+
+
 def token_logprobs(model, enc: dict, comp: torch.Tensor, comp_mask: torch.Tensor, temperature: float) -> torch.Tensor:
     """log pi(o_t | q, o_<t) for every completion token, (N, T). enc holds N left-padded prompts.
     No position_ids: Qwen2-VL builds its 3-D M-RoPE positions itself, 1-D ones corrupt the logits
     silently (PEERS §6). Logits are divided by the sampling temperature, so these are the log-probs of
     the distribution that was sampled (TRL does the same)."""
-    P, T = enc["input_ids"].shape[1], comp.shape[1]
-    extra = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
-    if "mm_token_type_ids" in enc:  # transformers >= 5 wants it whenever images are passed; 0 = text
-        extra["mm_token_type_ids"] = torch.cat([enc["mm_token_type_ids"], torch.zeros_like(comp)], 1)
+    T = comp.shape[1]
+    extra = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
+    for k in ("mm_token_type_ids", "token_type_ids"):  # per-token types (transformers >= 5 wants them with images): 0 = text
+        if k in enc:
+            extra[k] = torch.cat([enc[k], torch.zeros_like(comp)], 1)
     logits = model(input_ids=torch.cat([enc["input_ids"], comp], 1),
                    attention_mask=torch.cat([enc["attention_mask"], comp_mask], 1),
                    logits_to_keep=T + 1, **extra).logits[:, :-1]  # (N, T, V): position P-1+t predicts o_t
@@ -654,26 +795,28 @@ def disc_inputs(tokenizer, texts: list, device) -> tuple:
 
 
 @torch.no_grad()
-def disc_logits(disc, tokenizer, texts: list, device) -> torch.Tensor:
-    return disc(*disc_inputs(tokenizer, texts, device))
+def disc_logits(disc, tokenizer, texts: list, device, micro_batch: int = 0) -> torch.Tensor:
+    return torch.cat([disc(*disc_inputs(tokenizer, texts[i:j], device)) for i, j in chunks(len(texts), micro_batch)])
 
 
 def disc_update(disc, opt, tokenizer, texts: list, is_teacher: torch.Tensor, a: Args, device) -> tuple:
     """One step of Eq. 1: BCE with student = 1, teacher = 0. Returns (metrics, logits of the texts
     *before* the step, (N,)), so that scoring needs no second forward."""
     disc.train()
-    order = torch.argsort(is_teacher, stable=True)  # students first, then teachers (one batch for both)
-    labels = 1.0 - is_teacher.float()  # (N,)
-    logits = torch.empty(len(texts), device=device)
-    logits[order] = disc(*disc_inputs(tokenizer, [texts[i] for i in order.tolist()], device))  # (N,)
-    loss = F.binary_cross_entropy_with_logits(logits[order], labels[order])
+    order = torch.argsort(is_teacher, stable=True).tolist()  # students first, then teachers
+    labels, n = 1.0 - is_teacher.float(), len(texts)  # (N,)
+    logits, loss = torch.empty(n, device=device), 0.0
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    for i, j in chunks(n, a.micro_batch):  # gradient accumulation: the parts add up to the mean BCE
+        idx = order[i:j]
+        part_logits = disc(*disc_inputs(tokenizer, [texts[k] for k in idx], device))
+        part = F.binary_cross_entropy_with_logits(part_logits, labels[idx]) * ((j - i) / n)
+        part.backward()
+        loss, logits[idx] = loss + part.detach(), part_logits.detach()
     grad_norm = torch.nn.utils.clip_grad_norm_(disc.parameters(), a.max_grad_norm)
     ok = bool(torch.isfinite(loss) and torch.isfinite(grad_norm))
     if ok:
         opt.step()
-    logits = logits.detach()
     right = ((logits > 0).float() == labels).float()
     return {"disc/loss": loss.item(), "disc/acc_student": right[labels == 1].mean().item(),
             "disc/acc_teacher": right[labels == 0].mean().item(), "guard/disc_skipped": float(not ok)}, logits
@@ -722,6 +865,74 @@ def answer_match(response: str, answer: str, candidates: frozenset = frozenset()
     return float(not rivals)
 
 
+class MatchJudge:
+    """r_ans for a batch without a model (--judge match): answer_match against the dataset's answers."""
+    unparsed = None
+
+    def __init__(self, rows: list):
+        self.candidates = answer_vocab(rows)
+
+    def __call__(self, questions: list, answers: list, responses: list) -> list:
+        return [answer_match(o, ans, self.candidates) for o, ans in zip(responses, answers)]
+
+
+JUDGE_SYSTEM = ("You are an evaluation assistant. The question is in <question></question>, the ground truth in "
+                "<ground truth></ground truth> and a model's response in <generated text></generated text>. Output 1 if "
+                "the generated text fully and correctly captures the core point of the ground truth, and 0 if it is "
+                "incorrect or irrelevant. Give a brief explanation, then the score wrapped in <answer></answer>.")
+JUDGE_USER = ("<question>{question}</question>\n<ground truth>{answer}</ground truth>\n<generated text>{response}"
+              "</generated text>\nDoes the generated text correctly capture the ground truth? Explain briefly, then give "
+              "the score as <answer>1</answer> or <answer>0</answer>.")
+
+
+class ModelJudge:
+    """r_ans = LLM-as-a-judge [P] §3.1, Fig. 4: a frozen text LLM (the paper: Qwen2.5-32B) or VLM reads
+    the question, the ground truth and the response, explains, then writes <answer>0|1</answer>. Greedy,
+    batched; a verdict per (question, answer, response) is cached, since teacher texts come back every
+    epoch. An unparseable verdict scores 0 and is counted (self.unparsed: share of the last call)."""
+
+    def __init__(self, spec: str, a: Args, device, dtype):
+        path = ALIASES.get(spec, spec)
+        try:  # a text LLM, else a VLM used with text only
+            self.model = transformers.AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, use_safetensors=True, trust_remote_code=a.trust_remote_code)
+            self.chat = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=a.trust_remote_code)
+            self.chat.padding_side = "left"
+            self.chat.pad_token = self.chat.pad_token or self.chat.eos_token
+        except (OSError, ValueError, KeyError):
+            self.model, self.chat = load_vlm(spec, a, dtype, "--judge")
+        self.tok = getattr(self.chat, "tokenizer", self.chat)
+        self.model.to(device).eval().requires_grad_(False)
+        self.gen_cfg = transformers.GenerationConfig(do_sample=False, max_new_tokens=a.judge_max_new_tokens,
+                                                     eos_token_id=eos_ids(self.model, self.tok), pad_token_id=self.tok.pad_token_id)
+        self.device, self.offload, self.verdicts, self.unparsed = device, a.offload, {}, 0.0
+        if a.offload:
+            self.model.to("cpu")
+
+    def prompt(self, question: str, answer: str, response: str) -> str:
+        msgs = [{"role": "system", "content": JUDGE_SYSTEM},
+                {"role": "user", "content": JUDGE_USER.format(question=question, answer=answer, response=response)}]
+        return self.chat.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+
+    @torch.no_grad()
+    def complete(self, prompts: list) -> list:
+        enc = self.tok(prompts, padding=True, return_tensors="pt", add_special_tokens=False).to(self.device)
+        out = self.model.generate(**enc, generation_config=self.gen_cfg)
+        return self.tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    def __call__(self, questions: list, answers: list, responses: list, bs: int = 32) -> list:
+        keys = list(zip(questions, answers, responses))
+        new = list(dict.fromkeys(k for k in keys if k not in self.verdicts))
+        with resident(self.model, self.device, self.offload):
+            for i in range(0, len(new), bs):
+                for k, text in zip(new[i:i + bs], self.complete([self.prompt(*k) for k in new[i:i + bs]])):
+                    found = re.findall(r"<answer>\s*([01])\s*</answer>", text)
+                    self.verdicts[k] = float(found[-1]) if found else None  # the last verdict counts
+        verdicts = [self.verdicts[k] for k in keys]
+        self.unparsed = sum(v is None for v in verdicts) / max(len(verdicts), 1)
+        return [v or 0.0 for v in verdicts]
+
+
 def similarity_reward(d_logits: torch.Tensor, a: Args) -> torch.Tensor:
     """r_sim = 1[D < 0.5] [P] §3.3: 1 when D thinks a *teacher* wrote the text. Binary on purpose:
     the paper's Fig. 6 finds a continuous 1 - D worse (the policy exploits tiny gaps in D)."""
@@ -746,16 +957,18 @@ def group_advantages(rewards: torch.Tensor, group: int, scale_std: bool) -> torc
     return adv.view(-1)
 
 
-def policy_loss(logp, old_logp, ref_logp, adv, mask, a: Args) -> tuple:
-    """Eq. 2 at token level. All tensors (N, T) except adv (N,). Returns (loss, stats).
+def policy_loss(logp, old_logp, ref_logp, adv, mask, a: Args, n_seqs: int = 0) -> tuple:
+    """Eq. 2 at token level. All tensors (n, T) except adv (n,). The rows may be one micro-batch of a
+    step with n_seqs sequences: the micro-batch losses then add up to the step's loss. Returns (loss,
+    sums) with the clipped tokens, the summed KL and the token count, for the caller's averages.
 
     With mu = 1, old_logp = logp.detach(): the ratio is exactly 1, the clip never binds, and the loss
     *value* is ~0 because advantages are centred, while its gradient is not (the most-asked GRPO
     question, PEERS §1). Watch policy/grad_norm, not policy/loss."""
-    mask = mask.float()
+    mask, n_seqs = mask.float(), n_seqs or len(mask)
     ratio = torch.exp((logp - old_logp).clamp(-20, 20))  # clamp as verl does, so exp cannot overflow
     A = adv[:, None]
-    surrogate = torch.min(ratio * A, ratio.clamp(1 - a.eps, 1 + a.eps) * A)  # (N, T)
+    surrogate = torch.min(ratio * A, ratio.clamp(1 - a.eps, 1 + a.eps) * A)  # (n, T)
     per_token = surrogate
     kl = torch.zeros_like(logp)
     if ref_logp is not None:
@@ -764,17 +977,47 @@ def policy_loss(logp, old_logp, ref_logp, adv, mask, a: Args) -> tuple:
         kl = torch.exp(log_r) - log_r - 1
         per_token = surrogate - a.beta * kl
     if a.algo == "grpo":  # GRPO: mean over each answer's tokens, then over answers
-        loss = -((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+        loss = -((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean() * (len(mask) / n_seqs)
     else:
         # Dr.GRPO [R] (RIL_PAPER §6.6): loss = -sum_{i,t} mask_it * term_it / (N * L_max), with
         # N = sequences in the step and L_max = --max-new-tokens. A constant, so a long answer's tokens
         # weigh what a short answer's do (TRL's loss_type="dr_grpo" divides the same way; verl's
         # default divides by the batch's padded length, which varies).
-        loss = -(per_token * mask).sum() / (mask.shape[0] * a.max_new_tokens)
+        loss = -(per_token * mask).sum() / (n_seqs * a.max_new_tokens)
     clipped = ((ratio - 1).abs() > a.eps).float()
-    n_tok = mask.sum().clamp(min=1)
-    return loss, {"policy/clip_frac": ((clipped * mask).sum() / n_tok).item(),
-                  "policy/kl": ((kl * mask).sum() / n_tok).item()}
+    return loss, {"clipped": (clipped * mask).sum().detach(), "kl": (kl * mask).sum().detach(), "tokens": mask.sum()}
+
+
+def chunks(n: int, size: int) -> list:
+    """(start, stop) pairs that cover range(n) in micro-batches of `size` (0 = one batch).
+
+    >>> chunks(5, 2), chunks(5, 0)
+    ([(0, 2), (2, 4), (4, 5)], [(0, 5)])
+    """
+    size = size or n
+    return [(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+@contextlib.contextmanager
+def resident(module, device, offload: bool, opt=None):
+    """--offload: the module (and its AdamW moments) sits on the GPU only inside the with-block and on
+    the CPU outside it, so the reference, the discriminator and the judge do not all hold GPU memory
+    while the student generates and trains."""
+    if not offload or module is None or device.type == "cpu":
+        yield
+        return
+    def move(to):
+        module.to(to)
+        for state in (opt.state.values() if opt is not None else []):
+            for k, v in state.items():
+                if torch.is_tensor(v) and k != "step":  # AdamW keeps its step counters on the CPU
+                    state[k] = v.to(to)
+    move(device)
+    try:
+        yield
+    finally:
+        move("cpu")
+        torch.cuda.empty_cache()
 
 
 # ================================================================================================
@@ -790,11 +1033,12 @@ def evaluate(model, processor, disc, rows: list, judge, a: Args, device, bs: int
         comp, mask, _ = generate(model, encode_prompts(processor, rows[i:i + bs], device), gen_cfg)
         texts += tok.batch_decode(comp, skip_special_tokens=True)
         lengths += mask.sum(1).tolist()
-    m = {"eval/acc": sum(judge(t, r["answer"]) for t, r in zip(texts, rows)) / len(rows),
+    m = {"eval/acc": sum(judge([r["question"] for r in rows], [r["answer"] for r in rows], texts)) / len(rows),
          "eval/teacher_match": sum(norm_eq(t, r) for t, r in zip(texts, rows)) / len(rows),
          "eval/len": sum(lengths) / len(lengths)}
     if disc is not None:
-        m["eval/teacher_like"] = teacher_likeness(disc, tok, texts, device)
+        with resident(disc, device, a.offload):
+            m["eval/teacher_like"] = teacher_likeness(disc, tok, texts, device)
     return m, texts
 
 
@@ -824,7 +1068,7 @@ def sft_warmup(model, processor, rows, teachers, text_tokens, a: Args, device):
     text. Measured on the toy task: teacher texts alone make the student's style identical to the
     teachers' (D has nothing to see); answers alone make D perfect from the start, every student sample
     then gets a negative advantage and the student collapses into noise."""
-    opt = torch.optim.AdamW(model.parameters(), lr=a.sft_lr)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a.sft_lr)
     sched = linear_decay(opt, a.sft_steps)
     model.train()
     for step in (bar := tqdm(range(a.sft_steps), desc="sft", leave=False)):
@@ -854,19 +1098,27 @@ def policy_update(model, ref, opt, enc, comp, mask, adv, a: Args) -> dict:
     """mu optimiser steps of Eq. 2 on one batch of groups. enc: N prompts (already repeated per
     group member), comp/mask: (N, T) completions, adv: (N,)."""
     model.train()
+    N, mb, T = len(comp), a.micro_batch, a.temperature
+    logprobs = lambda m: torch.cat([token_logprobs(m, slice_prompts(enc, i, j), comp[i:j], mask[i:j], T)  # noqa: E731
+                                    for i, j in chunks(N, mb)])
     old_logp = ref_logp = None
     t0 = clock(comp.device)
     with torch.no_grad():
         if a.mu > 1:  # with mu = 1 the old log-probs are the current ones, detached: no extra forward
-            old_logp = token_logprobs(model, enc, comp, mask, a.temperature)
+            old_logp = logprobs(model)
         if ref is not None:
-            ref_logp = token_logprobs(ref, enc, comp, mask, a.temperature)
+            with resident(ref, comp.device, a.offload):
+                ref_logp = logprobs(ref)
     skipped, t_opt, t1 = 0.0, 0.0, clock(comp.device)
     for _ in range(a.mu):
-        logp = token_logprobs(model, enc, comp, mask, a.temperature)  # (N, T)
-        loss, stats = policy_loss(logp, logp.detach() if old_logp is None else old_logp, ref_logp, adv, mask, a)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss, sums = 0.0, {}
+        for i, j in chunks(N, mb):  # gradient accumulation: the micro-batch losses add up to Eq. 2
+            logp = token_logprobs(model, slice_prompts(enc, i, j), comp[i:j], mask[i:j], T)  # (n, T)
+            part, st = policy_loss(logp, logp.detach() if old_logp is None else old_logp[i:j],
+                                   None if ref_logp is None else ref_logp[i:j], adv[i:j], mask[i:j], a, n_seqs=N)
+            part.backward()
+            loss, sums = loss + part.detach(), {k: sums.get(k, 0) + v for k, v in st.items()}
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), a.max_grad_norm)
         t2 = clock(comp.device)
         if torch.isfinite(loss) and torch.isfinite(grad_norm):
@@ -875,7 +1127,9 @@ def policy_update(model, ref, opt, enc, comp, mask, adv, a: Args) -> dict:
             opt.zero_grad(set_to_none=True)
             skipped = 1.0
         t_opt += clock(comp.device) - t2
-    return {"policy/loss": loss.item(), "policy/grad_norm": grad_norm.item(), "guard/skipped": skipped, **stats,
+    n_tok = sums["tokens"].clamp(min=1)
+    return {"policy/loss": loss.item(), "policy/grad_norm": grad_norm.item(), "guard/skipped": skipped,
+            "policy/clip_frac": (sums["clipped"] / n_tok).item(), "policy/kl": (sums["kl"] / n_tok).item(),
             "time/ref": t1 - t0, "time/optimizer": t_opt}
 
 
@@ -892,7 +1146,7 @@ def rollout(model, processor, batch, teachers, text_tokens, a: Args, device, rng
     truncated = ~torch.isin(comp, torch.tensor(gen_cfg.eos_token_id, device=device)).any(1)  # hit the cap
     student_texts = tok.batch_decode(comp, skip_special_tokens=True)
     student_ids = [c[m.bool()].tolist() for c, m in zip(comp, mask)]
-    seqs, texts, is_teacher, answers = [], [], [], []
+    seqs, texts, is_teacher, answers, questions = [], [], [], [], []
     for b, row in enumerate(batch):
         group = list(zip(student_ids[b * a.G:(b + 1) * a.G], student_texts[b * a.G:(b + 1) * a.G]))
         if with_teachers:
@@ -901,9 +1155,10 @@ def rollout(model, processor, batch, teachers, text_tokens, a: Args, device, rng
         texts += [t for _, t in group]
         is_teacher += [0] * a.G + [1] * (len(group) - a.G)
         answers += [row["answer"]] * len(group)
+        questions += [row["question"]] * len(group)
     ids, m = pad_right(seqs, tok.pad_token_id, device)
     return dict(enc=enc, comp=ids, mask=m, texts=texts, is_teacher=torch.tensor(is_teacher, device=device),
-                answers=answers, truncated=truncated.float().mean().item(), t_gen=t_gen)
+                answers=answers, questions=questions, truncated=truncated.float().mean().item(), t_gen=t_gen)
 
 
 def pretrain_disc(disc, model, processor, rows, teachers, text_tokens, eval_rows, a: Args, device):
@@ -939,18 +1194,21 @@ def ril_step(step, model, ref, disc, opt, d_opt, processor, batch, teachers, tex
 
     # (a) discriminator update on this step's texts: students 1, teachers 0 (Eq. 1, mu = 1), and
     t0 = clock(device)
-    r_ans = torch.tensor([judge(t, ans) for t, ans in zip(ro["texts"], ro["answers"])], device=device)
+    r_ans = torch.tensor(judge(ro["questions"], ro["answers"], ro["texts"]), device=device)
+    if judge.unparsed is not None:
+        metrics["judge/unparsed"] = judge.unparsed  # verdicts without <answer>0|1</answer>, scored 0
     if ril:
-        if a.disc_lr > 0:
-            m, d_logits = disc_update(disc, d_opt, tok, ro["texts"], ro["is_teacher"], a, device)  # (B * 2G,)
-            metrics.update(m)
-        # (b) score all 2G texts with the just-updated D, the order Alg. 2 implies. [R] With
-        # --score-before-update the update's own logits are used instead (D before this step): one D
-        # forward less per step (make bench), but measured on the toy task, a D near its threshold then
-        # gives noisy verdicts and one seed in four drifted (accuracy 0.98 -> 0.83).
-        if a.disc_lr == 0 or not a.score_before_update:
-            d_logits = disc_logits(disc.eval(), tok, ro["texts"], device)
-        r_sim = similarity_reward(d_logits, a)
+        with resident(disc, device, a.offload, d_opt):
+            if a.disc_lr > 0:
+                m, d_logits = disc_update(disc, d_opt, tok, ro["texts"], ro["is_teacher"], a, device)  # (B * 2G,)
+                metrics.update(m)
+            # (b) score all 2G texts with the just-updated D, the order Alg. 2 implies. [R] With
+            # --score-before-update the update's own logits are used instead (D before this step): one D
+            # forward less per step (make bench), but measured on the toy task, a D near its threshold then
+            # gives noisy verdicts and one seed in four drifted (accuracy 0.98 -> 0.83).
+            if a.disc_lr == 0 or not a.score_before_update:
+                d_logits = disc_logits(disc.eval(), tok, ro["texts"], device, a.micro_batch)
+            r_sim = similarity_reward(d_logits, a)
     else:
         d_logits, r_sim = torch.zeros_like(r_ans), torch.zeros_like(r_ans)
     rewards = r_sim + r_ans  # R = r_sim + r_ans, unweighted [P] §3.3
@@ -1050,14 +1308,24 @@ def main(argv=None):
     if a.resume:  # continue the interrupted run exactly as it was configured
         a, last_ckpt = resume_args(a)
     device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else ("cpu" if a.device == "auto" else a.device))
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(a.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    # [R] Precision. amp: fp32 weights and AdamW moments, bf16 matmuls (autocast). bf16: bf16 weights and
+    # moments, half the memory, but an update smaller than ~1/256 of a weight rounds away, which at the
+    # paper's LR of 1e-6 is most of them. The paper does not say which it used.
+    mode = a.dtype if a.dtype != "auto" else ("amp" if device.type == "cuda" else "fp32")
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mode == "amp"):
+        train(a, device, mode, last_ckpt)
+
+
+def train(a: Args, device, mode: str, last_ckpt):
+    dtype = torch.bfloat16 if mode == "bf16" else torch.float32  # trained weights
+    frozen_dtype = torch.bfloat16 if mode in ("amp", "bf16") else torch.float32  # reference, teachers, judge
     random.seed(a.seed)
     torch.manual_seed(a.seed)
     t_start = time.time()
 
     # Everything is validated before anything is written: a bad row or flag costs nothing in --out.
     train_rows, eval_rows = load_data(a)
-    teachers = resolve_teachers(a, train_rows)
+    teachers, teacher_models = resolve_teachers(a, train_rows)
     if not a.resume and checkpoints(a.out) and not a.overwrite and not a.save_tiny:
         fail(f"{a.out}: holds checkpoints of an earlier run; pass --resume to continue it, "
              f"--overwrite to start again, or another --out")
@@ -1069,15 +1337,26 @@ def main(argv=None):
         print(f"saved the tiny student to {a.save_tiny}")
         return
     tok = processor.tokenizer
-    judge = functools.partial(answer_match, candidates=answer_vocab(train_rows))  # r_ans(text, answer)
     text_tokens = TextTokens(tok, tok.eos_token_id, a.max_new_tokens)
+    if a.freeze_vision:
+        vision = [p for n, p in model.named_parameters() if re.search(r"(^|\.)(visual|vision_tower|vision_model)\.", n)]
+        if not vision:
+            fail(f"--freeze-vision: found no vision tower (visual, vision_tower or vision_model) in {type(model).__name__}")
+        for p in vision:
+            p.requires_grad_(False)
+    if a.grad_checkpointing:
+        checkpoint_activations(model)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"student {a.student}: {n_params / 1e6:.2f}M params on {device} ({dtype}); algo {a.algo}; "
+    print(f"student {a.student}: {n_params / 1e6:.2f}M params on {device} ({mode}); algo {a.algo}; "
           f"{len(train_rows)} train / {len(eval_rows)} held-out questions; teachers {teachers or '-'}")
     os.makedirs(a.out, exist_ok=True)
     if a.overwrite:
         shutil.rmtree(os.path.join(a.out, "checkpoints"), ignore_errors=True)
     replace_atomic(os.path.join(a.out, "args.json"), lambda tmp: json.dump(dataclasses.asdict(a), open(tmp, "w"), indent=2))
+    for spec in teacher_models:  # generated once, then read from --out/teacher_cache
+        model_teacher_texts(spec, train_rows + eval_rows, a, device, frozen_dtype)
+    # r_ans(questions, answers, responses) -> scores: the matcher, or the paper's judge model
+    judge = MatchJudge(train_rows) if a.judge == "match" else ModelJudge(a.judge, a, device, frozen_dtype)
     state = torch.load(os.path.join(last_ckpt, "state.pt"), weights_only=True) if a.resume else None
 
     # Stage 0: SFT warm-up. [R] Every algo starts from the same SFT'd student, so Table 1 rows compare
@@ -1091,14 +1370,21 @@ def main(argv=None):
     ref = copy.deepcopy(model).eval().requires_grad_(False) if a.beta > 0 else None
     if ref is not None and state is not None:
         ref.load_state_dict(torch.load(ref_path, weights_only=True))
+    if ref is not None and (mode == "amp" or a.offload):  # never trained: no fp32 master copy needed
+        ref.to(dtype=frozen_dtype, device="cpu" if a.offload else device)
     # Stage 2: D from the same weights as the student, new 1-unit head [P] §3.1 / [R] §6.3.
     disc = Discriminator(model) if a.algo == "ril" else None
+    if disc is not None and a.grad_checkpointing:
+        checkpoint_activations(disc.backbone)
     if disc is not None and state is not None:
         disc.load_state_dict(state["disc"])
     elif disc is not None and a.disc_pretrain_steps > 0:
-        pretrain_disc(disc, model, processor, train_rows, teachers, text_tokens, eval_rows, a, device)
+        with resident(disc, device, a.offload):
+            pretrain_disc(disc, model, processor, train_rows, teachers, text_tokens, eval_rows, a, device)
+    if disc is not None and a.offload:
+        disc.to("cpu")
     # Stage 3 optimisers: the paper uses constant LRs in the loop [P] App. C.
-    opt = torch.optim.AdamW(model.parameters(), lr=a.lr)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a.lr)
     d_opt = torch.optim.AdamW(disc.parameters(), lr=a.disc_lr) if disc is not None else None
 
     metrics_path, samples_path = os.path.join(a.out, "metrics.jsonl"), os.path.join(a.out, "samples.jsonl")
@@ -1181,12 +1467,13 @@ def main(argv=None):
     print(f"\n| held-out ({len(eval_rows)} questions) | accuracy | teacher-likeness (D then) | "
           "teacher-likeness (final D) | teacher match | length |")
     print("|---|---|---|---|---|---|")
-    for name, m, texts in [("before RIL (after SFT)", before["metrics"], before["texts"]), (f"after {a.algo}", after, after_texts)]:
-        tl = (f"{m['eval/teacher_like']:.3f} | {teacher_likeness(disc, tok, texts, device):.3f}" if disc is not None else "n/a | n/a")
-        print(f"| {name} | {m['eval/acc']:.3f} | {tl} | {m['eval/teacher_match']:.3f} | {m['eval/len']:.1f} |")
-    t_texts = [t for r in eval_rows for name in teachers for t in r["teachers"].get(name, [])]
-    if disc is not None and t_texts:
-        print(f"| teacher texts | 1.000 | - | {teacher_likeness(disc, tok, t_texts, device):.3f} | 1.000 | - |")
+    with resident(disc, device, a.offload):
+        for name, m, texts in [("before RIL (after SFT)", before["metrics"], before["texts"]), (f"after {a.algo}", after, after_texts)]:
+            tl = (f"{m['eval/teacher_like']:.3f} | {teacher_likeness(disc, tok, texts, device):.3f}" if disc is not None else "n/a | n/a")
+            print(f"| {name} | {m['eval/acc']:.3f} | {tl} | {m['eval/teacher_match']:.3f} | {m['eval/len']:.1f} |")
+        t_texts = [t for r in eval_rows for name in teachers for t in r["teachers"].get(name, [])]
+        if disc is not None and t_texts:
+            print(f"| teacher texts | 1.000 | - | {teacher_likeness(disc, tok, t_texts, device):.3f} | 1.000 | - |")
 
     save_student(model, processor, a.out)
     if disc is not None:

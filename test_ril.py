@@ -1,7 +1,6 @@
 """Tests for ril.py. Each test states a property of the paper or of a correct VLM RL loop, and each
 can fail. Run with `make test` (HF_HUB_OFFLINE=1: nothing is downloaded; the tests build and save
 their own tiny checkpoints and load them through the real from_pretrained path)."""
-import functools
 import json
 import os
 import signal
@@ -86,7 +85,7 @@ def test_clipping_bounds_the_ratio():
     assert torch.isclose(loss, -torch.tensor((1.2 * 1.0 + 0.8 * -1.0) / (2 * a.max_new_tokens)))
     loss.backward()
     assert torch.equal(logp.grad, torch.zeros(2, 1))
-    assert stats["policy/clip_frac"] == 1.0
+    assert stats["clipped"] / stats["tokens"] == 1.0
     # inside the range the gradient flows
     logp2 = torch.log(torch.tensor([[1.1]])).requires_grad_(True)
     ril.policy_loss(logp2, torch.zeros(1, 1), None, torch.tensor([1.0]), torch.ones(1, 1), a)[0].backward()
@@ -98,7 +97,7 @@ def test_k3_kl_is_zero_at_the_reference_and_positive_elsewhere():
     logp = torch.tensor([[-1.0, -2.0]])
     _, same = ril.policy_loss(logp, logp, logp.clone(), torch.zeros(1), torch.ones(1, 2), a)
     _, diff = ril.policy_loss(logp, logp, logp - 1.0, torch.zeros(1), torch.ones(1, 2), a)
-    assert same["policy/kl"] == 0.0 and diff["policy/kl"] > 0
+    assert same["kl"] == 0.0 and diff["kl"] > 0
 
 
 def test_teacher_text_with_positive_advantage_gains_log_probability(tiny):
@@ -522,6 +521,218 @@ def test_resume_without_a_checkpoint_is_refused(tmp_path, capsys):
     assert e.value.code == 2 and "no complete checkpoint" in capsys.readouterr().err
 
 
+# ---------------------------------------------------------------- real models: families, teacher models, judge, memory
+LLAVA_TEMPLATE = ril.TINY_CHAT_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<image>")
+
+
+def _tiny_family(family: str, folder) -> str:
+    """Save a tiny random checkpoint of one VLM family (the in-process tokenizer, real transformers
+    classes) to folder, for --student / --teachers / --judge PATH."""
+    a, rows = ril.Args(), ril.make_toy(24, 0)
+    corpus = [s for r in rows for s in [r["question"], r["answer"]] + [t for ts in r["teachers"].values() for t in ts]]
+    if family == "qwen2_vl":
+        model, proc = ril.build_tiny(a, corpus)
+    elif family == "qwen2_5_vl":
+        tok = ril.tiny_tokenizer(corpus)
+        ids = {t: tok.convert_tokens_to_ids(t) for t in ril.SPECIALS}
+        vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=a.tiny_hidden, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[0])
+        cfg = transformers.Qwen2_5_VLConfig(text_config=ril.tiny_text_config(a, tok), vision_config=vision, tie_word_embeddings=True,
+                                            image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                                            vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+        model = transformers.Qwen2_5_VLForConditionalGeneration(cfg)
+        proc = ril.ImageOnlyQwen2VLProcessor(transformers.Qwen2VLImageProcessorPil(min_pixels=a.min_pixels, max_pixels=a.max_pixels),
+                                             tok, chat_template=ril.TINY_CHAT_TEMPLATE)
+    elif family == "llava":  # a CLIP vision tower, a Qwen2 language model, its own <image> token
+        tok = ril.tiny_tokenizer(corpus, ril.SPECIALS + ["<image>"], LLAVA_TEMPLATE)
+        vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                               image_size=28, patch_size=14)
+        cfg = transformers.LlavaConfig(vision_config=vision, text_config=transformers.Qwen2Config(**ril.tiny_text_config(a, tok, mrope=False)),
+                                       image_token_index=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
+                                       vision_feature_select_strategy="default", tie_word_embeddings=True)
+        model = transformers.LlavaForConditionalGeneration(cfg)
+        ip = transformers.CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+        proc = transformers.LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
+                                           num_additional_image_tokens=1, chat_template=LLAVA_TEMPLATE, image_token="<image>")
+    model.generation_config = transformers.GenerationConfig(eos_token_id=proc.tokenizer.eos_token_id,
+                                                            pad_token_id=proc.tokenizer.pad_token_id)
+    os.makedirs(folder, exist_ok=True)
+    ril.save_student(model, proc, str(folder))
+    return str(folder)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "llava"])
+def test_each_family_trains_through_student_path_and_its_output_reloads(tmp_path, family, capsys):
+    ckpt, out = _tiny_family(family, tmp_path / family), tmp_path / "out"
+    ril.main([*TINY_RUN, "--student", ckpt, "--steps", "2", "--out", str(out)])
+    steps = [json.loads(x) for x in open(out / "metrics.jsonl") if "reward/total" in x]
+    assert len(steps) == 2 and all(torch.isfinite(torch.tensor(m["policy/grad_norm"])) for m in steps)
+    trained = transformers.AutoModelForImageTextToText.from_pretrained(out)
+    start = transformers.AutoModelForImageTextToText.from_pretrained(ckpt)
+    assert type(trained) is type(start)
+    s0, s1 = start.state_dict(), trained.state_dict()
+    assert any(not torch.equal(s0[k], s1[k]) for k in s0), "the student did not change"
+    proc = ril.load_processor(str(out))
+    enc = ril.encode_prompts(proc, ril.make_toy(2, 5), CPU)
+    assert trained.generate(**enc, max_new_tokens=3, do_sample=False).shape[1] > enc["input_ids"].shape[1]
+
+
+def test_a_family_that_cannot_work_is_named_in_one_line(tmp_path, capsys):
+    """A text-only model is not an image-text-to-text model; a VLM without a chat template cannot
+    format prompts. Each is one line naming the model, no traceback."""
+    text_only = tmp_path / "text_only"
+    tok = ril.tiny_tokenizer(["a b c"])
+    transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**ril.tiny_text_config(ril.Args(), tok, mrope=False))).save_pretrained(text_only)
+    tok.save_pretrained(text_only)
+    with pytest.raises(SystemExit) as e:
+        ril.main([*TINY_RUN, "--student", str(text_only), "--out", str(tmp_path / "o1")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "text_only" in err and "Qwen2Config" in err
+
+    no_template = _tiny_family("llava", tmp_path / "llava")
+    os.remove(os.path.join(no_template, "chat_template.jinja"))
+    with pytest.raises(SystemExit) as e:
+        ril.main([*TINY_RUN, "--student", no_template, "--out", str(tmp_path / "o2")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "LlavaForConditionalGeneration has no chat template" in err
+
+
+def test_a_teacher_model_generates_once_then_its_cache_is_read(tmp_path, capsys):
+    """A teacher given as a model folder (another family, another tokenizer) generates --teacher-samples
+    answers per question into --out/teacher_cache. A second run reads the cache and never loads the
+    model (its folder is gone); a run after a kill mid-write keeps the complete lines and generates the rest."""
+    teacher, out = _tiny_family("llava", tmp_path / "teacher"), tmp_path / "out"
+    run = lambda: ril.main([*TINY_RUN, "--teachers", f"alice,{teacher}", "--teacher-samples", "2", "--steps", "2",  # noqa: E731
+                            "--out", str(out), "--overwrite"])
+    run()
+    [cache] = [out / "teacher_cache" / f for f in os.listdir(out / "teacher_cache")]
+    lines = open(cache).readlines()
+    entries = [json.loads(x) for x in lines]
+    assert len(entries) == 24 + 4 and all(len(e["texts"]) == 2 for e in entries)  # train + held-out questions
+    assert len({e["id"] for e in entries}) == len(entries)
+    assert "0 question(s) read" in capsys.readouterr().out
+    texts = {t for e in entries for t in e["texts"]}
+    dumped = [d for x in open(out / "samples.jsonl") for d in json.loads(x)["texts"] if d["source"] == "teacher"]
+    assert any(d["text"] in texts for d in dumped), "no cached teacher text reached a group"
+
+    with open(cache, "w") as f:  # a kill after 5 questions, mid-line
+        f.writelines(lines[:5] + [lines[5][:20]])
+    run()
+    again = open(cache).readlines()
+    assert again[:5] == lines[:5] and len(again) == 28 and all(json.loads(x) for x in again)
+    printed = capsys.readouterr().out
+    assert "5 question(s) read" in printed and "23 generated" in printed
+
+    import shutil
+    shutil.rmtree(teacher)  # a run that needed the model now would fail to load it
+    run()
+    assert "28 question(s) read" in capsys.readouterr().out and open(cache).readlines() == again
+
+
+def test_a_model_id_that_cannot_be_found_is_named_for_teachers_and_judge(tmp_path, capsys):
+    for flag in ("--teachers", "--judge"):
+        with pytest.raises(SystemExit) as e:
+            ril.main([*TINY_RUN, flag, "org/no-such-model", "--out", str(tmp_path / flag.strip("-"))])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and len(err.splitlines()) == 1 and f"{flag} org/no-such-model: cannot load" in err
+
+
+def test_judge_model_reads_the_fig4_prompt_and_parses_its_verdict(tmp_path):
+    judge = ril.ModelJudge(_tiny_family("qwen2_vl", tmp_path / "judge"), ril.Args(judge_max_new_tokens=4), CPU, torch.float32)
+    prompt = judge.prompt("What color is the shape?", "red", "It is red.")
+    for part in ["<question>What color is the shape?</question>", "<ground truth>red</ground truth>",
+                 "<generated text>It is red.</generated text>", ril.JUDGE_SYSTEM, "<|im_start|>assistant"]:
+        assert part in prompt
+    assert all(isinstance(t, str) for t in judge.complete([prompt, prompt]))  # the real model generates
+    said = {"r1": "Correct. <answer>1</answer>", "r0": "Wrong. <answer> 0 </answer>", "none": "I cannot tell.",
+            "last": "<answer>0</answer> no, on reflection <answer>1</answer>"}
+    judge.complete = lambda prompts: [said[p.rsplit("<generated text>", 1)[1].split("</generated text>")[0]] for p in prompts]
+    assert judge(["q"] * 4, ["a"] * 4, ["r1", "r0", "none", "last"]) == [1.0, 0.0, 0.0, 1.0]
+    assert judge.unparsed == 0.25
+
+
+def test_judge_verdicts_reach_reward_ans(tmp_path, monkeypatch):
+    """--judge PATH: every text of every group is judged with the Fig. 4 prompt, and the parsed verdicts
+    are r_ans. The tiny judge really runs; its random words are then replaced by a verdict that depends
+    on the response: <answer>1</answer> for an odd-length response, an unparseable reply otherwise."""
+    seen, real = [], ril.ModelJudge.complete
+    response = lambda p: p.rsplit("<generated text>", 1)[1].split("</generated text>")[0]  # noqa: E731
+
+    def complete(self, prompts):
+        real(self, prompts)
+        seen.extend(prompts)
+        return ["fine <answer>1</answer>" if len(response(p)) % 2 else "no idea" for p in prompts]
+
+    monkeypatch.setattr(ril.ModelJudge, "complete", complete)
+    out = tmp_path / "out"
+    ril.main([*TINY_RUN, "--judge", _tiny_family("qwen2_vl", tmp_path / "judge"), "--judge-max-new-tokens", "2",
+              "--steps", "3", "--out", str(out)])
+    assert seen and all("<question>" in p and "<ground truth>" in p and ril.JUDGE_SYSTEM in p for p in seen)
+    steps = [json.loads(x) for x in open(out / "metrics.jsonl") if "reward/total" in x]
+    assert len(steps) == 3 and all("judge/unparsed" in m for m in steps)
+    groups = [json.loads(x)["texts"] for x in open(out / "samples.jsonl")]
+    verdicts = [(d["r_ans"], float(len(d["text"]) % 2)) for g in groups for d in g]
+    assert len(verdicts) == 3 * 2 * 4 and all(r == v for r, v in verdicts)
+    assert {v for _, v in verdicts} == {0.0, 1.0}  # both kinds of verdict occurred
+
+
+def test_micro_batched_logprobs_and_gradients_equal_the_full_batch(tiny):
+    """--micro-batch: the policy, reference and discriminator passes in pieces of 5 sequences (uneven:
+    24 = 5+5+5+5+4) give the log-probs, losses and gradients of one pass over the whole batch."""
+    import copy
+    import random
+    model, proc, tok = tiny["model"], tiny["proc"], tiny["proc"].tokenizer
+    a = args(max_grad_norm=1e9)
+    ro = ril.rollout(model, proc, tiny["rows"][:3], ["alice", "bob"], tiny["text_tokens"], a, CPU, random.Random(0), True)
+    enc, comp, mask = ril.repeat_prompts(ro["enc"], 2 * a.G), ro["comp"], ro["mask"]
+    with torch.no_grad():
+        full = ril.token_logprobs(model, enc, comp, mask, 1.0)
+        parts = torch.cat([ril.token_logprobs(model, ril.slice_prompts(enc, i, j), comp[i:j], mask[i:j], 1.0)
+                           for i, j in ril.chunks(len(comp), 5)])
+    assert torch.allclose(full, parts, atol=1e-5)
+
+    ref = copy.deepcopy(model).requires_grad_(False)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # a reference that differs, so the KL term has a gradient
+    adv = torch.linspace(-1, 1, len(comp))
+    out = {}
+    for mb in (0, 5):
+        torch.manual_seed(1)  # the same new head for both discriminators
+        m, disc = copy.deepcopy(model), ril.Discriminator(model)
+        stats = ril.policy_update(m, ref, torch.optim.SGD(m.parameters(), lr=0.0), enc, comp, mask, adv, args(micro_batch=mb, max_grad_norm=1e9))
+        d_stats, d_logits = ril.disc_update(disc, torch.optim.SGD(disc.parameters(), lr=0.0), tok, ro["texts"], ro["is_teacher"],
+                                            args(micro_batch=mb, max_grad_norm=1e9), CPU)
+        out[mb] = (stats, {n: p.grad for n, p in m.named_parameters() if p.grad is not None}, d_stats, d_logits,
+                   {n: p.grad for n, p in disc.named_parameters()})
+    (s0, g0, ds0, dl0, dg0), (s1, g1, ds1, dl1, dg1) = out[0], out[5]
+    for k in ("policy/loss", "policy/kl", "policy/clip_frac"):
+        assert abs(s0[k] - s1[k]) < 1e-6, k
+    assert s0["policy/kl"] > 0 and g0.keys() == g1.keys()
+    assert all(torch.allclose(g0[n], g1[n], atol=1e-6, rtol=1e-4) for n in g0)
+    assert abs(ds0["disc/loss"] - ds1["disc/loss"]) < 1e-6 and torch.allclose(dl0, dl1, atol=1e-5)
+    assert all(torch.allclose(dg0[n], dg1[n], atol=1e-6, rtol=1e-4) for n in dg0)
+
+
+def test_memory_flags_train_the_language_model_only(tmp_path, monkeypatch):
+    """--freeze-vision leaves every vision weight as loaded and trains the rest; --grad-checkpointing
+    recomputes through torch's non-reentrant checkpoint; with --micro-batch, --dtype amp (bf16 autocast
+    on the CPU here) and --offload (a no-op without a GPU) the run completes and stays finite."""
+    import transformers.modeling_utils as mu
+    calls, real = [], mu.checkpoint
+    monkeypatch.setattr(mu, "checkpoint", lambda *x, **kw: calls.append(kw.get("use_reentrant")) or real(*x, **kw))
+    start, out = _tiny_family("qwen2_vl", tmp_path / "start"), tmp_path / "out"
+    ril.main([*TINY_RUN, "--student", start, "--steps", "2", "--freeze-vision", "--grad-checkpointing", "--micro-batch", "3",
+              "--dtype", "amp", "--offload", "--out", str(out)])
+    assert calls and set(calls) == {False}
+    s0, s1 = _student(start), _student(out)
+    vision = [k for k in s0 if ".visual." in k]
+    assert vision and all(torch.equal(s0[k], s1[k]) for k in vision)
+    assert any(not torch.equal(s0[k], s1[k]) for k in s0 if k not in vision)
+    steps = [json.loads(x) for x in open(out / "metrics.jsonl") if "reward/total" in x]
+    assert len(steps) == 2 and all(m["guard/skipped"] == 0 for m in steps)
+
+
 # ---------------------------------------------------------------- benchmark (make bench), not a test
 BENCH_WORKLOADS = {  # name: ril.Args overrides; the models are random, so answers run to the token cap
     "tiny default": dict(),
@@ -548,7 +759,7 @@ def bench_workload(name: str, overrides: dict, steps: int = 7, warmup: int = 2) 
     model, proc = ril.build_tiny(a, corpus + [ril.DISC_SYSTEM, ril.DISC_USER])
     model.to(dev)
     tok, teachers = proc.tokenizer, ["alice", "bob"]
-    tt, judge = ril.TextTokens(tok, tok.eos_token_id, a.max_new_tokens), functools.partial(ril.answer_match, candidates=ril.answer_vocab(rows))
+    tt, judge = ril.TextTokens(tok, tok.eos_token_id, a.max_new_tokens), ril.MatchJudge(rows)
     ref = ril.copy.deepcopy(model).eval().requires_grad_(False)
     disc = ril.Discriminator(model)
     opt, d_opt = torch.optim.AdamW(model.parameters(), lr=1e-5), torch.optim.AdamW(disc.parameters(), lr=1e-5)
