@@ -2,12 +2,13 @@
 #   make run    install, then run every stage of RIL on the built-in tiny task (CPU, ~2 minutes)
 #   make test   install, then run the test suite
 #   make bench  install, then time a RIL step against the bare model calls it needs (not a test)
+#   make memory install, then print the estimated GPU memory of a Qwen2-VL-2B run per flag set
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 
-.PHONY: run test bench clean
+.PHONY: run test bench memory clean
 
 $(BIN)/.installed: requirements.txt
 	$(PY) -m venv $(VENV)
@@ -22,6 +23,9 @@ test: $(BIN)/.installed
 
 bench: $(BIN)/.installed
 	$(BIN)/python test_ril.py --bench
+
+memory: $(BIN)/.installed
+	$(BIN)/python test_ril.py --memory
 
 clean:
 	rm -rf runs .pytest_cache __pycache__

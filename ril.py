@@ -16,8 +16,9 @@ Usage
     python ril.py                                    # tiny Qwen2-VL + built-in toy task; CPU, ~1-2 min
     python ril.py --algo dr_grpo                     # Table 1 baselines: answer reward only, G student samples
     python ril.py --algo grpo                        #   ... with std-scaled advantages and length normalisation
-    python ril.py --student Qwen2-VL-2B --teachers a,b --data train.jsonl --eval-data val.jsonl \\
-                  --sft-steps 0 --device cuda --dtype bf16 --lr 1e-6 --disc-lr 1e-6 --max-new-tokens 256
+    python ril.py --student Qwen2-VL-2B --teachers a,Qwen/Qwen2.5-VL-72B-Instruct --judge Qwen/Qwen2.5-32B-Instruct \\
+                  --data train.jsonl --eval-data val.jsonl --sft-steps 0 --lr 1e-6 --disc-lr 1e-6 --max-new-tokens 256 \\
+                  --micro-batch 4 --grad-checkpointing --freeze-vision --offload   # README "Memory"
     python ril.py --save-tiny DIR                    # write the tiny student as a Hugging Face folder
 
 Data: JSONL, one question per line, image paths relative to the JSONL file's folder:
@@ -28,7 +29,7 @@ Stages: SFT warm-up (ground-truth answers with a share of teacher texts) -> disc
 pre-training -> held-out evaluation -> RIL loop (Alg. 2) -> held-out evaluation -> save_pretrained.
 
 Left out on purpose (go to TRL's GRPOTrainer or verl for these): vLLM rollouts, DeepSpeed, LoRA,
-quantisation, video, multi-turn. An LLM judge for r_ans is replaced by a normalised matcher.
+quantisation, video, multi-turn. r_ans is a normalised matcher unless --judge names a judge model.
 Labels in comments: [P] the paper says so; [R] our reading where the paper is silent (see
 RIL_PAPER.md section 6). Requires torch and transformers >= 5 (tested with 5.23), pillow, tqdm.
 """
@@ -817,6 +818,7 @@ def disc_update(disc, opt, tokenizer, texts: list, is_teacher: torch.Tensor, a: 
     ok = bool(torch.isfinite(loss) and torch.isfinite(grad_norm))
     if ok:
         opt.step()
+    opt.zero_grad(set_to_none=True)
     right = ((logits > 0).float() == labels).float()
     return {"disc/loss": loss.item(), "disc/acc_student": right[labels == 1].mean().item(),
             "disc/acc_teacher": right[labels == 0].mean().item(), "guard/disc_skipped": float(not ok)}, logits
@@ -922,6 +924,8 @@ class ModelJudge:
 
     def __call__(self, questions: list, answers: list, responses: list, bs: int = 32) -> list:
         keys = list(zip(questions, answers, responses))
+        if len(self.verdicts) > 200_000:
+            self.verdicts.clear()
         new = list(dict.fromkeys(k for k in keys if k not in self.verdicts))
         with resident(self.model, self.device, self.offload):
             for i in range(0, len(new), bs):
@@ -1127,6 +1131,7 @@ def policy_update(model, ref, opt, enc, comp, mask, adv, a: Args) -> dict:
             opt.zero_grad(set_to_none=True)
             skipped = 1.0
         t_opt += clock(comp.device) - t2
+    opt.zero_grad(set_to_none=True)  # free the gradients before the discriminator's turn
     n_tok = sums["tokens"].clamp(min=1)
     return {"policy/loss": loss.item(), "policy/grad_norm": grad_norm.item(), "guard/skipped": skipped,
             "policy/clip_frac": (sums["clipped"] / n_tok).item(), "policy/kl": (sums["kl"] / n_tok).item(),

@@ -697,18 +697,19 @@ def test_micro_batched_logprobs_and_gradients_equal_the_full_batch(tiny):
             p.add_(0.01 * torch.randn_like(p))  # a reference that differs, so the KL term has a gradient
     adv = torch.linspace(-1, 1, len(comp))
     out = {}
+    delta = lambda m, before: {n: p.detach() - before[n] for n, p in m.named_parameters()}  # noqa: E731  SGD, lr 1: -grad
     for mb in (0, 5):
         torch.manual_seed(1)  # the same new head for both discriminators
         m, disc = copy.deepcopy(model), ril.Discriminator(model)
-        stats = ril.policy_update(m, ref, torch.optim.SGD(m.parameters(), lr=0.0), enc, comp, mask, adv, args(micro_batch=mb, max_grad_norm=1e9))
-        d_stats, d_logits = ril.disc_update(disc, torch.optim.SGD(disc.parameters(), lr=0.0), tok, ro["texts"], ro["is_teacher"],
+        m0, d0 = {n: p.detach().clone() for n, p in m.named_parameters()}, {n: p.detach().clone() for n, p in disc.named_parameters()}
+        stats = ril.policy_update(m, ref, torch.optim.SGD(m.parameters(), lr=1.0), enc, comp, mask, adv, args(micro_batch=mb, max_grad_norm=1e9))
+        d_stats, d_logits = ril.disc_update(disc, torch.optim.SGD(disc.parameters(), lr=1.0), tok, ro["texts"], ro["is_teacher"],
                                             args(micro_batch=mb, max_grad_norm=1e9), CPU)
-        out[mb] = (stats, {n: p.grad for n, p in m.named_parameters() if p.grad is not None}, d_stats, d_logits,
-                   {n: p.grad for n, p in disc.named_parameters()})
+        out[mb] = (stats, delta(m, m0), d_stats, d_logits, delta(disc, d0))
     (s0, g0, ds0, dl0, dg0), (s1, g1, ds1, dl1, dg1) = out[0], out[5]
     for k in ("policy/loss", "policy/kl", "policy/clip_frac"):
         assert abs(s0[k] - s1[k]) < 1e-6, k
-    assert s0["policy/kl"] > 0 and g0.keys() == g1.keys()
+    assert s0["policy/kl"] > 0 and any(g.abs().sum() > 0 for g in g0.values())
     assert all(torch.allclose(g0[n], g1[n], atol=1e-6, rtol=1e-4) for n in g0)
     assert abs(ds0["disc/loss"] - ds1["disc/loss"]) < 1e-6 and torch.allclose(dl0, dl1, atol=1e-5)
     assert all(torch.allclose(dg0[n], dg1[n], atol=1e-6, rtol=1e-4) for n in dg0)
@@ -833,5 +834,52 @@ def run_bench():
         print(f"ratio step / floor: {r['step'] / r['floor_total']:.2f}")
 
 
+# ---------------------------------------------------------------- memory estimate (make memory), not a test
+def memory_table(hidden=1536, layers=28, inter=8960, heads=12, kv=2, vocab=151936, tied=True, gpus=1):
+    """An estimate, not a measurement: the GPU memory of a RIL step for Qwen2-VL-2B-Instruct (its
+    published config; parameters counted on the meta device), for the paper's shapes: 8 questions x 2G=8
+    texts = 64 sequences, a 448x448 image (1024 patches -> 256 image tokens), 320 prompt + 256 new tokens.
+    Weights, gradients and AdamW moments are exact byte counts. Activations use Korthikanti et al.'s
+    34 bytes x tokens x hidden per layer (bf16, fused attention), or 2 bytes x tokens x hidden per layer
+    plus one layer with --grad-checkpointing. Logits: 10 bytes per kept position and vocabulary entry."""
+    text = dict(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
+                num_key_value_heads=kv, vocab_size=vocab, rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]})
+    vision = dict(depth=32, embed_dim=1280, num_heads=16, hidden_size=hidden, mlp_ratio=4, patch_size=14, spatial_merge_size=2)
+    with torch.device("meta"):
+        m = transformers.Qwen2VLForConditionalGeneration(transformers.Qwen2VLConfig(text_config=text, vision_config=vision,
+                                                                                   tie_word_embeddings=tied))
+    P = sum(p.numel() for p in m.parameters())
+    V = sum(p.numel() for n, p in m.named_parameters() if ".visual." in f".{n}")
+    D = sum(p.numel() for p in ril.language_model(m).parameters()) + hidden + 1  # backbone + 1-unit head
+    seqs, S, T, patches, S_d, GB = 64, 320 + 256, 256, 1024, 100, 1e9
+    print(f"Qwen2-VL-2B: {P / 1e9:.3f}B parameters ({V / 1e9:.3f}B vision tower); discriminator {D / 1e9:.3f}B; "
+          f"{seqs} sequences of {S} tokens per step")
+    print("| flags | student (weights+grads+AdamW) | reference | discriminator (+grads+AdamW) | activations + logits | peak (phase) |")
+    print("|---|---|---|---|---|---|")
+    for flags in ["--dtype amp", "--dtype amp --micro-batch 4", "--dtype amp --micro-batch 4 --grad-checkpointing",
+                  "--dtype amp --micro-batch 4 --grad-checkpointing --freeze-vision",
+                  "--dtype amp --micro-batch 4 --grad-checkpointing --freeze-vision --offload",
+                  "--dtype bf16 --micro-batch 4 --grad-checkpointing --freeze-vision --offload"]:
+        w = 2 if "bf16" in flags else 4  # bytes per weight, gradient and AdamW moment
+        trainable = P - V if "freeze-vision" in flags else P
+        mb = 4 if "micro-batch" in flags else seqs
+        ckpt, off = "checkpointing" in flags, "offload" in flags
+        student_w, student_go = w * P, 3 * w * trainable  # grads + two moments
+        ref = 0 if off else 2 * P  # bf16, never trained
+        disc = 4 * w * D  # weights, grads, two moments
+        per_layer = (2 if ckpt else 34)
+        act = mb * (per_layer * S * hidden * layers + (34 * S * hidden if ckpt else 0))
+        if "freeze-vision" not in flags:  # the vision tower's activations, one image per sequence
+            act += mb * ((2 if ckpt else 34) * patches * 1280 * 32 + (34 * patches * 1280 if ckpt else 0))
+        act += mb * T * vocab * 10
+        policy_phase = student_w + student_go + ref + (0 if off else disc) + act
+        disc_phase = student_w + 2 * w * trainable + ref + disc + mb * 34 * S_d * hidden * layers
+        peak, when = max((policy_phase, "policy update"), (disc_phase, "D update"))
+        print(f"| `{flags}` | {(student_w + student_go) / GB:.1f} GB | {ref / GB:.1f} GB | {disc / GB:.1f} GB"
+              f"{' (GPU only in its turn)' if off else ''} | {act / GB:.1f} GB | **{peak / GB:.1f} GB** ({when}) |")
+
+
 if __name__ == "__main__" and "--bench" in sys.argv:
     run_bench()
+if __name__ == "__main__" and "--memory" in sys.argv:
+    memory_table()
