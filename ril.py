@@ -53,6 +53,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.distributed as dist
 import torch.nn.functional as F
 import transformers
 from PIL import Image, ImageDraw
@@ -165,6 +166,9 @@ class Args:
     """sequences per forward/backward in the policy, reference and discriminator passes (0 = all at once)"""
     offload: bool = False
     """keep the reference, the discriminator (with its AdamW moments) and the judge on the CPU while they are not in use"""
+    shard: bool = False
+    """under torchrun: split the parameters, gradients and AdamW moments of the student, the reference and the
+    discriminator across ranks (FSDP2); without it each rank holds full copies (DDP)"""
     # --- checkpoints and safety
     save_every: int = 50
     """checkpoint every N RIL steps into --out/checkpoints (Ctrl-C and SIGTERM also save one)"""
@@ -560,13 +564,18 @@ def language_model(vlm):
     return lm if lm is not None else vlm.get_decoder()
 
 
-def save_student(model, processor, folder: str):
+def save_student(model, processor, folder: str, state_dict=None):
     """save_pretrained, loadable by plain transformers, written to a temporary folder and moved into
     place file by file, so a kill never leaves a half-written weight file. Our image-only processor is
     saved under the stock class name, so AutoProcessor builds the full one wherever torchvision exists."""
     tmp = os.path.join(folder, ".tmp_save")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    if state_dict is not None:  # a gathered state dict names tied weights twice (lm_head = embed_tokens)
+        first = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            if first.setdefault(id(p), name) != name:
+                state_dict.pop(name, None)
+    model.save_pretrained(tmp, state_dict=state_dict)
     processor.save_pretrained(tmp)
     cfg_path = os.path.join(tmp, "processor_config.json")
     if isinstance(processor, ImageOnlyQwen2VLProcessor) and os.path.isfile(cfg_path):
@@ -592,7 +601,8 @@ class Discriminator(nn.Module):
     def forward(self, input_ids, attention_mask):  # right-padded (N, T) -> logits (N,)
         h = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (N, T, d)
         last = attention_mask.sum(1) - 1  # (N,) index of the last real token
-        return self.head(h[torch.arange(len(h), device=h.device), last]).squeeze(-1).float()
+        # a fresh tensor, not a view: FSDP2 hooks its backward onto the module's output
+        return self.head(h[torch.arange(len(h), device=h.device), last]).squeeze(-1).float().clone()
 
 
 # ================================================================================================
@@ -701,7 +711,9 @@ def eos_ids(model, tokenizer) -> list:
 def generate(model, enc: dict, gen_cfg, output_logits: bool = False):
     """One batched generate for every prompt in enc. Returns completion ids (N, T) with pad after the
     first EOS, their mask (N, T) and, if asked, generate's raw logits (N, T, V)."""
-    out = model.generate(**enc, generation_config=gen_cfg, return_dict_in_generate=True, output_logits=output_logits)
+    # synced_gpus: a sharded model's forward is collective, so ranks keep stepping until all are done
+    out = model.generate(**enc, generation_config=gen_cfg, return_dict_in_generate=True, output_logits=output_logits,
+                         synced_gpus=SHARDED)
     comp = out.sequences[:, enc["input_ids"].shape[1]:]  # (N, T)
     mask = completion_mask(comp, gen_cfg.eos_token_id)
     comp = comp.masked_fill(mask == 0, gen_cfg.pad_token_id)
@@ -814,7 +826,7 @@ def disc_update(disc, opt, tokenizer, texts: list, is_teacher: torch.Tensor, a: 
         part = F.binary_cross_entropy_with_logits(part_logits, labels[idx]) * ((j - i) / n)
         part.backward()
         loss, logits[idx] = loss + part.detach(), part_logits.detach()
-    grad_norm = torch.nn.utils.clip_grad_norm_(disc.parameters(), a.max_grad_norm)
+    grad_norm = full(torch.nn.utils.clip_grad_norm_(disc.parameters(), a.max_grad_norm))
     ok = bool(torch.isfinite(loss) and torch.isfinite(grad_norm))
     if ok:
         opt.step()
@@ -1031,12 +1043,15 @@ def resident(module, device, offload: bool, opt=None):
 def evaluate(model, processor, disc, rows: list, judge, a: Args, device, bs: int = 32) -> tuple:
     """Greedy answers on the held-out split. Returns (metrics, answers)."""
     model.eval()
-    tok, gen_cfg = processor.tokenizer, generation_config(a, model, processor.tokenizer, greedy=True)
-    texts, lengths = [], []
-    for i in range(0, len(rows), bs):
-        comp, mask, _ = generate(model, encode_prompts(processor, rows[i:i + bs], device), gen_cfg)
+    tok, gen_cfg = processor.tokenizer, generation_config(a, unwrap(model), processor.tokenizer, greedy=True)
+    mine, texts, lengths = share(rows), [], []  # each rank answers its share, then every rank gets all answers
+    for i in range(0, len(mine), bs):
+        comp, mask, _ = generate(unwrap(model), encode_prompts(processor, mine[i:i + bs], device), gen_cfg)
         texts += tok.batch_decode(comp, skip_special_tokens=True)
         lengths += mask.sum(1).tolist()
+    order = gather_lists(list(range(len(rows)))[RANK::WORLD])
+    texts = [t for _, t in sorted(zip(order, gather_lists(texts)))]
+    lengths = gather_lists(lengths)
     m = {"eval/acc": sum(judge([r["question"] for r in rows], [r["answer"] for r in rows], texts)) / len(rows),
          "eval/teacher_match": sum(norm_eq(t, r) for t, r in zip(texts, rows)) / len(rows),
          "eval/len": sum(lengths) / len(lengths)}
@@ -1075,8 +1090,8 @@ def sft_warmup(model, processor, rows, teachers, text_tokens, a: Args, device):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a.sft_lr)
     sched = linear_decay(opt, a.sft_steps)
     model.train()
-    for step in (bar := tqdm(range(a.sft_steps), desc="sft", leave=False)):
-        batch = batch_at(rows, step, a.sft_batch_size, a.seed + 1)
+    for step in (bar := tqdm(range(a.sft_steps), desc="sft", leave=False, disable=RANK > 0)):
+        batch = share(batch_at(rows, step, a.sft_batch_size, a.seed + 1))
         rng = random.Random(f"{a.seed}-sft-{step}")
         texts = [sample_teacher_texts(r, teachers, 1, rng)[0] if rng.random() < a.sft_teacher_frac else r["answer"] for r in batch]
         comp, mask = pad_right([text_tokens(t) for t in texts], processor.tokenizer.pad_token_id, device)
@@ -1123,7 +1138,7 @@ def policy_update(model, ref, opt, enc, comp, mask, adv, a: Args) -> dict:
                                    None if ref_logp is None else ref_logp[i:j], adv[i:j], mask[i:j], a, n_seqs=N)
             part.backward()
             loss, sums = loss + part.detach(), {k: sums.get(k, 0) + v for k, v in st.items()}
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), a.max_grad_norm)
+        grad_norm = full(torch.nn.utils.clip_grad_norm_(model.parameters(), a.max_grad_norm))
         t2 = clock(comp.device)
         if torch.isfinite(loss) and torch.isfinite(grad_norm):
             opt.step()
@@ -1145,8 +1160,8 @@ def rollout(model, processor, batch, teachers, text_tokens, a: Args, device, rng
     enc = encode_prompts(processor, batch, device)
     t0 = clock(device)
     model.eval()
-    gen_cfg = generation_config(a, model, tok, greedy=False)
-    comp, mask, _ = generate(model, repeat_prompts(enc, a.G), gen_cfg)
+    gen_cfg = generation_config(a, unwrap(model), tok, greedy=False)
+    comp, mask, _ = generate(unwrap(model), repeat_prompts(enc, a.G), gen_cfg)
     t_gen = clock(device) - t0
     truncated = ~torch.isin(comp, torch.tensor(gen_cfg.eos_token_id, device=device)).any(1)  # hit the cap
     student_texts = tok.batch_decode(comp, skip_special_tokens=True)
@@ -1172,20 +1187,20 @@ def pretrain_disc(disc, model, processor, rows, teachers, text_tokens, eval_rows
     step instead of cached (the paper caches N = 16 per question; same distribution)."""
     opt = torch.optim.AdamW(disc.parameters(), lr=a.disc_pretrain_lr)
     sched = linear_decay(opt, a.disc_pretrain_steps)
-    for step in (bar := tqdm(range(a.disc_pretrain_steps), desc="disc pre-train", leave=False)):
-        batch = batch_at(rows, step, a.batch_size, a.seed + 2)
+    for step in (bar := tqdm(range(a.disc_pretrain_steps), desc="disc pre-train", leave=False, disable=RANK > 0)):
+        batch = share(batch_at(rows, step, a.batch_size, a.seed + 2))
         ro = rollout(model, processor, batch, teachers, text_tokens, a, device, random.Random(f"{a.seed}-d-{step}"), True)
         m, _ = disc_update(disc, opt, processor.tokenizer, ro["texts"], ro["is_teacher"], a, device)
         sched.step()
         bar.set_postfix(loss=f"{m['disc/loss']:.3f}")
     # held-out accuracy: sampled student answers vs teacher texts of questions D never saw
-    held = [r for r in eval_rows if all(r["teachers"].get(t) for t in teachers)][:32]
+    held = share([r for r in eval_rows if all(r["teachers"].get(t) for t in teachers)][:32])
     if not held:
         print("disc pre-train: the held-out rows have no teacher texts; no held-out accuracy")
         return
     ro = rollout(model, processor, held, teachers, text_tokens, a, device, random.Random(a.seed), True)
     pred = disc_logits(disc, processor.tokenizer, ro["texts"], device) > 0
-    acc = (pred == (ro["is_teacher"] == 0)).float().mean().item()
+    acc = mean_over_ranks({"acc": (pred == (ro["is_teacher"] == 0)).float().mean().item()}, device)["acc"]
     print(f"disc pre-train: {a.disc_pretrain_steps} steps, held-out accuracy {acc:.3f} (student vs teacher texts)")
 
 
@@ -1238,7 +1253,114 @@ def ril_step(step, model, ref, disc, opt, d_opt, processor, batch, teachers, tex
 
 
 # ================================================================================================
-# 11. Checkpoints: atomic writes, exact resume, a checkpoint on Ctrl-C / SIGTERM
+# 11. Several GPUs: torchrun, data parallel over questions (DDP), parameter sharding (FSDP2)
+# ================================================================================================
+RANK, WORLD, SHARDED = 0, 1, False  # set once by init_distributed; a single process keeps these
+
+
+def init_distributed(a: Args):
+    """Under `torchrun --nproc_per_node N ril.py ...`: one process per GPU (nccl) or per CPU worker
+    (gloo). Each rank takes a disjoint share of every batch of questions and makes its own groups, so
+    rewards and advantages never need another rank. Only rank 0 prints, logs and saves."""
+    global RANK, WORLD, SHARDED
+    WORLD = int(os.environ.get("WORLD_SIZE", "1"))
+    if WORLD == 1:
+        if a.shard:
+            fail("--shard needs several processes; start with torchrun --nproc_per_node N ril.py ...")
+        return
+    for name, n in (("batch-size", a.batch_size), ("sft-batch-size", a.sft_batch_size)):
+        if n % WORLD:
+            fail(f"--{name} {n} does not split evenly over {WORLD} ranks; make it a multiple of {WORLD}")
+    if a.shard and a.offload:
+        fail("--offload and --shard do not go together; sharding already spreads the memory over the ranks")
+    cuda = torch.cuda.is_available() and a.device != "cpu"
+    dist.init_process_group("nccl" if cuda else "gloo")
+    RANK, SHARDED = dist.get_rank(), a.shard
+    if cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    if RANK != 0:
+        sys.stdout = open(os.devnull, "w")
+
+
+def share(rows: list) -> list:
+    """This rank's questions of a batch (all of them in a single process)."""
+    return rows[RANK::WORLD]
+
+
+def unwrap(model):
+    """The model itself: DDP wraps it (generate, config and saving need the inner one); FSDP2 does not."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def parallelize(model, device):
+    """DDP: full copies, gradients averaged across ranks in backward. FSDP2 (--shard): each decoder or
+    vision block is its own unit, then the vision tower, then the whole model (OFFLINE_NOTES §5:
+    generate runs the vision tower outside forward, so it must be a unit of its own)."""
+    if WORLD == 1:
+        return model
+    if not SHARDED:
+        return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    from torch.distributed.fsdp import fully_shard
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, nn.ModuleList) and name.split(".")[-1] in ("layers", "blocks"):
+            for block in mod:
+                fully_shard(block)
+    for name, mod in list(model.named_modules()):
+        if name.split(".")[-1] in ("visual", "vision_tower", "vision_model"):
+            fully_shard(mod)
+    fully_shard(model, reshard_after_forward=True)  # the root too: outside a pass, every parameter is a shard
+    return model
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """A sharded (DTensor) value as an ordinary tensor, e.g. the global gradient norm under FSDP2."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def mean_over_ranks(m: dict, device) -> dict:
+    """Metrics averaged over ranks (every rank logs the same keys in the same order)."""
+    if WORLD == 1:
+        return m
+    keys = sorted(m)
+    t = torch.tensor([float(m[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return dict(zip(keys, (t / WORLD).tolist()))
+
+
+def gather_lists(xs: list) -> list:
+    """Every rank's list, concatenated in rank order, on every rank."""
+    if WORLD == 1:
+        return xs
+    parts = [None] * WORLD
+    dist.all_gather_object(parts, xs)
+    return [x for p in parts for x in p]
+
+
+def full_state(model, opt=None) -> tuple:
+    """(model state dict, optimizer state dict), whole and on the CPU: a sharded model's pieces are
+    gathered (every rank must call this), so a checkpoint is always an ordinary one."""
+    if not SHARDED:
+        return unwrap(model).state_dict(), None if opt is None else opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    o = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=o), None if opt is None else get_optimizer_state_dict(model, opt, options=o)
+
+
+def checksum(model) -> tuple:
+    """Two float64 sums of the whole parameters: ranks that agree give the same pair."""
+    ts = [full(p.detach()).double() for p in unwrap(model).parameters()]
+    return sum(t.sum().item() for t in ts), sum((t * t).sum().item() for t in ts)
+
+
+def load_optimizer(model, opt, state: dict):
+    if not SHARDED:
+        return opt.load_state_dict(state)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True))
+
+
+# ================================================================================================
+# 12. Checkpoints: atomic writes, exact resume, a checkpoint on Ctrl-C / SIGTERM
 # ================================================================================================
 def replace_atomic(path: str, write):
     """write(tmp), then rename it over path: a kill mid-write leaves the old file, never half a file."""
@@ -1253,22 +1375,25 @@ def checkpoints(out: str) -> list:
 
 
 def save_checkpoint(out: str, step: int, model, disc, opt, d_opt, before, keep_last: int) -> str:
-    """Everything the rest of the run depends on: both models, both optimizers, the step, every RNG
-    state and the pre-RIL evaluation. The data order needs no state: batch_at is a pure function of
-    (seed, step), so a resumed run replays the same questions (PEERS §4.4)."""
+    """Everything the rest of the run depends on: both models, both optimizers, the step, every rank's
+    RNG states and the pre-RIL evaluation. The data order needs no state: batch_at is a pure function
+    of (seed, step), so a resumed run replays the same questions (PEERS §4.4). Every rank calls this;
+    rank 0 writes."""
     root = os.path.join(out, "checkpoints")
     final, tmp = os.path.join(root, f"step_{step:07d}"), os.path.join(root, f"tmp_step_{step:07d}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    torch.save({"step": step, "student": model.state_dict(), "opt": opt.state_dict(),
-                "disc": None if disc is None else disc.state_dict(), "d_opt": None if d_opt is None else d_opt.state_dict(),
-                "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-                "before": before}, os.path.join(tmp, "state.pt"))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)  # the checkpoint appears complete, or not at all
-    for old in checkpoints(out)[:-keep_last]:
-        shutil.rmtree(old)
+    student, opt_state = full_state(model, opt)
+    d_state, d_opt_state = full_state(disc, d_opt) if disc is not None else (None, None)
+    rng = gather_lists([{"python": random.getstate(), "torch": torch.get_rng_state(),
+                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}])
+    if RANK == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        torch.save({"step": step, "student": student, "opt": opt_state, "disc": d_state, "d_opt": d_opt_state,
+                    "rng": rng, "before": before}, os.path.join(tmp, "state.pt"))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)  # the checkpoint appears complete, or not at all
+        for old in checkpoints(out)[:-keep_last]:
+            shutil.rmtree(old)
     return final
 
 
@@ -1296,7 +1421,7 @@ def trim_jsonl(path: str, last_step: int):
 
 
 # ================================================================================================
-# 12. Main: SFT -> D pre-training -> eval -> RIL loop -> eval -> save
+# 13. Main: SFT -> D pre-training -> eval -> RIL loop -> eval -> save
 # ================================================================================================
 def log_line(step: int, m: dict) -> str:
     f = lambda k, fmt="{:.3f}": fmt.format(m[k]) if k in m else "-"  # noqa: E731
@@ -1317,8 +1442,15 @@ def main(argv=None):
     # moments, half the memory, but an update smaller than ~1/256 of a weight rounds away, which at the
     # paper's LR of 1e-6 is most of them. The paper does not say which it used.
     mode = a.dtype if a.dtype != "auto" else ("amp" if device.type == "cuda" else "fp32")
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mode == "amp"):
-        train(a, device, mode, last_ckpt)
+    init_distributed(a)
+    if WORLD > 1 and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    try:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mode == "amp"):
+            train(a, device, mode, last_ckpt)
+    finally:
+        if WORLD > 1 and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def train(a: Args, device, mode: str, last_ckpt):
@@ -1351,39 +1483,73 @@ def train(a: Args, device, mode: str, last_ckpt):
             p.requires_grad_(False)
     if a.grad_checkpointing:
         checkpoint_activations(model)
+    if WORLD > 1:  # each rank evaluates an equal share, so every rank makes the same number of collective calls
+        eval_rows = eval_rows[:len(eval_rows) - len(eval_rows) % WORLD]
     n_params = sum(p.numel() for p in model.parameters())
     print(f"student {a.student}: {n_params / 1e6:.2f}M params on {device} ({mode}); algo {a.algo}; "
-          f"{len(train_rows)} train / {len(eval_rows)} held-out questions; teachers {teachers or '-'}")
-    os.makedirs(a.out, exist_ok=True)
-    if a.overwrite:
-        shutil.rmtree(os.path.join(a.out, "checkpoints"), ignore_errors=True)
-    replace_atomic(os.path.join(a.out, "args.json"), lambda tmp: json.dump(dataclasses.asdict(a), open(tmp, "w"), indent=2))
-    for spec in teacher_models:  # generated once, then read from --out/teacher_cache
-        model_teacher_texts(spec, train_rows + eval_rows, a, device, frozen_dtype)
+          f"{len(train_rows)} train / {len(eval_rows)} held-out questions; teachers {teachers or '-'}"
+          + (f"; {WORLD} ranks, {'FSDP2' if SHARDED else 'DDP'}" if WORLD > 1 else ""))
+    if RANK == 0:
+        os.makedirs(a.out, exist_ok=True)
+        if a.overwrite:
+            shutil.rmtree(os.path.join(a.out, "checkpoints"), ignore_errors=True)
+        replace_atomic(os.path.join(a.out, "args.json"), lambda tmp: json.dump(dataclasses.asdict(a), open(tmp, "w"), indent=2))
+        for spec in teacher_models:  # generated once, then read from --out/teacher_cache
+            model_teacher_texts(spec, train_rows + eval_rows, a, device, frozen_dtype)
+    if WORLD > 1:
+        dist.barrier()  # the other ranks read the teacher cache that rank 0 wrote
+        for spec in teacher_models if RANK > 0 else []:
+            model_teacher_texts(spec, train_rows + eval_rows, a, device, frozen_dtype)
     # r_ans(questions, answers, responses) -> scores: the matcher, or the paper's judge model
     judge = MatchJudge(train_rows) if a.judge == "match" else ModelJudge(a.judge, a, device, frozen_dtype)
     state = torch.load(os.path.join(last_ckpt, "state.pt"), weights_only=True) if a.resume else None
+    ref_path = os.path.join(a.out, "checkpoints", "reference.pt")
+    if state is not None:
+        model.load_state_dict(state["student"])
+
+    def make_ref():  # the starting (SFT'd) student, frozen [P] Alg. 2; not built when beta = 0
+        if a.beta == 0:
+            return None
+        ref = copy.deepcopy(unwrap(model)).eval().requires_grad_(False)
+        if state is not None:
+            ref.load_state_dict(torch.load(ref_path, weights_only=True))
+        if mode == "amp" or a.offload:  # never trained: no fp32 master copy needed
+            ref.to(dtype=frozen_dtype, device="cpu" if a.offload else device)
+        return ref
+
+    def make_disc():  # D from the same weights as the student, new 1-unit head [P] §3.1 / [R] §6.3
+        if a.algo != "ril":
+            return None
+        disc = Discriminator(unwrap(model))
+        if a.grad_checkpointing:
+            checkpoint_activations(disc.backbone)
+        if state is not None:
+            disc.load_state_dict(state["disc"])
+        return disc
+
+    if SHARDED:  # FSDP2: copies are made before sharding, and take the SFT'd weights after it (below)
+        ref, disc = make_ref(), make_disc()
+        ref, disc = (parallelize(m, device) if m is not None else None for m in (ref, disc))
+        model = parallelize(model, device)
+        with torch.no_grad():  # one full forward before the first generate (OFFLINE_NOTES §5)
+            model(**encode_prompts(processor, train_rows[:1], device))
+    else:
+        model = parallelize(model, device)
 
     # Stage 0: SFT warm-up. [R] Every algo starts from the same SFT'd student, so Table 1 rows compare
     # the RL stage alone (the paper does not say whether its baselines were SFT'd, RIL_PAPER §6.9).
-    if state is not None:
-        model.load_state_dict(state["student"])
-    elif a.sft_steps > 0:
+    if state is None and a.sft_steps > 0:
         sft_warmup(model, processor, train_rows, teachers, text_tokens, a, device)
-    # The reference is the starting (SFT'd) student, frozen [P] Alg. 2; not built when beta = 0.
-    ref_path = os.path.join(a.out, "checkpoints", "reference.pt")
-    ref = copy.deepcopy(model).eval().requires_grad_(False) if a.beta > 0 else None
-    if ref is not None and state is not None:
-        ref.load_state_dict(torch.load(ref_path, weights_only=True))
-    if ref is not None and (mode == "amp" or a.offload):  # never trained: no fp32 master copy needed
-        ref.to(dtype=frozen_dtype, device="cpu" if a.offload else device)
-    # Stage 2: D from the same weights as the student, new 1-unit head [P] §3.1 / [R] §6.3.
-    disc = Discriminator(model) if a.algo == "ril" else None
-    if disc is not None and a.grad_checkpointing:
-        checkpoint_activations(disc.backbone)
-    if disc is not None and state is not None:
-        disc.load_state_dict(state["disc"])
-    elif disc is not None and a.disc_pretrain_steps > 0:
+    if not SHARDED:
+        ref, disc = make_ref(), make_disc()
+        disc = parallelize(disc, device) if disc is not None else None
+    elif state is None:  # same sharding, so the shards copy over one to one
+        if ref is not None:
+            ref.load_state_dict(model.state_dict())
+        if disc is not None:
+            disc.backbone.load_state_dict(language_model(model).state_dict())
+    # Stage 2: discriminator pre-training
+    if disc is not None and state is None and a.disc_pretrain_steps > 0:
         with resident(disc, device, a.offload):
             pretrain_disc(disc, model, processor, train_rows, teachers, text_tokens, eval_rows, a, device)
     if disc is not None and a.offload:
@@ -1394,30 +1560,40 @@ def train(a: Args, device, mode: str, last_ckpt):
 
     metrics_path, samples_path = os.path.join(a.out, "metrics.jsonl"), os.path.join(a.out, "samples.jsonl")
     if state is not None:
-        opt.load_state_dict(state["opt"])
+        load_optimizer(model, opt, state["opt"])
         if d_opt is not None:
-            d_opt.load_state_dict(state["d_opt"])
+            load_optimizer(disc, d_opt, state["d_opt"])
         before, start = state["before"], state["step"] + 1
-        trim_jsonl(metrics_path, state["step"])
-        trim_jsonl(samples_path, state["step"])
-        random.setstate(state["rng"]["python"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if state["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        if RANK == 0:
+            trim_jsonl(metrics_path, state["step"])
+            trim_jsonl(samples_path, state["step"])
+        rng = state["rng"][RANK]  # each rank's own random streams
+        random.setstate(rng["python"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"]:
+            torch.cuda.set_rng_state_all(rng["cuda"])
     else:
         m, texts = evaluate(model, processor, disc, eval_rows, judge, a, device)
         before, start = {"metrics": m, "texts": texts}, 1
-        for path in (metrics_path, samples_path):
-            open(path, "w").close()
-        if ref is not None:
-            os.makedirs(os.path.dirname(ref_path), exist_ok=True)
-            replace_atomic(ref_path, lambda tmp: torch.save(ref.state_dict(), tmp))
+        ref_state = full_state(ref)[0] if ref is not None else None
+        if RANK == 0:
+            for path in (metrics_path, samples_path):
+                open(path, "w").close()
+            if ref is not None:
+                os.makedirs(os.path.dirname(ref_path), exist_ok=True)
+                replace_atomic(ref_path, lambda tmp: torch.save(ref_state, tmp))
+        if WORLD > 1:
+            torch.manual_seed(a.seed * 1000 + RANK)  # ranks sample their own answers from here on
         last_ckpt = save_checkpoint(a.out, 0, model, disc, opt, d_opt, before, a.keep_last)
-    metrics_file, samples_file = open(metrics_path, "a"), open(samples_path, "a")
+    metrics_file, samples_file = (open(metrics_path, "a"), open(samples_path, "a")) if RANK == 0 else (None, None)
 
-    def log(step, m):
-        metrics_file.write(json.dumps({"step": step, **m}) + "\n")
-        metrics_file.flush()
+    def log(step, m, dump=None):
+        if RANK == 0:
+            metrics_file.write(json.dumps({"step": step, **m}) + "\n")
+            metrics_file.flush()
+            if dump is not None:
+                samples_file.write(json.dumps({"step": step, **dump}) + "\n")
+                samples_file.flush()
 
     if state is None:
         log(0, before["metrics"])
@@ -1434,32 +1610,31 @@ def train(a: Args, device, mode: str, last_ckpt):
 
     handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     bad = 0  # steps in a row whose loss or gradient was not finite
-    for step in (bar := tqdm(range(start, a.steps + 1), desc=a.algo, initial=start - 1, total=a.steps)):
-        batch = batch_at(train_rows, step - 1, a.batch_size, a.seed + 3)
+    for step in (bar := tqdm(range(start, a.steps + 1), desc=a.algo, initial=start - 1, total=a.steps, disable=RANK > 0)):
+        batch = share(batch_at(train_rows, step - 1, a.batch_size, a.seed + 3))
         m, dump = ril_step(step, model, ref, disc, opt, d_opt, processor, batch, teachers, text_tokens, judge, a, device)
+        m = mean_over_ranks(m, device)
         bad = bad + 1 if m["guard/skipped"] or m.get("guard/disc_skipped") else 0
         if a.eval_every and step % a.eval_every == 0 and step != a.steps:
             m.update(evaluate(model, processor, disc, eval_rows, judge, a, device)[0])
-        log(step, m)
-        tqdm.write(log_line(step, m))
-        samples_file.write(json.dumps({"step": step, **dump}) + "\n")
-        samples_file.flush()
+        log(step, m, dump)
+        tqdm.write(log_line(step, m), file=sys.stdout)
         if a.dump_every and step % a.dump_every == 0:
-            tqdm.write(f"--- step {step} group: {dump['question']} (answer: {dump['answer']})")
+            tqdm.write(f"--- step {step} group: {dump['question']} (answer: {dump['answer']})", file=sys.stdout)
             for d in dump["texts"]:
                 tqdm.write(f"    {d['source']:7s} r_sim {d['r_sim']:.0f} r_ans {d['r_ans']:.0f} "
-                           f"D {'-' if d['D'] is None else format(d['D'], '.2f')} adv {d['adv']:+.2f} | {d['text']!r}")
+                           f"D {'-' if d['D'] is None else format(d['D'], '.2f')} adv {d['adv']:+.2f} | {d['text']!r}", file=sys.stdout)
         if bad >= a.max_bad_steps:
             fail(f"step {step}: loss or gradient was NaN/inf for {bad} steps in a row (each was skipped); "
                  f"the last good checkpoint is {last_ckpt}; lower --lr / --disc-lr or check the data")
-        if stop or (a.save_every and step % a.save_every == 0) or step == a.steps:
+        stopping = mean_over_ranks({"stop": float(bool(stop))}, device)["stop"] > 0  # every rank stops at the same step
+        if stopping or (a.save_every and step % a.save_every == 0) or step == a.steps:
             last_ckpt = save_checkpoint(a.out, step, model, disc, opt, d_opt, before, a.keep_last)
-        if stop:
+        if stopping:
             print(f"stopped after step {step}; checkpoint {last_ckpt}; continue with: python ril.py --out {a.out} --resume")
-            sys.exit(128 + stop[0])
+            sys.exit(128 + (stop[0] if stop else signal.SIGTERM))
     for sig, h in handlers.items():
         signal.signal(sig, h)
-    samples_file.close()
 
     after, after_texts = evaluate(model, processor, disc, eval_rows, judge, a, device)
     log(a.steps, after)
@@ -1480,11 +1655,19 @@ def train(a: Args, device, mode: str, last_ckpt):
         if disc is not None and t_texts:
             print(f"| teacher texts | 1.000 | - | {teacher_likeness(disc, tok, t_texts, device):.3f} | 1.000 | - |")
 
-    save_student(model, processor, a.out)
-    if disc is not None:
-        replace_atomic(os.path.join(a.out, "discriminator.pt"),
-                       lambda tmp: torch.save({"backbone": disc.backbone.state_dict(), "head": disc.head.state_dict()}, tmp))
-    metrics_file.close()
+    if WORLD > 1:  # gradients were averaged, so every rank must hold the same weights
+        sums = gather_lists([(checksum(model), checksum(disc) if disc is not None else None)])
+        if any(x != sums[0] for x in sums):
+            fail(f"ranks disagree after training (parameter checksums {sums}); the gradient reduction is broken")
+        print(f"ranks agree: identical student and discriminator parameters on {WORLD} ranks")
+    student_state, disc_state = full_state(model)[0], full_state(disc)[0] if disc is not None else None
+    if RANK == 0:
+        save_student(unwrap(model), processor, a.out, student_state)
+        if disc is not None:
+            parts = {p: {k[len(p) + 1:]: v for k, v in disc_state.items() if k.startswith(p + ".")} for p in ("backbone", "head")}
+            replace_atomic(os.path.join(a.out, "discriminator.pt"), lambda tmp: torch.save(parts, tmp))
+        metrics_file.close()
+        samples_file.close()
     print(f"\nsaved student + processor to {a.out} ({time.time() - t_start:.0f}s total)")
 
 

@@ -734,6 +734,71 @@ def test_memory_flags_train_the_language_model_only(tmp_path, monkeypatch):
     assert len(steps) == 2 and all(m["guard/skipped"] == 0 for m in steps)
 
 
+# ---------------------------------------------------------------- several processes: torchrun on CPU with gloo
+def _torchrun(*argv, timeout=300):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *argv],
+                          capture_output=True, text=True, env=env, timeout=timeout, cwd=HERE)
+
+
+@pytest.mark.parametrize("shard", [False, True], ids=["ddp", "fsdp2"])
+def test_torchrun_two_ranks_train_agree_and_save_an_ordinary_checkpoint(tmp_path, shard):
+    out = tmp_path / "out"
+    p = _torchrun("ril.py", *TINY_RUN, "--sft-batch-size", "4", "--steps", "3", "--out", str(out), *(["--shard"] if shard else []))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"2 ranks, {'FSDP2' if shard else 'DDP'}" in p.stdout
+    assert "ranks agree: identical student and discriminator parameters on 2 ranks" in p.stdout
+    steps = [json.loads(x) for x in open(out / "metrics.jsonl") if "reward/total" in x]
+    assert [m["step"] for m in steps] == [1, 2, 3]  # rank 0 alone writes
+    trained = transformers.AutoModelForImageTextToText.from_pretrained(out)
+    assert type(trained).__name__ == "Qwen2VLForConditionalGeneration"
+    ref = torch.load(out / "checkpoints" / "reference.pt", weights_only=True)
+    assert any(not torch.equal(v, trained.state_dict()[k]) for k, v in ref.items()), "the student did not change"
+    disc = torch.load(out / "discriminator.pt", weights_only=True)
+    assert set(disc) == {"backbone", "head"} and "weight" in disc["head"]
+
+
+def _reduction_update(rows_of_rank: list, shard: bool = False) -> dict:
+    """One policy update on fixed groups: each question's 4 teacher texts, its answer and the answer
+    with a full stop, with fixed advantages. Returns the student's parameters afterwards (in full)."""
+    a = ril.Args(shard=shard, beta=0.01, lr=1e-3, max_grad_norm=1e9)
+    torch.manual_seed(0)
+    rows = ril.make_toy(4, 0)
+    corpus = [x for r in rows for x in [r["question"], r["answer"]] + [t for ts in r["teachers"].values() for t in ts]]
+    model, proc = ril.build_tiny(a, corpus)
+    ref = ril.copy.deepcopy(model).requires_grad_(False)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    tt = ril.TextTokens(proc.tokenizer, proc.tokenizer.eos_token_id, a.max_new_tokens)
+    mine = [rows[i] for i in rows_of_rank]
+    if not mine:  # the parameters before the update
+        return model.state_dict()
+    texts = [t for r in mine for t in r["teachers"]["alice"] + r["teachers"]["bob"] + [r["answer"], r["answer"] + "."]]
+    comp, mask = ril.pad_right([tt(t) for t in texts], proc.tokenizer.pad_token_id, CPU)
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 0.25, -0.25] * len(mine))
+    enc = ril.repeat_prompts(ril.encode_prompts(proc, mine, CPU), 6)
+    model = ril.parallelize(model, CPU)
+    # SGD with lr 1: the change is minus the (reduced) gradient. AdamW's first step is about lr x sign(g),
+    # which turns float noise in a near-zero gradient into a full-size difference.
+    ril.policy_update(model, ref, torch.optim.SGD(model.parameters(), lr=1.0), enc, comp, mask, adv, a)
+    return ril.full_state(model)[0]
+
+
+@pytest.mark.parametrize("shard", [False, True], ids=["ddp", "fsdp2"])
+def test_two_ranks_with_two_questions_each_update_like_one_process_with_four(tmp_path, shard):
+    """The reduction is right: ranks 0 and 1 take questions {0, 2} and {1, 3} of the same fixed groups;
+    their one update gives the parameters of one process that takes all four."""
+    p = _torchrun("test_ril.py", "--reduction-check", str(tmp_path), *(["--shard"] if shard else []))
+    assert p.returncode == 0, p.stderr[-3000:]
+    two_ranks = torch.load(tmp_path / "reduction.pt", weights_only=True)
+    one = _reduction_update([0, 1, 2, 3])
+    start = _reduction_update([])
+    assert any(not torch.equal(one[k], start[k]) for k in one), "the update changed nothing"
+    worst = max((two_ranks[k] - one[k]).abs().max().item() for k in one)
+    assert worst < 1e-6, worst
+
+
 # ---------------------------------------------------------------- benchmark (make bench), not a test
 BENCH_WORKLOADS = {  # name: ril.Args overrides; the models are random, so answers run to the token cap
     "tiny default": dict(),
@@ -883,3 +948,10 @@ if __name__ == "__main__" and "--bench" in sys.argv:
     run_bench()
 if __name__ == "__main__" and "--memory" in sys.argv:
     memory_table()
+if __name__ == "__main__" and "--reduction-check" in sys.argv:  # under torchrun, by the test above
+    shard = "--shard" in sys.argv
+    ril.init_distributed(ril.Args(shard=shard))
+    state = _reduction_update([ril.RANK, ril.RANK + 2], shard)
+    if ril.RANK == 0:
+        torch.save(state, os.path.join(sys.argv[sys.argv.index("--reduction-check") + 1], "reduction.pt"))
+    ril.dist.destroy_process_group()
