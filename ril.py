@@ -1403,7 +1403,8 @@ def resume_args(a: Args) -> tuple:
     if not found or not os.path.isfile(args_path):
         fail(f"--resume: no complete checkpoint in {a.out}/checkpoints; start a run there without --resume")
     saved = json.load(open(args_path))
-    print(f"resuming {found[-1]} with the arguments in {args_path} (only --steps comes from this command)")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, before init_distributed
+        print(f"resuming {found[-1]} with the arguments in {args_path} (only --steps comes from this command)")
     return Args(**{**saved, "steps": a.steps, "resume": True, "overwrite": False}), found[-1]
 
 

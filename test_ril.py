@@ -900,48 +900,74 @@ def run_bench():
 
 
 # ---------------------------------------------------------------- memory estimate (make memory), not a test
-def memory_table(hidden=1536, layers=28, inter=8960, heads=12, kv=2, vocab=151936, tied=True, gpus=1):
-    """An estimate, not a measurement: the GPU memory of a RIL step for Qwen2-VL-2B-Instruct (its
-    published config; parameters counted on the meta device), for the paper's shapes: 8 questions x 2G=8
-    texts = 64 sequences, a 448x448 image (1024 patches -> 256 image tokens), 320 prompt + 256 new tokens.
-    Weights, gradients and AdamW moments are exact byte counts. Activations use Korthikanti et al.'s
-    34 bytes x tokens x hidden per layer (bf16, fused attention), or 2 bytes x tokens x hidden per layer
-    plus one layer with --grad-checkpointing. Logits: 10 bytes per kept position and vocabulary entry."""
+# Published configs: Qwen2-VL-2B/7B-Instruct; for the 8B row the language model of InternVL3-8B
+# (Qwen2.5-7B), its 0.3B InternViT counted as the 0.67B Qwen2-VL vision tower scaled to 0.30B.
+MEMORY_MODELS = {
+    "Qwen2-VL-2B": dict(hidden=1536, layers=28, inter=8960, heads=12, kv=2, vocab=151936, tied=True, vision=None),
+    "Qwen2-VL-7B": dict(hidden=3584, layers=28, inter=18944, heads=28, kv=4, vocab=152064, tied=False, vision=None),
+    "InternVL3-8B": dict(hidden=3584, layers=28, inter=18944, heads=28, kv=4, vocab=151674, tied=False, vision=0.30e9),
+}
+MEMORY_FLAGS = ["--dtype amp", "--dtype amp --micro-batch 4", "--dtype amp --micro-batch 4 --grad-checkpointing",
+                "--dtype amp --micro-batch 4 --grad-checkpointing --freeze-vision",
+                "--dtype amp --micro-batch 4 --grad-checkpointing --freeze-vision --offload",
+                "--dtype bf16 --micro-batch 4 --grad-checkpointing --freeze-vision --offload"]
+
+
+def param_counts(hidden, layers, inter, heads, kv, vocab, tied, vision) -> tuple:
+    """(all, vision tower, discriminator) parameters, counted on the meta device."""
     text = dict(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
                 num_key_value_heads=kv, vocab_size=vocab, rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]})
-    vision = dict(depth=32, embed_dim=1280, num_heads=16, hidden_size=hidden, mlp_ratio=4, patch_size=14, spatial_merge_size=2)
+    vis = dict(depth=32, embed_dim=1280, num_heads=16, hidden_size=hidden, mlp_ratio=4, patch_size=14, spatial_merge_size=2)
     with torch.device("meta"):
-        m = transformers.Qwen2VLForConditionalGeneration(transformers.Qwen2VLConfig(text_config=text, vision_config=vision,
+        m = transformers.Qwen2VLForConditionalGeneration(transformers.Qwen2VLConfig(text_config=text, vision_config=vis,
                                                                                    tie_word_embeddings=tied))
-    P = sum(p.numel() for p in m.parameters())
     V = sum(p.numel() for n, p in m.named_parameters() if ".visual." in f".{n}")
-    D = sum(p.numel() for p in ril.language_model(m).parameters()) + hidden + 1  # backbone + 1-unit head
-    seqs, S, T, patches, S_d, GB = 64, 320 + 256, 256, 1024, 100, 1e9
+    P = sum(p.numel() for p in m.parameters()) - V + (vision or V)
+    return P, vision or V, sum(p.numel() for p in ril.language_model(m).parameters()) + hidden + 1
+
+
+def memory_estimate(flags: str, P, V, D, hidden, layers, vocab, ranks: int = 1, shard: bool = False, **_) -> tuple:
+    """GPU bytes per rank at the peak of a step, and the phase. Shapes: 8 questions x 2G=8 texts = 64
+    sequences per step, split over the ranks; 448x448 images; 320 prompt + 256 new tokens."""
+    seqs, S, T, patches, S_d = 64 // ranks, 320 + 256, 256, 1024, 100
+    w = 2 if "bf16" in flags else 4  # bytes per trained weight, gradient and AdamW moment
+    trainable = P - V if "freeze-vision" in flags else P
+    mb, ckpt, off = (4 if "micro-batch" in flags else seqs), "checkpointing" in flags, "offload" in flags
+    split = ranks if shard else 1
+    student_w, student_go, ref, disc = w * P / split, 3 * w * trainable / split, (0 if off else 2 * P / split), 4 * w * D / split
+    act = mb * ((2 if ckpt else 34) * S * hidden * layers + (34 * S * hidden if ckpt else 0))
+    if "freeze-vision" not in flags:  # the vision tower's activations (1280 wide, 32 blocks), one image per sequence
+        act += mb * ((2 if ckpt else 34) * patches * 1280 * 32 + (34 * patches * 1280 if ckpt else 0))
+    act += mb * T * vocab * 10 + (2 * 2 * P / layers if shard else 0)  # logits; FSDP2: one gathered layer (x2 prefetch)
+    policy = student_w + student_go + ref + (0 if off else disc) + act
+    d_phase = student_w + 2 * w * trainable / split + ref + disc + mb * 34 * S_d * hidden * layers
+    return max((policy, "policy update"), (d_phase, "D update")), (student_w + student_go, ref, disc, act)
+
+
+def memory_table():
+    """An estimate, not a measurement (README "Memory"). Weights, gradients and AdamW moments are
+    exact byte counts. Activations use Korthikanti et al.'s 34 bytes x tokens x hidden per layer (bf16,
+    fused attention), or 2 bytes plus one whole layer with --grad-checkpointing; logits take 10 bytes
+    per kept position and vocabulary entry."""
+    GB, spec = 1e9, MEMORY_MODELS["Qwen2-VL-2B"]
+    P, V, D = param_counts(**spec)
     print(f"Qwen2-VL-2B: {P / 1e9:.3f}B parameters ({V / 1e9:.3f}B vision tower); discriminator {D / 1e9:.3f}B; "
-          f"{seqs} sequences of {S} tokens per step")
+          f"64 sequences of 576 tokens per step, one GPU")
     print("| flags | student (weights+grads+AdamW) | reference | discriminator (+grads+AdamW) | activations + logits | peak (phase) |")
     print("|---|---|---|---|---|---|")
-    for flags in ["--dtype amp", "--dtype amp --micro-batch 4", "--dtype amp --micro-batch 4 --grad-checkpointing",
-                  "--dtype amp --micro-batch 4 --grad-checkpointing --freeze-vision",
-                  "--dtype amp --micro-batch 4 --grad-checkpointing --freeze-vision --offload",
-                  "--dtype bf16 --micro-batch 4 --grad-checkpointing --freeze-vision --offload"]:
-        w = 2 if "bf16" in flags else 4  # bytes per weight, gradient and AdamW moment
-        trainable = P - V if "freeze-vision" in flags else P
-        mb = 4 if "micro-batch" in flags else seqs
-        ckpt, off = "checkpointing" in flags, "offload" in flags
-        student_w, student_go = w * P, 3 * w * trainable  # grads + two moments
-        ref = 0 if off else 2 * P  # bf16, never trained
-        disc = 4 * w * D  # weights, grads, two moments
-        per_layer = (2 if ckpt else 34)
-        act = mb * (per_layer * S * hidden * layers + (34 * S * hidden if ckpt else 0))
-        if "freeze-vision" not in flags:  # the vision tower's activations, one image per sequence
-            act += mb * ((2 if ckpt else 34) * patches * 1280 * 32 + (34 * patches * 1280 if ckpt else 0))
-        act += mb * T * vocab * 10
-        policy_phase = student_w + student_go + ref + (0 if off else disc) + act
-        disc_phase = student_w + 2 * w * trainable + ref + disc + mb * 34 * S_d * hidden * layers
-        peak, when = max((policy_phase, "policy update"), (disc_phase, "D update"))
-        print(f"| `{flags}` | {(student_w + student_go) / GB:.1f} GB | {ref / GB:.1f} GB | {disc / GB:.1f} GB"
-              f"{' (GPU only in its turn)' if off else ''} | {act / GB:.1f} GB | **{peak / GB:.1f} GB** ({when}) |")
+    for flags in MEMORY_FLAGS:
+        (peak, when), (st, ref, disc, act) = memory_estimate(flags, P, V, D, **spec)
+        print(f"| `{flags}` | {st / GB:.1f} GB | {ref / GB:.1f} GB | {disc / GB:.1f} GB"
+              f"{' (GPU only in its turn)' if 'offload' in flags else ''} | {act / GB:.1f} GB | **{peak / GB:.1f} GB** ({when}) |")
+    flags = "--dtype amp --micro-batch 4 --grad-checkpointing --freeze-vision"
+    print(f"\nPer GPU under torchrun, `{flags}` (the same 64 sequences split over the ranks):")
+    print("| student | parameters | 1 GPU | 2 GPUs, DDP | 8 GPUs, DDP | 2 GPUs, --shard | 4 GPUs, --shard | 8 GPUs, --shard |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, spec in MEMORY_MODELS.items():
+        P, V, D = param_counts(**spec)
+        cells = [memory_estimate(flags, P, V, D, ranks=n, shard=sh, **spec)[0][0] / GB
+                 for n, sh in [(1, False), (2, False), (8, False), (2, True), (4, True), (8, True)]]
+        print(f"| {name} | {P / 1e9:.2f}B | " + " | ".join(f"{c:.0f} GB" for c in cells) + " |")
 
 
 if __name__ == "__main__" and "--bench" in sys.argv:
