@@ -3,12 +3,13 @@
 #   make test   install, then run the test suite
 #   make bench  install, then time a RIL step against the bare model calls it needs (not a test)
 #   make memory install, then print the estimated GPU memory of a Qwen2-VL-2B run per flag set
+#   make paper-table  install, then run the paper's tables in miniature (3 seeds, about 20 minutes on 2 cores)
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 
-.PHONY: run test bench memory clean
+.PHONY: run test bench memory paper-table clean
 
 $(BIN)/.installed: requirements.txt
 	$(PY) -m venv $(VENV)
@@ -26,6 +27,9 @@ bench: $(BIN)/.installed
 
 memory: $(BIN)/.installed
 	$(BIN)/python test_ril.py --memory
+
+paper-table: $(BIN)/.installed
+	$(BIN)/python test_ril.py --paper-table
 
 clean:
 	rm -rf runs .pytest_cache __pycache__

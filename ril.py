@@ -56,7 +56,7 @@ import torch.nn as nn
 import torch.distributed as dist
 import torch.nn.functional as F
 import transformers
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 transformers.utils.logging.set_verbosity_error()
@@ -185,10 +185,12 @@ class Args:
     trust_remote_code: bool = False
     """allow a model folder's own Python code to run (off: only transformers' classes are used)"""
     # --- logging
-    eval_every: int = 0
-    """evaluate on the held-out split every N RIL steps (0 = only before and after)"""
+    eval_every: int = 50
+    """evaluate on the held-out split every N RIL steps (0 = only before and after); greedy, so it draws no random numbers"""
     dump_every: int = 20
     """print one group (texts, r_sim, r_ans, D) every N steps (0 = never)"""
+    plot: bool = False
+    """draw --out/metrics.png from --out/metrics.jsonl and exit (every run also draws it at its end)"""
 
 
 def parse_args(argv=None) -> Args:
@@ -1422,7 +1424,75 @@ def trim_jsonl(path: str, last_step: int):
 
 
 # ================================================================================================
-# 13. Main: SFT -> D pre-training -> eval -> RIL loop -> eval -> save
+# 13. Pictures: metrics.png, drawn with Pillow
+# ================================================================================================
+PANELS = [  # title, y label, [(metric, legend)]
+    ("rewards of student samples", "reward", [("reward/total", "total"), ("reward/ans", "r_ans"), ("reward/sim", "r_sim")]),
+    ("discriminator accuracy", "accuracy", [("disc/acc_student", "on student texts"), ("disc/acc_teacher", "on teacher texts")]),
+    ("KL to the reference", "KL per token", [("policy/kl", "policy/kl")]),
+    ("answer length", "tokens", [("len/mean", "student samples")]),
+    ("held-out evaluation", "score", [("eval/acc", "accuracy"), ("eval/teacher_like", "teacher-likeness (D then)"),
+                                      ("eval/teacher_match", "teacher match")]),
+    ("discriminator loss", "BCE", [("disc/loss", "disc/loss")]),
+]
+COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)]
+
+
+def plot_metrics(out: str) -> str:
+    """One panel per group of metrics, step on x. Training curves are drawn raw (light) and as a moving
+    average over a twentieth of the run (dark); evaluations as points joined by lines."""
+    lines = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
+    W, H, cols, rows = 1500, 900, 3, 2
+    img, font = Image.new("RGB", (W, H), "white"), ImageFont.load_default(size=14)
+    d = ImageDraw.Draw(img)
+    for k, (title, ylabel, series) in enumerate(PANELS):
+        x0, y0 = (k % cols) * W // cols + 80, (k // cols) * H // rows + 40
+        pw, ph = W // cols - 110, H // rows - 110  # plot area
+        data = [(name, [(m["step"], m[key]) for m in lines if key in m]) for key, name in series]
+        data = [(name, pts) for name, pts in data if pts]
+        d.text((x0 + pw // 2, y0 - 22), title, fill="black", font=font, anchor="mm")
+        d.rectangle([x0, y0, x0 + pw, y0 + ph], outline="black")
+        d.text((x0 + pw // 2, y0 + ph + 34), "step", fill="black", font=font, anchor="mm")
+        label = Image.new("RGB", (ph, 18), "white")
+        ImageDraw.Draw(label).text((ph // 2, 9), ylabel, fill="black", font=font, anchor="mm")
+        img.paste(label.rotate(90, expand=True), (x0 - 72, y0))
+        if not data:
+            d.text((x0 + pw // 2, y0 + ph // 2), "not logged in this run", fill="gray", font=font, anchor="mm")
+            continue
+        xs, ys = [p[0] for _, pts in data for p in pts], [p[1] for _, pts in data for p in pts]
+        xlo, xhi, ylo, yhi = min(xs), max(max(xs), min(xs) + 1), min(ys), max(ys)
+        if yhi - ylo < 1e-9:
+            ylo, yhi = ylo - 0.5, yhi + 0.5
+        X = lambda x: x0 + (x - xlo) / (xhi - xlo) * pw  # noqa: E731
+        Y = lambda y: y0 + ph - (y - ylo) / (yhi - ylo) * ph  # noqa: E731
+        for t in range(3):  # ticks: ends and middle of each axis
+            xv, yv = xlo + t * (xhi - xlo) / 2, ylo + t * (yhi - ylo) / 2
+            d.line([X(xv), y0 + ph, X(xv), y0 + ph + 5], fill="black")
+            d.text((X(xv), y0 + ph + 16), f"{xv:.0f}", fill="black", font=font, anchor="mm")
+            d.line([x0 - 5, Y(yv), x0, Y(yv)], fill="black")
+            d.text((x0 - 8, Y(yv)), f"{yv:.3g}", fill="black", font=font, anchor="rm")
+        for j, (name, pts) in enumerate(data):
+            c = COLOURS[j % len(COLOURS)]
+            if len(pts) > 20 and title != "held-out evaluation":
+                d.line([(X(x), Y(y)) for x, y in pts], fill=tuple(v + (255 - v) * 2 // 3 for v in c), width=1)
+                w = max(1, len(pts) // 20)
+                pts = [(pts[i][0], sum(y for _, y in pts[max(0, i - w + 1):i + 1]) / len(pts[max(0, i - w + 1):i + 1]))
+                       for i in range(len(pts))]
+            d.line([(X(x), Y(y)) for x, y in pts], fill=c, width=2)
+            if title == "held-out evaluation":
+                for x, y in pts:
+                    d.ellipse([X(x) - 4, Y(y) - 4, X(x) + 4, Y(y) + 4], fill=c)
+        for j, (name, _) in enumerate(data):  # the legend, on white, over the curves
+            d.rectangle([x0 + 4, y0 + 3 + 18 * j, x0 + 44 + d.textlength(name, font=font), y0 + 21 + 18 * j], fill="white")
+            d.line([x0 + 10, y0 + 12 + 18 * j, x0 + 30, y0 + 12 + 18 * j], fill=COLOURS[j % len(COLOURS)], width=3)
+            d.text((x0 + 36, y0 + 12 + 18 * j), name, fill="black", font=font, anchor="lm")
+    path = os.path.join(out, "metrics.png")
+    replace_atomic(path, lambda tmp: img.save(tmp, format="PNG"))
+    return path
+
+
+# ================================================================================================
+# 14. Main: SFT -> D pre-training -> eval -> RIL loop -> eval -> save
 # ================================================================================================
 def log_line(step: int, m: dict) -> str:
     f = lambda k, fmt="{:.3f}": fmt.format(m[k]) if k in m else "-"  # noqa: E731
@@ -1435,6 +1505,10 @@ def log_line(step: int, m: dict) -> str:
 def main(argv=None):
     a = parse_args(argv)
     check_args(a)
+    if a.plot:
+        if not os.path.isfile(os.path.join(a.out, "metrics.jsonl")):
+            fail(f"--plot: {a.out}/metrics.jsonl not found; give the --out of a run")
+        return print(f"wrote {plot_metrics(a.out)}")
     last_ckpt = None
     if a.resume:  # continue the interrupted run exactly as it was configured
         a, last_ckpt = resume_args(a)
@@ -1669,6 +1743,7 @@ def train(a: Args, device, mode: str, last_ckpt):
             replace_atomic(os.path.join(a.out, "discriminator.pt"), lambda tmp: torch.save(parts, tmp))
         metrics_file.close()
         samples_file.close()
+        print(f"wrote {plot_metrics(a.out)}")
     print(f"\nsaved student + processor to {a.out} ({time.time() - t_start:.0f}s total)")
 
 

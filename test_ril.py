@@ -970,10 +970,92 @@ def memory_table():
         print(f"| {name} | {P / 1e9:.2f}B | " + " | ".join(f"{c:.0f} GB" for c in cells) + " |")
 
 
+# ---------------------------------------------------------------- the paper's tables in miniature (make paper-table)
+PAPER_ROWS = [  # (row, flags): every row starts from the same SFT'd student of its seed, 200 RIL steps
+    ("GRPO", ["--algo", "grpo"]),
+    ("Dr.GRPO", ["--algo", "dr_grpo"]),
+    ("RIL, one teacher (alice)", ["--teachers", "alice"]),
+    ("RIL, two teachers", []),
+    ("RIL, frozen discriminator", ["--disc-lr", "0"]),
+    ("RIL, continuous r_sim", ["--sim-reward", "continuous"]),
+    ("RIL, beta = 0", ["--beta", "0"]),
+]
+PAPER_SEEDS = [0, 1, 2]
+
+
+def run_paper_table(root: str = os.path.join(HERE, "runs", "paper_table"), jobs: int = 2, flags: tuple = ()):
+    """Table 1, Table 2, Table 5b/5d and Fig. 6 of the paper in miniature, on the built-in task, 3 seeds.
+    Per seed: one SFT run (its student is the first row and the start of every other row), then each row
+    as its own process, two at a time with one thread each. Every row is scored the same way: greedy
+    answers on the 120 held-out questions; accuracy; teacher-likeness by one ruler per seed, the
+    discriminator pre-trained in that seed's two-teacher RIL run (the D that learned the SFT'd student vs
+    the teachers), so that rows without a discriminator of their own can be scored too; teacher match."""
+    t0 = time.time()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    common = ["--dump-every", "0", "--keep-last", "10", "--overwrite", *flags]  # flags: a smaller budget, for a smoke run
+    a = ril.parse_args(list(flags))
+
+    def run_all(cmds):  # [(out, argv)], `jobs` at a time
+        running, todo = [], list(cmds)
+        while todo or running:
+            while todo and len(running) < jobs:
+                out, argv = todo.pop(0)
+                os.makedirs(out, exist_ok=True)
+                log = open(os.path.join(out, "run.log"), "w")
+                running.append((out, subprocess.Popen([sys.executable, os.path.join(HERE, "ril.py"), *argv, "--out", out],
+                                                      stdout=log, stderr=subprocess.STDOUT, env=env)))
+            time.sleep(0.5)
+            for out, p in [r for r in running if r[1].poll() is not None]:
+                running.remove((out, p))
+                if p.returncode != 0:
+                    sys.exit(f"paper-table: the run in {out} failed; see {out}/run.log")
+                print(f"  done {os.path.relpath(out, root)} ({time.time() - t0:.0f}s)", flush=True)
+
+    sft = {seed: os.path.join(root, f"seed{seed}", "sft") for seed in PAPER_SEEDS}
+    run_all([(sft[seed], ["--seed", str(seed), "--algo", "dr_grpo", *common, "--steps", "0"]) for seed in PAPER_SEEDS])
+    run_all([(os.path.join(root, f"seed{seed}", f"row{i}"), ["--seed", str(seed), "--student", sft[seed], *common, "--sft-steps", "0", *row])
+             for seed in PAPER_SEEDS for i, (_, row) in enumerate(PAPER_ROWS)])
+
+    scores = {}  # row -> list over seeds of (accuracy, teacher-likeness, teacher match, length)
+    for seed in PAPER_SEEDS:
+        train_rows, eval_rows = ril.make_toy(a.toy_size, seed), ril.make_toy(a.eval_size, seed + 10_000)
+        judge = ril.MatchJudge(train_rows)
+        ruler_state = torch.load(os.path.join(root, f"seed{seed}", f"row{[r for r, _ in PAPER_ROWS].index('RIL, two teachers')}",
+                                              "checkpoints", "step_0000000", "state.pt"), weights_only=True)["disc"]
+        for name, out in [("SFT'd student alone", sft[seed])] + [(r, os.path.join(root, f"seed{seed}", f"row{i}"))
+                                                               for i, (r, _) in enumerate(PAPER_ROWS)]:
+            model = transformers.AutoModelForImageTextToText.from_pretrained(out)
+            ruler = ril.Discriminator(model)
+            ruler.load_state_dict(ruler_state)
+            m, _ = ril.evaluate(model, ril.load_processor(out), ruler.eval(), eval_rows, judge, ril.Args(), CPU)
+            scores.setdefault(name, []).append((m["eval/acc"], m["eval/teacher_like"], m["eval/teacher_match"], m["eval/len"]))
+
+    def cell(xs, j, fmt="{:.3f}"):
+        v = [x[j] for x in xs]
+        mean = sum(v) / len(v)
+        sd = (sum((x - mean) ** 2 for x in v) / (len(v) - 1)) ** 0.5
+        return f"{fmt.format(mean)} ± {fmt.format(sd)}"
+
+    lines = [f"Built-in task, {a.eval_size} held-out questions, seeds {PAPER_SEEDS}, {a.steps} RIL steps per row from the same SFT'd student; "
+             f"mean ± standard deviation over seeds. Teacher-likeness = mean(1 - D) under one ruler per seed (the "
+             f"discriminator pre-trained in that seed's two-teacher RIL run).", "",
+             "| row | accuracy | teacher-likeness | teacher match | length (tokens) |", "|---|---|---|---|---|"]
+    lines += [f"| {name} | {cell(xs, 0)} | {cell(xs, 1)} | {cell(xs, 2)} | {cell(xs, 3, '{:.1f}')} |" for name, xs in scores.items()]
+    lines += ["", "Per seed (accuracy / teacher-likeness):", "", "| row | " + " | ".join(f"seed {s}" for s in PAPER_SEEDS) + " |",
+              "|---|" + "---|" * len(PAPER_SEEDS)]
+    lines += [f"| {name} | " + " | ".join(f"{x[0]:.3f} / {x[1]:.3f}" for x in xs) + " |" for name, xs in scores.items()]
+    lines += ["", f"{time.time() - t0:.0f} s in all, {jobs} runs at a time with one thread each."]
+    with open(os.path.join(root, "table.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines) + f"\n\nwritten to {os.path.join(root, 'table.md')}")
+
+
 if __name__ == "__main__" and "--bench" in sys.argv:
     run_bench()
 if __name__ == "__main__" and "--memory" in sys.argv:
     memory_table()
+if __name__ == "__main__" and "--paper-table" in sys.argv:
+    run_paper_table()
 if __name__ == "__main__" and "--reduction-check" in sys.argv:  # under torchrun, by the test above
     shard = "--shard" in sys.argv
     ril.init_distributed(ril.Args(shard=shard))
