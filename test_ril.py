@@ -734,6 +734,26 @@ def test_memory_flags_train_the_language_model_only(tmp_path, monkeypatch):
     assert len(steps) == 2 and all(m["guard/skipped"] == 0 for m in steps)
 
 
+def test_every_run_draws_metrics_png_with_every_panel(tmp_path, capsys):
+    """metrics.png is written at the end of a run, every panel has its metrics in metrics.jsonl
+    (held-out evaluations at step 0, every --eval-every steps and at the end), and --plot redraws it."""
+    from PIL import Image
+    out = tmp_path / "out"
+    ril.main([*TINY_RUN, "--steps", "3", "--eval-every", "2", "--out", str(out)])
+    assert Image.open(out / "metrics.png").size == (1500, 900)
+    lines = [json.loads(x) for x in open(out / "metrics.jsonl")]
+    logged = set().union(*lines)
+    for title, _, series in ril.PANELS:
+        assert all(key in logged for key, _ in series), title
+    assert [m["step"] for m in lines if "eval/acc" in m] == [0, 2, 3]
+    os.remove(out / "metrics.png")
+    ril.main(["--out", str(out), "--plot"])
+    assert Image.open(out / "metrics.png").size == (1500, 900)
+    with pytest.raises(SystemExit):
+        ril.main(["--out", str(tmp_path / "nothing"), "--plot"])
+    assert "metrics.jsonl not found" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- several processes: torchrun on CPU with gloo
 def _torchrun(*argv, timeout=300):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
