@@ -1463,12 +1463,12 @@ def plot_metrics(out: str) -> str:
         data = [(name, [(m["step"], m[key]) for m in lines if key in m]) for key, name in series]
         data = [(name, pts) for name, pts in data if pts]
         d.text((x0 + pw // 2, y0 - 22), title, fill="black", font=font, anchor="mm")
-        d.rectangle([x0, y0, x0 + pw, y0 + ph], outline="black")
         d.text((x0 + pw // 2, y0 + ph + 34), "step", fill="black", font=font, anchor="mm")
         label = Image.new("RGB", (ph, 18), "white")
         ImageDraw.Draw(label).text((ph // 2, 9), ylabel, fill="black", font=font, anchor="mm")
         img.paste(label.rotate(90, expand=True), (x0 - 72, y0))
         if not data:
+            d.rectangle([x0, y0, x0 + pw, y0 + ph], outline="black")
             d.text((x0 + pw // 2, y0 + ph // 2), "not logged in this run", fill="gray", font=font, anchor="mm")
             continue
         xs, ys = [p[0] for _, pts in data for p in pts], [p[1] for _, pts in data for p in pts]
@@ -1494,6 +1494,7 @@ def plot_metrics(out: str) -> str:
             if title == "held-out evaluation":
                 for x, y in pts:
                     d.ellipse([X(x) - 4, Y(y) - 4, X(x) + 4, Y(y) + 4], fill=c)
+        d.rectangle([x0, y0, x0 + pw, y0 + ph], outline="black")  # the frame, over the curves' ends
         for j, (name, _) in enumerate(data):  # the legend, on white, over the curves
             d.rectangle([x0 + 4, y0 + 3 + 18 * j, x0 + 44 + d.textlength(name, font=font), y0 + 21 + 18 * j], fill="white")
             d.line([x0 + 10, y0 + 12 + 18 * j, x0 + 30, y0 + 12 + 18 * j], fill=COLOURS[j % len(COLOURS)], width=3)
