@@ -550,6 +550,18 @@ def load_student(a: Args, corpus: list, device, dtype):
     return model.to(device=device, dtype=dtype), processor
 
 
+def memory_settings(model, a: Args):
+    """--freeze-vision and --grad-checkpointing on the student (README "Memory")."""
+    if a.freeze_vision:
+        vision = [p for n, p in model.named_parameters() if re.search(r"(^|\.)(visual|vision_tower|vision_model)\.", n)]
+        if not vision:
+            fail(f"--freeze-vision: found no vision tower (visual, vision_tower or vision_model) in {type(model).__name__}")
+        for p in vision:
+            p.requires_grad_(False)
+    if a.grad_checkpointing:
+        checkpoint_activations(model)
+
+
 def checkpoint_activations(model):
     """--grad-checkpointing: each decoder layer's activations are recomputed in the backward pass.
     Non-reentrant, the variant that works when the inputs need no gradient (a frozen vision tower)."""
@@ -1507,91 +1519,26 @@ def plot_metrics(out: str) -> str:
 # ================================================================================================
 # 14. Main: SFT -> D pre-training -> eval -> RIL loop -> eval -> save
 # ================================================================================================
-def log_line(step: int, m: dict) -> str:
-    f = lambda k, fmt="{:.3f}": fmt.format(m[k]) if k in m else "-"  # noqa: E731
-    return (f"step {step:4d} | R {f('reward/total')} sim {f('reward/sim')} ans {f('reward/ans')} | "
-            f"D loss {f('disc/loss')} acc s/t {f('disc/acc_student', '{:.2f}')}/{f('disc/acc_teacher', '{:.2f}')} | "
-            f"pg loss {f('policy/loss', '{:+.4f}')} gn {f('policy/grad_norm', '{:.2f}')} kl {f('policy/kl', '{:.4f}')} | "
-            f"len {f('len/mean', '{:.1f}')} | gen {f('time/generate', '{:.2f}')}s pol {f('time/policy', '{:.2f}')}s")
-
-
-def main(argv=None):
-    a = parse_args(argv)
-    check_args(a)
-    if a.plot:
-        if not os.path.isfile(os.path.join(a.out, "metrics.jsonl")):
-            fail(f"--plot: {a.out}/metrics.jsonl not found; give the --out of a run")
-        return print(f"wrote {plot_metrics(a.out)}")
-    last_ckpt = None
-    if a.resume:  # continue the interrupted run exactly as it was configured
-        a, last_ckpt = resume_args(a)
-    device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else ("cpu" if a.device == "auto" else a.device))
-    # [R] Precision. amp: fp32 weights and AdamW moments, bf16 matmuls (autocast). bf16: bf16 weights and
-    # moments, half the memory, but an update smaller than ~1/256 of a weight rounds away, which at the
-    # paper's LR of 1e-6 is most of them. The paper does not say which it used.
-    mode = a.dtype if a.dtype != "auto" else ("amp" if device.type == "cuda" else "fp32")
-    init_distributed(a)
-    if WORLD > 1 and device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    try:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mode == "amp"):
-            train(a, device, mode, last_ckpt)
-    finally:
-        if WORLD > 1 and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def train(a: Args, device, mode: str, last_ckpt):
-    dtype = torch.bfloat16 if mode == "bf16" else torch.float32  # trained weights
-    frozen_dtype = torch.bfloat16 if mode in ("amp", "bf16") else torch.float32  # reference, teachers, judge
-    random.seed(a.seed)
-    torch.manual_seed(a.seed)
-    t_start = time.time()
-
-    # Everything is validated before anything is written: a bad row or flag costs nothing in --out.
-    train_rows, eval_rows = load_data(a)
-    teachers, teacher_models = resolve_teachers(a, train_rows)
-    if not a.resume and checkpoints(a.out) and not a.overwrite and not a.save_tiny:
-        fail(f"{a.out}: holds checkpoints of an earlier run; pass --resume to continue it, "
-             f"--overwrite to start again, or another --out")
-    corpus = [s for r in train_rows + eval_rows for s in [r["question"], r["answer"]] + [t for ts in r["teachers"].values() for t in ts]]
-    model, processor = load_student(a, corpus + [DISC_SYSTEM, DISC_USER, "user assistant system"], device, dtype)
-    if a.save_tiny:
-        os.makedirs(a.save_tiny, exist_ok=True)
-        save_student(model, processor, a.save_tiny)
-        print(f"saved the tiny student to {a.save_tiny}")
-        return
-    tok = processor.tokenizer
-    text_tokens = TextTokens(tok, tok.eos_token_id, a.max_new_tokens)
-    if a.freeze_vision:
-        vision = [p for n, p in model.named_parameters() if re.search(r"(^|\.)(visual|vision_tower|vision_model)\.", n)]
-        if not vision:
-            fail(f"--freeze-vision: found no vision tower (visual, vision_tower or vision_model) in {type(model).__name__}")
-        for p in vision:
-            p.requires_grad_(False)
-    if a.grad_checkpointing:
-        checkpoint_activations(model)
-    if WORLD > 1:  # each rank evaluates an equal share, so every rank makes the same number of collective calls
-        eval_rows = eval_rows[:len(eval_rows) - len(eval_rows) % WORLD]
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"student {a.student}: {n_params / 1e6:.2f}M params on {device} ({mode}); algo {a.algo}; "
-          f"{len(train_rows)} train / {len(eval_rows)} held-out questions; teachers {teachers or '-'}"
-          + (f"; {WORLD} ranks, {'FSDP2' if SHARDED else 'DDP'}" if WORLD > 1 else ""))
+def prepare_out(a: Args, rows: list, teacher_models: list, device, dtype):
+    """The first writes to --out, once everything is validated: args.json, then the teacher models'
+    answers (rank 0 generates; the other ranks wait and read the cache)."""
     if RANK == 0:
         os.makedirs(a.out, exist_ok=True)
         if a.overwrite:
             shutil.rmtree(os.path.join(a.out, "checkpoints"), ignore_errors=True)
         replace_atomic(os.path.join(a.out, "args.json"), lambda tmp: json.dump(dataclasses.asdict(a), open(tmp, "w"), indent=2))
         for spec in teacher_models:  # generated once, then read from --out/teacher_cache
-            model_teacher_texts(spec, train_rows + eval_rows, a, device, frozen_dtype)
+            model_teacher_texts(spec, rows, a, device, dtype)
     if WORLD > 1:
-        dist.barrier()  # the other ranks read the teacher cache that rank 0 wrote
+        dist.barrier()
         for spec in teacher_models if RANK > 0 else []:
-            model_teacher_texts(spec, train_rows + eval_rows, a, device, frozen_dtype)
-    # r_ans(questions, answers, responses) -> scores: the matcher, or the paper's judge model
-    judge = MatchJudge(train_rows) if a.judge == "match" else ModelJudge(a.judge, a, device, frozen_dtype)
-    state = torch.load(os.path.join(last_ckpt, "state.pt"), weights_only=True) if a.resume else None
-    ref_path = os.path.join(a.out, "checkpoints", "reference.pt")
+            model_teacher_texts(spec, rows, a, device, dtype)
+
+
+def stages_before_ril(model, processor, train_rows, eval_rows, teachers, text_tokens, state, ref_path, a: Args, device, mode):
+    """Stage 0 (SFT), the reference, stage 2 (D pre-training), or all three from a checkpoint's state.
+    Returns (student, reference or None, discriminator or None), wrapped for torchrun when it runs."""
+    frozen_dtype = torch.bfloat16 if mode in ("amp", "bf16") else torch.float32
     if state is not None:
         model.load_state_dict(state["student"])
 
@@ -1642,6 +1589,96 @@ def train(a: Args, device, mode: str, last_ckpt):
             pretrain_disc(disc, model, processor, train_rows, teachers, text_tokens, eval_rows, a, device)
     if disc is not None and a.offload:
         disc.to("cpu")
+    return model, ref, disc
+
+
+def log_line(step: int, m: dict) -> str:
+    f = lambda k, fmt="{:.3f}": fmt.format(m[k]) if k in m else "-"  # noqa: E731
+    return (f"step {step:4d} | R {f('reward/total')} sim {f('reward/sim')} ans {f('reward/ans')} | "
+            f"D loss {f('disc/loss')} acc s/t {f('disc/acc_student', '{:.2f}')}/{f('disc/acc_teacher', '{:.2f}')} | "
+            f"pg loss {f('policy/loss', '{:+.4f}')} gn {f('policy/grad_norm', '{:.2f}')} kl {f('policy/kl', '{:.4f}')} | "
+            f"len {f('len/mean', '{:.1f}')} | gen {f('time/generate', '{:.2f}')}s pol {f('time/policy', '{:.2f}')}s")
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    check_args(a)
+    if a.plot:
+        if not os.path.isfile(os.path.join(a.out, "metrics.jsonl")):
+            fail(f"--plot: {a.out}/metrics.jsonl not found; give the --out of a run")
+        return print(f"wrote {plot_metrics(a.out)}")
+    last_ckpt = None
+    if a.resume:  # continue the interrupted run exactly as it was configured
+        a, last_ckpt = resume_args(a)
+    device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else ("cpu" if a.device == "auto" else a.device))
+    # [R] Precision. amp: fp32 weights and AdamW moments, bf16 matmuls (autocast). bf16: bf16 weights and
+    # moments, half the memory, but an update smaller than ~1/256 of a weight rounds away, which at the
+    # paper's LR of 1e-6 is most of them. The paper does not say which it used.
+    mode = a.dtype if a.dtype != "auto" else ("amp" if device.type == "cuda" else "fp32")
+    init_distributed(a)
+    if WORLD > 1 and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    try:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mode == "amp"):
+            train(a, device, mode, last_ckpt)
+    finally:
+        if WORLD > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def print_table(before, after, after_texts, disc, tok, eval_rows, teachers, a: Args, device):
+    """The before/after table of the held-out set."""
+    # Before/after table. Teacher-likeness twice: by the D of that moment (the pre-trained D before,
+    # the final D after), and by the final D for every row. The final D no longer sees terse student
+    # text, so its verdict on old answers can drift; teacher match is the check that needs no D.
+    print(f"\n| held-out ({len(eval_rows)} questions) | accuracy | teacher-likeness (D then) | "
+          "teacher-likeness (final D) | teacher match | length |")
+    print("|---|---|---|---|---|---|")
+    with resident(disc, device, a.offload):
+        for name, m, texts in [("before RIL (after SFT)", before["metrics"], before["texts"]), (f"after {a.algo}", after, after_texts)]:
+            tl = (f"{m['eval/teacher_like']:.3f} | {teacher_likeness(disc, tok, texts, device):.3f}" if disc is not None else "n/a | n/a")
+            print(f"| {name} | {m['eval/acc']:.3f} | {tl} | {m['eval/teacher_match']:.3f} | {m['eval/len']:.1f} |")
+        t_texts = [t for r in eval_rows for name in teachers for t in r["teachers"].get(name, [])]
+        if disc is not None and t_texts:
+            print(f"| teacher texts | 1.000 | - | {teacher_likeness(disc, tok, t_texts, device):.3f} | 1.000 | - |")
+
+
+def train(a: Args, device, mode: str, last_ckpt):
+    dtype = torch.bfloat16 if mode == "bf16" else torch.float32  # trained weights
+    frozen_dtype = torch.bfloat16 if mode in ("amp", "bf16") else torch.float32  # reference, teachers, judge
+    random.seed(a.seed)
+    torch.manual_seed(a.seed)
+    t_start = time.time()
+
+    # Everything is validated before anything is written: a bad row or flag costs nothing in --out.
+    train_rows, eval_rows = load_data(a)
+    teachers, teacher_models = resolve_teachers(a, train_rows)
+    if not a.resume and checkpoints(a.out) and not a.overwrite and not a.save_tiny:
+        fail(f"{a.out}: holds checkpoints of an earlier run; pass --resume to continue it, "
+             f"--overwrite to start again, or another --out")
+    corpus = [s for r in train_rows + eval_rows for s in [r["question"], r["answer"]] + [t for ts in r["teachers"].values() for t in ts]]
+    model, processor = load_student(a, corpus + [DISC_SYSTEM, DISC_USER, "user assistant system"], device, dtype)
+    if a.save_tiny:
+        os.makedirs(a.save_tiny, exist_ok=True)
+        save_student(model, processor, a.save_tiny)
+        print(f"saved the tiny student to {a.save_tiny}")
+        return
+    tok = processor.tokenizer
+    text_tokens = TextTokens(tok, tok.eos_token_id, a.max_new_tokens)
+    memory_settings(model, a)
+    if WORLD > 1:  # each rank evaluates an equal share, so every rank makes the same number of collective calls
+        eval_rows = eval_rows[:len(eval_rows) - len(eval_rows) % WORLD]
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"student {a.student}: {n_params / 1e6:.2f}M params on {device} ({mode}); algo {a.algo}; "
+          f"{len(train_rows)} train / {len(eval_rows)} held-out questions; teachers {teachers or '-'}"
+          + (f"; {WORLD} ranks, {'FSDP2' if SHARDED else 'DDP'}" if WORLD > 1 else ""))
+    prepare_out(a, train_rows + eval_rows, teacher_models, device, frozen_dtype)
+    # r_ans(questions, answers, responses) -> scores: the matcher, or the paper's judge model
+    judge = MatchJudge(train_rows) if a.judge == "match" else ModelJudge(a.judge, a, device, frozen_dtype)
+    state = torch.load(os.path.join(last_ckpt, "state.pt"), weights_only=True) if a.resume else None
+    ref_path = os.path.join(a.out, "checkpoints", "reference.pt")
+    model, ref, disc = stages_before_ril(model, processor, train_rows, eval_rows, teachers, text_tokens, state, ref_path,
+                                         a, device, mode)
     # Stage 3 optimisers: the paper uses constant LRs in the loop [P] App. C.
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a.lr)
     d_opt = torch.optim.AdamW(disc.parameters(), lr=a.disc_lr) if disc is not None else None
@@ -1698,7 +1735,7 @@ def train(a: Args, device, mode: str, last_ckpt):
 
     handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     bad = 0  # steps in a row whose loss or gradient was not finite
-    for step in (bar := tqdm(range(start, a.steps + 1), desc=a.algo, initial=start - 1, total=a.steps, disable=RANK > 0)):
+    for step in tqdm(range(start, a.steps + 1), desc=a.algo, initial=start - 1, total=a.steps, disable=RANK > 0):
         batch = share(batch_at(train_rows, step - 1, a.batch_size, a.seed + 3))
         m, dump = ril_step(step, model, ref, disc, opt, d_opt, processor, batch, teachers, text_tokens, judge, a, device)
         m = mean_over_ranks(m, device)
@@ -1729,19 +1766,7 @@ def train(a: Args, device, mode: str, last_ckpt):
     if text_tokens.cut:
         print(f"note: {text_tokens.cut} teacher text(s) were longer than --max-new-tokens and were cut")
 
-    # Before/after table. Teacher-likeness twice: by the D of that moment (the pre-trained D before,
-    # the final D after), and by the final D for every row. The final D no longer sees terse student
-    # text, so its verdict on old answers can drift; teacher match is the check that needs no D.
-    print(f"\n| held-out ({len(eval_rows)} questions) | accuracy | teacher-likeness (D then) | "
-          "teacher-likeness (final D) | teacher match | length |")
-    print("|---|---|---|---|---|---|")
-    with resident(disc, device, a.offload):
-        for name, m, texts in [("before RIL (after SFT)", before["metrics"], before["texts"]), (f"after {a.algo}", after, after_texts)]:
-            tl = (f"{m['eval/teacher_like']:.3f} | {teacher_likeness(disc, tok, texts, device):.3f}" if disc is not None else "n/a | n/a")
-            print(f"| {name} | {m['eval/acc']:.3f} | {tl} | {m['eval/teacher_match']:.3f} | {m['eval/len']:.1f} |")
-        t_texts = [t for r in eval_rows for name in teachers for t in r["teachers"].get(name, [])]
-        if disc is not None and t_texts:
-            print(f"| teacher texts | 1.000 | - | {teacher_likeness(disc, tok, t_texts, device):.3f} | 1.000 | - |")
+    print_table(before, after, after_texts, disc, tok, eval_rows, teachers, a, device)
 
     if WORLD > 1:  # gradients were averaged, so every rank must hold the same weights
         sums = gather_lists([(checksum(model), checksum(disc) if disc is not None else None)])
