@@ -19,6 +19,8 @@ Usage
     python ril.py --student Qwen2-VL-2B --teachers a,Qwen/Qwen2.5-VL-72B-Instruct --judge Qwen/Qwen2.5-32B-Instruct \\
                   --data train.jsonl --eval-data val.jsonl --sft-steps 0 --lr 1e-6 --disc-lr 1e-6 --max-new-tokens 256 \\
                   --micro-batch 4 --grad-checkpointing --freeze-vision --offload   # README "Memory"
+    torchrun --nproc_per_node 8 ril.py ... [--shard] # several GPUs: DDP, or FSDP2 with --shard
+    python ril.py --out runs/ril --plot              # redraw metrics.png of a run
     python ril.py --save-tiny DIR                    # write the tiny student as a Hugging Face folder
 
 Data: JSONL, one question per line, image paths relative to the JSONL file's folder:
@@ -1297,8 +1299,8 @@ def init_distributed(a: Args):
     for name, n in (("batch-size", a.batch_size), ("sft-batch-size", a.sft_batch_size)):
         if n % WORLD:
             fail(f"--{name} {n} does not split evenly over {WORLD} ranks; make it a multiple of {WORLD}")
-    if a.shard and a.offload:
-        fail("--offload and --shard do not go together; sharding already spreads the memory over the ranks")
+    if a.offload:
+        fail("--offload works in a single process; under torchrun use --shard, which spreads the memory over the ranks")
     cuda = torch.cuda.is_available() and a.device != "cpu"
     dist.init_process_group("nccl" if cuda else "gloo")
     RANK, SHARDED = dist.get_rank(), a.shard
