@@ -552,12 +552,15 @@ def load_student(a: Args, corpus: list, device, dtype):
     return model.to(device=device, dtype=dtype), processor
 
 
+VISION_TOWERS = ("visual", "vision_tower", "vision_model")  # the vision encoder's module name in the families we know
+
+
 def memory_settings(model, a: Args):
     """--freeze-vision and --grad-checkpointing on the student (README "Memory")."""
     if a.freeze_vision:
-        vision = [p for n, p in model.named_parameters() if re.search(r"(^|\.)(visual|vision_tower|vision_model)\.", n)]
+        vision = [p for n, p in model.named_parameters() if set(n.split(".")) & set(VISION_TOWERS)]
         if not vision:
-            fail(f"--freeze-vision: found no vision tower (visual, vision_tower or vision_model) in {type(model).__name__}")
+            fail(f"--freeze-vision: found no vision tower ({', '.join(VISION_TOWERS)}) in {type(model).__name__}")
         for p in vision:
             p.requires_grad_(False)
     if a.grad_checkpointing:
@@ -1072,21 +1075,19 @@ def evaluate(model, processor, disc, rows: list, judge, a: Args, device, bs: int
     """Greedy answers on the held-out split. Returns (metrics, answers)."""
     model.eval()
     tok, gen_cfg = processor.tokenizer, generation_config(a, unwrap(model), processor.tokenizer, greedy=True)
-    mine, texts, lengths = share(rows), [], []  # each rank answers its share, then every rank gets all answers
+    mine, texts, lengths = share(rows), [], []  # each rank answers and scores its share
     for i in range(0, len(mine), bs):
         comp, mask, _ = generate(unwrap(model), encode_prompts(processor, mine[i:i + bs], device), gen_cfg)
         texts += tok.batch_decode(comp, skip_special_tokens=True)
         lengths += mask.sum(1).tolist()
-    order = gather_lists(list(range(len(rows)))[RANK::WORLD])
-    texts = [t for _, t in sorted(zip(order, gather_lists(texts)))]
-    lengths = gather_lists(lengths)
-    m = {"eval/acc": sum(judge([r["question"] for r in rows], [r["answer"] for r in rows], texts)) / len(rows),
-         "eval/teacher_match": sum(norm_eq(t, r) for t, r in zip(texts, rows)) / len(rows),
-         "eval/len": sum(lengths) / len(lengths)}
+    scores = {"eval/acc": judge([r["question"] for r in mine], [r["answer"] for r in mine], texts),
+              "eval/teacher_match": [float(norm_eq(t, r)) for t, r in zip(texts, mine)], "eval/len": lengths}
     if disc is not None:
         with resident(disc, device, a.offload):
-            m["eval/teacher_like"] = teacher_likeness(disc, tok, texts, device)
-    return m, texts
+            scores["eval/teacher_like"] = teacher_scores(disc, tok, texts, device)
+    m = {k: sum(v) / len(v) for k, v in ((k, gather_lists(v)) for k, v in scores.items())}
+    order = gather_lists(list(range(len(rows)))[RANK::WORLD])  # every rank gets every answer, in row order
+    return m, [t for _, t in sorted(zip(order, gather_lists(texts)))]
 
 
 def norm_eq(text: str, row) -> bool:
@@ -1094,10 +1095,14 @@ def norm_eq(text: str, row) -> bool:
     return any(normalize(text) == normalize(t) for ts in row["teachers"].values() for t in ts)
 
 
-def teacher_likeness(disc, tokenizer, texts: list, device, bs: int = 64) -> float:
-    """mean(1 - D): how teacher-like D finds the texts."""
-    d = torch.cat([torch.sigmoid(disc_logits(disc, tokenizer, texts[i:i + bs], device)) for i in range(0, len(texts), bs)])
-    return (1 - d).mean().item()
+def teacher_scores(disc, tokenizer, texts: list, device) -> list:
+    """1 - D per text: how teacher-like D finds it."""
+    return (1 - torch.sigmoid(disc_logits(disc, tokenizer, texts, device, micro_batch=64))).tolist()
+
+
+def teacher_likeness(disc, tokenizer, texts: list, device) -> float:
+    """mean(1 - D) over the texts."""
+    return sum(teacher_scores(disc, tokenizer, texts, device)) / len(texts)
 
 
 # ================================================================================================
@@ -1146,8 +1151,10 @@ def policy_update(model, ref, opt, enc, comp, mask, adv, a: Args) -> dict:
     group member), comp/mask: (N, T) completions, adv: (N,)."""
     model.train()
     N, mb, T = len(comp), a.micro_batch, a.temperature
-    logprobs = lambda m: torch.cat([token_logprobs(m, slice_prompts(enc, i, j), comp[i:j], mask[i:j], T)  # noqa: E731
-                                    for i, j in chunks(N, mb)])
+
+    def logprobs(m):  # no-grad log-probs of model m, micro-batch by micro-batch
+        return torch.cat([token_logprobs(m, slice_prompts(enc, i, j), comp[i:j], mask[i:j], T) for i, j in chunks(N, mb)])
+
     old_logp = ref_logp = None
     t0 = clock(comp.device)
     with torch.no_grad():
@@ -1334,7 +1341,7 @@ def parallelize(model, device):
             for block in mod:
                 fully_shard(block)
     for name, mod in list(model.named_modules()):
-        if name.split(".")[-1] in ("visual", "vision_tower", "vision_model"):
+        if name.split(".")[-1] in VISION_TOWERS:
             fully_shard(mod)
     fully_shard(model, reshard_after_forward=True)  # the root too: outside a pass, every parameter is a shard
     return model
@@ -1537,10 +1544,10 @@ def prepare_out(a: Args, rows: list, teacher_models: list, device, dtype):
             model_teacher_texts(spec, rows, a, device, dtype)
 
 
-def stages_before_ril(model, processor, train_rows, eval_rows, teachers, text_tokens, state, ref_path, a: Args, device, mode):
+def stages_before_ril(model, processor, train_rows, eval_rows, teachers, text_tokens, state, ref_path, a: Args, device,
+                      mode, frozen_dtype):
     """Stage 0 (SFT), the reference, stage 2 (D pre-training), or all three from a checkpoint's state.
     Returns (student, reference or None, discriminator or None), wrapped for torchrun when it runs."""
-    frozen_dtype = torch.bfloat16 if mode in ("amp", "bf16") else torch.float32
     if state is not None:
         model.load_state_dict(state["student"])
 
@@ -1680,7 +1687,7 @@ def train(a: Args, device, mode: str, last_ckpt):
     state = torch.load(os.path.join(last_ckpt, "state.pt"), weights_only=True) if a.resume else None
     ref_path = os.path.join(a.out, "checkpoints", "reference.pt")
     model, ref, disc = stages_before_ril(model, processor, train_rows, eval_rows, teachers, text_tokens, state, ref_path,
-                                         a, device, mode)
+                                         a, device, mode, frozen_dtype)
     # Stage 3 optimisers: the paper uses constant LRs in the loop [P] App. C.
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=a.lr)
     d_opt = torch.optim.AdamW(disc.parameters(), lr=a.disc_lr) if disc is not None else None
