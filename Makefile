@@ -1,9 +1,8 @@
 # Two commands do everything on a fresh machine:
-#   make run    install, then run every stage of RIL on the built-in tiny task (CPU, ~2 minutes)
+#   make run    install, then run every stage of RIL on the built-in tiny task (CPU, a few minutes), and draw metrics.png
 #   make test   install, then run the test suite
-#   make bench  install, then time a RIL step against the bare model calls it needs (not a test)
-#   make memory install, then print the estimated GPU memory of a Qwen2-VL-2B run per flag set
-#   make paper-table  install, then run the paper's tables in miniature (3 seeds, about 20 minutes on 2 cores)
+# Tools (not tests): make bench (a RIL step against the bare model calls it needs), make memory (estimated GPU memory of a
+# Qwen2-VL-2B run), make paper-table (the paper's tables in miniature, 3 seeds, about 12 minutes on 2 cores).
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
@@ -18,6 +17,7 @@ $(BIN)/.installed: requirements.txt
 
 run: $(BIN)/.installed
 	$(BIN)/python ril.py --out runs/ril --overwrite
+	$(BIN)/python test_ril.py --plot runs/ril
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q test_ril.py

@@ -1,14 +1,11 @@
 """
-ril.py: RIL, "Unified Reinforcement and Imitation Learning for Vision-Language Models" (Lee et al.,
-NeurIPS 2025, arXiv 2510.19307) in one file. Part 1 is the algorithm, top to bottom. Part 2
-(MACHINERY) is the command line, data checks, real and teacher models, the judges, torchrun,
-checkpoints and the plot: skip it on a first read.
+ril.py: RIL, "Unified Reinforcement and Imitation Learning for Vision-Language Models" (Lee et al., NeurIPS 2025,
+arXiv 2510.19307) in one file. Part 1 is the algorithm, top to bottom; part 2 (MACHINERY) can be skipped on a first read.
 
-A small student VLM samples G answers per image question and large teacher VLMs give G more (only their
-text, so any tokenizer or family can teach). A discriminator D, the student's language model with a
-1-unit head, learns student text (1) from teacher text (0). All 2G answers get R = r_sim + r_ans with
-r_sim = 1[D < 0.5] ("sounds like a teacher") and r_ans = 1 if right, and one clipped Dr.GRPO step over
-all 2G gives teacher texts a likelihood push (imitation) and student samples an RL push (reinforcement).
+A small student VLM samples G answers per image question and large teacher VLMs give G more (only their text, so any
+tokenizer or family can teach). A discriminator D, the student's language model with a 1-unit head, learns student text (1)
+from teacher text (0). All 2G answers get R = r_sim + r_ans, with r_sim = 1[D < 0.5] ("sounds like a teacher") and r_ans = 1
+if right, and one clipped Dr.GRPO step over all 2G pushes up teacher texts (imitation) and good samples (reinforcement).
 
 Usage
     python ril.py                                      # tiny Qwen2-VL on the built-in toy task, CPU
@@ -88,15 +85,15 @@ def unwrap(model):  # DDP wraps a model in .module; generate, config and saving 
     return getattr(model, "module", model)
 
 # -- 2. Data order, prompts and tokens -------------------------------------------------------------
+@functools.lru_cache(maxsize=4)
+def epoch_order(seed: int, epoch: int, n: int) -> list:
+    return random.Random(seed * 1_000_003 + epoch).sample(range(n), n)
+
 def batch_at(rows: list, step: int, B: int, seed: int) -> list:
     """The B questions of `step`: epoch-wise shuffles, a pure function of (seed, step), so a resumed run
     sees exactly the questions the uninterrupted run would have."""
     n = len(rows)
     return [rows[epoch_order(seed, i // n, n)[i % n]] for i in range(step * B, step * B + B)]
-
-@functools.lru_cache(maxsize=4)
-def epoch_order(seed: int, epoch: int, n: int) -> list:
-    return random.Random(seed * 1_000_003 + epoch).sample(range(n), n)
 
 def sample_teacher_texts(row, teachers, G: int, rng: random.Random) -> list:
     """G teacher texts for one question. [R] The paper does not split the G slots between teachers: slot i
@@ -376,7 +373,7 @@ def sft_warmup(a: Config, s: State, rows: list):
     tok = s.processor.tokenizer
     opt, sched = decaying_adamw([p for p in s.model.parameters() if p.requires_grad], a.sft_lr, a.sft_steps)
     s.model.train()
-    for step in (bar := RANKS.bar(range(a.sft_steps), desc="sft")):
+    for step in RANKS.bar(range(a.sft_steps), desc="sft"):
         batch = RANKS.share(batch_at(rows, step, a.sft_batch_size, a.seed + 1))
         rng = random.Random(f"{a.seed}-sft-{step}")
         texts = [sample_teacher_texts(r, s.teachers, 1, rng)[0] if rng.random() < a.sft_teacher_frac else r["answer"]
@@ -387,19 +384,17 @@ def sft_warmup(a: Config, s: State, rows: list):
         loss.backward()
         clip_and_step(opt, s.model.parameters(), loss, a.max_grad_norm)
         sched.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
     print(f"sft: {a.sft_steps} steps, final loss {loss.item():.3f}" if a.sft_steps else "sft: skipped")
 
 def pretrain_disc(a: Config, s: State, rows: list):
     """Stage 2 [P]: D learns student samples (1) vs teacher texts (0) before the first policy update, so the
     first r_sim means something. [R] Samples of the SFT'd student, fresh each step (the paper caches 16)."""
     opt, sched = decaying_adamw(s.disc.parameters(), a.disc_pretrain_lr, a.disc_pretrain_steps)
-    for step in (bar := RANKS.bar(range(a.disc_pretrain_steps), desc="disc pre-train")):
+    for step in RANKS.bar(range(a.disc_pretrain_steps), desc="disc pre-train"):
         batch = RANKS.share(batch_at(rows, step, a.batch_size, a.seed + 2))
         ro = rollout(a, s, batch, random.Random(f"{a.seed}-d-{step}"), with_teachers=True)
-        m, _ = disc_update(s.disc, opt, s.processor.tokenizer, ro["texts"], ro["is_teacher"], a, s.device)
+        disc_update(s.disc, opt, s.processor.tokenizer, ro["texts"], ro["is_teacher"], a, s.device)
         sched.step()
-        bar.set_postfix(loss=f"{m['disc/loss']:.3f}")
 
 # -- 8. One step of Alg. 2 -------------------------------------------------------------------------
 def ril_step(a: Config, s: State, batch: list, step: int) -> tuple:
@@ -499,15 +494,11 @@ def train(a: Config, s: State, rows: list, eval_rows: list, run) -> tuple:
         run.end_step(s, step, metrics, dump)
     return before, evaluate(a, s, eval_rows)
 
-# ================================================================================================
-# MACHINERY: the command line, data checks, models, judges, torchrun, checkpoints and the plot. Nothing
-# below changes the method: skip it on a first read.
-# ================================================================================================
+# ======== MACHINERY, skip it on a first read: command line, data checks, models, judges, torchrun, checkpoints ========
 import argparse, hashlib, inspect, json, math, operator, os, shutil, signal, sys, time  # noqa: E401,E402
 from dataclasses import asdict, fields  # noqa: E402
-
 import torch.distributed as dist  # noqa: E402
-from PIL import ImageDraw, ImageFont  # noqa: E402
+from PIL import ImageDraw  # noqa: E402
 
 transformers.utils.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
@@ -517,10 +508,9 @@ transformers.utils.logging.disable_progress_bar()
 class Args(Config):
     """Where the data, models and outputs are, and how to run them (the method itself is Config)."""
     student: str = "tiny"  # 'tiny' (built here), an alias such as Qwen2-VL-2B, a Hugging Face id, or a model folder
-    teachers: str = ""  # comma-separated: names in the rows' "teachers" field, or models (folder or id) whose
-    #                     answers are generated once into --out/teacher_cache; empty = every teacher in the data
+    teachers: str = ""  # comma-separated: teacher names in the rows, or models (folder or id) answering once into --out/teacher_cache
     teacher_samples: int = 4  # answers per question from each teacher model
-    judge: str = "match"  # r_ans: 'match' (whole-word answer match) or a model prompted as the paper's Fig. 4 judge
+    judge: str = "match"  # r_ans: 'match' (whole-word answer match) or a text LLM prompted as the paper's Fig. 4 judge
     judge_max_new_tokens: int = 128  # tokens the judge model may write (an explanation, then <answer>0|1</answer>)
     data: str = "toy"  # 'toy' (the built-in task) or a JSONL file (format in the header)
     eval_data: str = ""  # held-out JSONL; empty = hold out --eval-size rows of --data
@@ -535,33 +525,24 @@ class Args(Config):
     save_every: int = 50  # checkpoint every N RIL steps into --out/checkpoints (Ctrl-C and SIGTERM save one too)
     keep_last: int = 2  # checkpoints kept; older ones are deleted once a newer one is complete
     resume: bool = False  # continue the run in --out from its newest checkpoint that loads (only --steps may change)
-    overwrite: bool = False  # start afresh in an --out that holds a run (its checkpoints go when the new run has its first)
+    overwrite: bool = False  # start afresh in an --out that holds a run (deleted when the new run writes its first checkpoint)
     max_bad_steps: int = 3  # stop after this many steps in a row with a NaN/inf loss or gradient (each is skipped)
-    max_image_pixels: int = 40_000_000  # refuse larger images (a decompression bomb must not exhaust memory)
     trust_remote_code: bool = False  # let a model folder's own Python code run (off: transformers' classes only)
     dump_every: int = 20  # print one group (texts, r_sim, r_ans, D, advantage) every N steps (0 = never)
-    plot: bool = False  # draw --out/metrics.png from --out/metrics.jsonl and exit (every run draws it at its end)
 
-LIMITS = ("G >= 2, eps > 0, beta >= 0, mu >= 1, sim_threshold > 0, sim_threshold < 1, temperature > 0, top_p > 0, top_p <= 1, "
-          "top_k >= 0, repetition_penalty > 0, max_grad_norm > 0, sft_teacher_frac >= 0, sft_teacher_frac <= 1, keep_last >= 1, "
-          "max_bad_steps >= 1, batch_size >= 1, sft_batch_size >= 1, max_new_tokens >= 1, eval_size >= 1, teacher_samples >= 1, "
-          "judge_max_new_tokens >= 1, steps >= 0, sft_steps >= 0, disc_pretrain_steps >= 0, lr >= 0, disc_lr >= 0, sft_lr >= 0, "
-          "disc_pretrain_lr >= 0, micro_batch >= 0, save_every >= 0, eval_every >= 0, dump_every >= 0, toy_size >= 1")
-CHOICES = {"algo": ("ril", "dr_grpo", "grpo"), "dtype": ("auto", "fp32", "amp", "bf16"), "sim_reward": ("binary", "continuous"),
-           "device": ("auto", "cpu", "cuda")}
+LIMITS = ("G>=2 eps>0 beta>=0 mu>=1 sim_threshold>0 sim_threshold<1 temperature>0 top_p>0 top_p<=1 top_k>=0 repetition_penalty>0 "
+          "max_grad_norm>0 sft_teacher_frac>=0 sft_teacher_frac<=1 keep_last>=1 max_bad_steps>=1 batch_size>=1 sft_batch_size>=1 "
+          "max_new_tokens>=1 eval_size>=1 teacher_samples>=1 judge_max_new_tokens>=1 toy_size>=1 steps>=0 sft_steps>=0 lr>=0 disc_lr>=0 "
+          "sft_lr>=0 disc_pretrain_steps>=0 disc_pretrain_lr>=0 micro_batch>=0 save_every>=0 eval_every>=0 dump_every>=0")
+CHOICES = dict(algo="ril dr_grpo grpo", dtype="auto fp32 amp bf16", sim_reward="binary continuous", device="auto cpu cuda")
 
 def parse_args(argv=None) -> Args:
-    """Config and Args as flags; the comment after each field (and its continuation lines) is its --help."""
-    docs, last = {}, None
-    for line in (inspect.getsource(Config) + inspect.getsource(Args)).splitlines():
-        if m := re.match(r"\s+(\w+): \w+ = .*?  # (.*)$", line):
-            last, docs[m[1]] = m[1], m[2]
-        elif (m := re.match(r"\s+#\s+(.*)$", line)) and last:
-            docs[last] += " " + m[1]
+    """Config and Args as flags; the comment after each field is its --help."""
+    docs = dict(re.findall(r"\n\s+(\w+): \w+ = .*?  # (.*)", inspect.getsource(Config) + inspect.getsource(Args)))
     p = argparse.ArgumentParser(description="RIL (arXiv 2510.19307) in one file; the header of ril.py has the usage.")
     for f in fields(Args):
-        kind = {"action": "store_true"} if f.type is bool else {"type": f.type}
-        p.add_argument("--" + f.name.replace("_", "-"), **kind, default=f.default, help=f"{docs.get(f.name, '')} (default: {f.default})")
+        p.add_argument("--" + f.name.replace("_", "-"), **({"action": "store_true"} if f.type is bool else {"type": f.type}),
+                       default=f.default, help=f"{docs.get(f.name, '')} (default: {f.default})")
     return Args(**vars(p.parse_args(argv)))
 
 def fail(msg: str):
@@ -571,34 +552,28 @@ def fail(msg: str):
 
 def check_args(a: Args):
     """Every flag before anything is loaded or written: one line naming the flag and what it must be."""
-    flag = lambda name: f"--{name.replace('_', '-')} {getattr(a, name)}"  # noqa: E731
+    flag, ops = (lambda name: f"--{name.replace('_', '-')} {getattr(a, name)}"), {">=": operator.ge, ">": operator.gt, "<": operator.lt}
     for name, ok in CHOICES.items():
-        getattr(a, name) in ok or fail(f"{flag(name)}: choose {', '.join(ok)}")
+        getattr(a, name) in ok.split() or fail(f"{flag(name)}: choose one of {ok}")
     for f in fields(a):
         f.type is not float or math.isfinite(getattr(a, f.name)) or fail(f"{flag(f.name)}: must be a finite number")
-    ops = {">=": operator.ge, ">": operator.gt, "<": operator.lt, "<=": operator.le}
-    for name, op, v in (rule.split() for rule in LIMITS.split(", ")):
-        ops[op](getattr(a, name), float(v)) or fail(f"{flag(name)}: must be {op} {v}; see python ril.py --help")
-    for name in ("student", "judge", *a.teachers.split(",")):
-        path = getattr(a, name, name)
-        if os.path.isdir(path) and os.path.realpath(path) == os.path.realpath(a.out):
-            fail(f"--out {a.out} is the folder of the model {path}, which the run would overwrite: choose another --out")
+    for name, op, v in re.findall(r"(\w+)([<>]=?)([\d.]+)", LIMITS):
+        {**ops, "<=": operator.le}[op](getattr(a, name), float(v)) or fail(f"{flag(name)}: must be {op} {v}; see python ril.py --help")
+    for path in [a.student, a.judge, *a.teachers.split(",")]:
+        os.path.isdir(path) and os.path.realpath(path) == os.path.realpath(a.out) and fail(
+            f"--out {a.out} is the model folder {path}, which the run would overwrite: choose another --out")
     os.path.exists(a.out) and not os.path.isdir(a.out) and fail(f"--out {a.out} is a file, not a folder: choose another --out")
 
 # -- 12. Data: the toy task and JSONL files --------------------------------------------------------
 COLORS = {"red": (220, 40, 40), "green": (30, 160, 60), "blue": (40, 70, 220), "yellow": (235, 200, 30)}
 SHAPES = ["circle", "square", "triangle"]
-TOY_QUESTIONS = {"color": "What color is the shape?", "shape": "What shape is in the image?",
-                 "count": "How many shapes are there?"}
-# Two teachers, always right, in two styles, so imitation has something to learn and D something to
-# see. Both give the answer first, then a phrase of their own, so the one word that depends on the
-# image stays where the SFT'd student already puts it and imitation changes only the framing.
-TOY_TEACHERS = {
-    "alice": {"color": ["{a}. That is the color of the shape.", "{a}. The shape has this color."],
+TOY_QUESTIONS = {"color": "What color is the shape?", "shape": "What shape is in the image?", "count": "How many shapes are there?"}
+# Two teachers, always right, in two styles, so imitation has something to learn and D something to see. Both give the answer
+# first, then a phrase of their own: the word that depends on the image stays where the SFT'd student puts it.
+TOY_TEACHERS = {"alice": {"color": ["{a}. That is the color of the shape.", "{a}. The shape has this color."],
               "shape": ["{a}. That is the shape in the picture.", "{a}. The picture shows this shape."],
               "count": ["{a}. That is how many shapes there are.", "{a}. I counted every shape."]},
-    "bob": {k: ["{a}, clearly.", "{a} is my answer."] for k in TOY_QUESTIONS},
-}
+    "bob": {k: ["{a}, clearly.", "{a} is my answer."] for k in TOY_QUESTIONS}}
 
 def draw_shape(d: ImageDraw.ImageDraw, shape: str, box, color):
     triangle = [((box[0] + box[2]) / 2, box[1]), (box[2], box[3]), (box[0], box[3])]
@@ -627,53 +602,39 @@ def make_toy(n: int, seed: int) -> list:
                          teachers={t: [p.format(a=answer) for p in styles[kind]] for t, styles in TOY_TEACHERS.items()}))
     return rows
 
-def load_jsonl(path: str, max_pixels: int) -> list:
+def load_jsonl(path: str) -> list:
     """Every row and image checked before training: each problem is one line with file:line and the fix."""
     os.path.isfile(path) or fail(f"{path}: no such file; --data takes 'toy' or a JSONL file")
-    base, rows = os.path.dirname(os.path.abspath(path)), []
+    rows = []
     for n, raw in enumerate(open(path, "rb"), 1):
         where = f"{path}:{n}"
         try:
-            row = json.loads(raw.decode("utf-8")) if raw.strip() else None
-        except UnicodeDecodeError as e:
-            fail(f"{where}: not UTF-8 (byte {e.start}); re-save the file as UTF-8")
-        except json.JSONDecodeError as e:
-            fail(f"{where}: invalid JSON ({e.msg}); each line must be one JSON object")
-        if row is None:
+            row = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raw.strip() and fail(f"{where}: not UTF-8 (byte {e.start}); re-save the file as UTF-8" if isinstance(e, UnicodeDecodeError)
+                                 else f"{where}: invalid JSON ({e.msg}); each line must be one JSON object")
             continue
         isinstance(row, dict) or fail(f"{where}: expected a JSON object, got {type(row).__name__}")
-        missing = [k for k in ("image", "question", "answer") if k not in row]
-        missing and fail(f"{where}: missing field(s) {', '.join(missing)}; each row needs image, question, answer")
-        for k in ("image", "question", "answer"):
-            isinstance(row[k], str) and row[k].strip() or fail(f'{where}: "{k}" must be a non-empty string, not {json.dumps(row[k])[:40]}')
+        bad = [k for k in ("image", "question", "answer") if not isinstance(row.get(k), str) or not row[k].strip()]
+        bad and fail(f"{where}: missing field(s) {', '.join(bad)}; each row needs image, question and answer as non-empty strings")
         teachers = row.get("teachers", {})
         if not isinstance(teachers, dict) or not all(isinstance(v, list) and all(isinstance(t, str) for t in v) for v in teachers.values()):
             fail(f'{where}: "teachers" must map a teacher name to a list of texts')
-        check_image(os.path.join(base, row["image"]), where, max_pixels)  # an absolute path stays as it is
-        rows.append(dict(id=str(row.get("id", where)), image=os.path.join(base, row["image"]), question=row["question"],
-                         answer=row["answer"], teachers=teachers, where=where))
+        image = os.path.join(os.path.dirname(os.path.abspath(path)), row["image"])  # an absolute path stays as it is
+        os.path.isfile(image) or fail(f"{where}: image not found: {image} (paths are relative to the JSONL file's folder)")
+        try:  # Pillow reads the size from the header first and refuses a decompression bomb before decoding it
+            Image.open(image).verify()
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            fail(f"{where}: cannot decode image {image} ({str(e).splitlines()[0][:80]}); replace it or drop the row")
+        rows.append(dict(id=str(row.get("id", where)), image=image, question=row["question"], answer=row["answer"],
+                         teachers=teachers, where=where))
     return rows or fail(f"{path}: no rows; the file is empty")
 
-def check_image(image: str, where: str, max_pixels: int):
-    """Exists, is small enough (read from the header, before any pixel is decoded) and decodes."""
-    os.path.isfile(image) or fail(f"{where}: image not found: {image} (paths are relative to the JSONL file's folder)")
-    try:
-        with Image.open(image) as im:
-            im.width * im.height <= max_pixels or fail(f"{where}: image {image} is {im.width}x{im.height} pixels, "
-                                                       f"over --max-image-pixels {max_pixels}; resize it")
-            im.verify()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        fail(f"{where}: cannot decode image {image} ({str(e).splitlines()[0][:80]}); replace it or drop the row")
-
 def load_data(a: Args) -> tuple:
-    """(train rows, held-out rows). Ids key the teacher cache and the logs, so they must be unique over both
-    files: the same file or the same rows given twice would evaluate the model on its training set."""
+    """(train rows, held-out rows). Ids are unique over both files, so a file or rows given twice are refused."""
     if a.data == "toy":
         return make_toy(a.toy_size, a.seed), make_toy(a.eval_size, a.seed + 10_000)
-    Image.MAX_IMAGE_PIXELS = None  # check_image reads each size from the header and names the file
-    rows, held = load_jsonl(a.data, a.max_image_pixels), load_jsonl(a.eval_data, a.max_image_pixels) if a.eval_data else None
-    Image.MAX_IMAGE_PIXELS = a.max_image_pixels  # then Pillow's own bomb check, with our limit
-    seen = {}
+    rows, held, seen = load_jsonl(a.data), load_jsonl(a.eval_data) if a.eval_data else None, {}
     for r in rows + (held or []):
         seen.setdefault(r["id"], r["where"]) == r["where"] or fail(
             f"{r['where']}: id '{r['id']}' is also the id of {seen[r['id']]}; ids must be unique across --data and --eval-data")
@@ -693,14 +654,9 @@ def resolve_teachers(a: Args, rows: list) -> tuple:
                                                              f"{', '.join(in_data) or 'none'}) and not a model folder or id")
     if a.algo == "ril" or (a.sft_steps > 0 and a.sft_teacher_frac > 0):
         names or fail(f"{a.data}: no teacher texts; RIL needs a 'teachers' field in the rows or a teacher model in --teachers")
-        for i, t in enumerate(names):
-            k = len(range(i, a.G, len(names)))  # group slots this teacher fills (sample_teacher_texts)
-            lacking = [] if t in models else [r for r in rows if not r["teachers"].get(t)]
-            lacking and fail(f"{lacking[0]['where']}: teacher '{t}' has no texts for {len(lacking)} row(s); add them or drop "
-                             f"'{t}' from --teachers")
-            short = len(rows) * (a.teacher_samples < k) if t in models else sum(len(r["teachers"][t]) < k for r in rows)
-            if short and a.algo == "ril":
-                print(f"warning: teacher '{t}' has fewer than {k} texts for {short} row(s); they are reused within a group", file=sys.stderr)
+        for t in [t for t in names if t not in models]:
+            lacking = [r for r in rows if not r["teachers"].get(t)]
+            lacking and fail(f"{lacking[0]['where']}: teacher '{t}' has no texts for {len(lacking)} row(s); add them or drop it")
     return names, models
 
 # -- 13. r_ans: the answer matcher and the Fig. 4 judge --------------------------------------------
@@ -710,14 +666,9 @@ def spans(words: list, n_max: int) -> set:
     return {tuple(words[i:i + n]) for n in range(1, n_max + 1) for i in range(len(words) - n + 1)}
 
 def answer_match(response: str, answer: str, candidates: frozenset = frozenset()) -> float:
-    """r_ans without an LLM judge [R]: 1 if the normalised answer is a whole-word span of the response and
-    no *other* candidate answer is. Plain containment is gamed within 100 steps on the toy task: the
-    policy learns to list every answer ("3 count 4 4 4 4"), so rival answers make the match fail.
-
-    >>> c = frozenset({("3",), ("4",), ("red",)})
-    >>> answer_match("I count three shapes.", "3", c), answer_match("3 or 4", "3", c), answer_match("Reddish.", "red", c)
-    (1.0, 0.0, 0.0)
-    """
+    """r_ans without an LLM judge [R]: 1 if the normalised answer is a whole-word span of the response and no *other* candidate
+    answer is ("I count three shapes." for 3 scores 1; "3 or 4" and "Reddish." for red score 0). Plain containment is gamed
+    within 100 steps on the toy task: the policy learns to list every answer ("3 count 4 4 4 4")."""
     r, t = normalize(response), tuple(normalize(answer))
     found = spans(r, max(3, len(t)))
     return float(bool(t) and t in found and not ((found & candidates) - spans(list(t), len(t))))
@@ -725,59 +676,47 @@ def answer_match(response: str, answer: str, candidates: frozenset = frozenset()
 class MatchJudge:
     """r_ans for a batch with answer_match; the candidates are the dataset's short (1-3 word) answers."""
     unparsed = None  # a model judge reports its share of unparseable verdicts here
-
     def __init__(self, rows: list):
         self.candidates = frozenset(t for r in rows if 1 <= len(t := tuple(normalize(r["answer"]))) <= 3 and t[0] not in STOPWORDS)
-
     def __call__(self, questions: list, answers: list, responses: list) -> list:
         return [answer_match(o, ans, self.candidates) for o, ans in zip(responses, answers)]
 
-JUDGE_SYSTEM = ("You are an evaluation assistant. The question is in <question></question>, the ground truth in "
-                "<ground truth></ground truth> and a model's response in <generated text></generated text>. Output 1 if "
-                "the generated text fully and correctly captures the core point of the ground truth, and 0 if it is "
-                "incorrect or irrelevant. Give a brief explanation, then the score wrapped in <answer></answer>.")
-JUDGE_USER = ("<question>{question}</question>\n<ground truth>{answer}</ground truth>\n<generated text>{response}"
-              "</generated text>\nDoes the generated text correctly capture the ground truth? Explain briefly, then give "
-              "the score as <answer>1</answer> or <answer>0</answer>.")
+JUDGE_SYSTEM = ("You are an evaluation assistant. The question is in <question></question>, the ground truth in <ground truth></ground "
+                "truth> and a model's response in <generated text></generated text>. Output 1 if the generated text fully and correctly "
+                "captures the core point of the ground truth, and 0 if it is incorrect or irrelevant. Give a brief explanation, then "
+                "the score wrapped in <answer></answer>.")
+JUDGE_USER = ("<question>{question}</question>\n<ground truth>{answer}</ground truth>\n<generated text>{response}</generated text>\n"
+              "Does the generated text correctly capture the ground truth? Explain briefly, then give the score as <answer>1</answer> or "
+              "<answer>0</answer>.")
 
 class ModelJudge:
-    """r_ans = LLM-as-a-judge [P] §3.1, Fig. 4: a frozen text LLM (the paper: Qwen2.5-32B), or a VLM used with
-    text only, reads question, ground truth and response, explains, then writes <answer>0|1</answer>. Greedy and
-    batched; verdicts are cached, since teacher texts come back every epoch. Unparseable: 0, counted in unparsed."""
-
+    """r_ans by a frozen text LLM [P] §3.1, Fig. 4 (the paper: Qwen2.5-32B); a reply without <answer>0|1</answer> scores 0."""
     def __init__(self, spec: str, a: Args, device, dtype):
         try:
             kw = dict(trust_remote_code=a.trust_remote_code)
-            self.model = transformers.AutoModelForCausalLM.from_pretrained(ALIASES.get(spec, spec), dtype=dtype, use_safetensors=True, **kw)
-            self.chat = self.tok = transformers.AutoTokenizer.from_pretrained(ALIASES.get(spec, spec), padding_side="left", **kw)
-            self.tok.pad_token = self.tok.pad_token or self.tok.eos_token
-        except (OSError, ValueError, KeyError):
-            self.model, self.chat = load_vlm(spec, a, dtype, "--judge")
-            self.tok = self.chat.tokenizer
-        self.gen_cfg = generation_config(a, self.model.to(device).eval().requires_grad_(False), self.tok, greedy=True)
-        self.gen_cfg.max_new_tokens, self.device, self.verdicts, self.unparsed = a.judge_max_new_tokens, device, {}, 0.0
-
+            self.tok = transformers.AutoTokenizer.from_pretrained(spec, padding_side="left", **kw)
+            self.model = transformers.AutoModelForCausalLM.from_pretrained(spec, dtype=dtype, use_safetensors=True, **kw).to(device)
+        except (OSError, ValueError, KeyError) as e:
+            fail(f"--judge {spec}: cannot load it as a text LLM ({(str(e).strip() or type(e).__name__).splitlines()[0][:120]}); "
+                 f"give a local folder or a reachable Hugging Face id")
+        self.tok.pad_token = self.tok.pad_token or self.tok.eos_token
+        self.gen_cfg = generation_config(a, self.model.eval().requires_grad_(False), self.tok, greedy=True)
+        self.gen_cfg.max_new_tokens, self.unparsed = a.judge_max_new_tokens, 0.0
     def prompt(self, question: str, answer: str, response: str) -> str:
-        msgs = [{"role": "system", "content": JUDGE_SYSTEM},
-                {"role": "user", "content": JUDGE_USER.format(question=question, answer=answer, response=response)}]
-        return self.chat.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-
+        user = JUDGE_USER.format(question=question, answer=answer, response=response)
+        msgs = [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
+        return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     @torch.no_grad()
     def complete(self, prompts: list) -> list:
-        enc = self.tok(prompts, padding=True, return_tensors="pt", add_special_tokens=False).to(self.device)
+        enc = self.tok(prompts, padding=True, return_tensors="pt", add_special_tokens=False).to(self.model.device)
         return self.tok.batch_decode(self.model.generate(**enc, generation_config=self.gen_cfg)[:, enc["input_ids"].shape[1]:],
                                      skip_special_tokens=True)
-
     def __call__(self, questions: list, answers: list, responses: list, bs: int = 32) -> list:
-        keys = list(zip(questions, answers, responses))
-        new = list(dict.fromkeys(k for k in keys if k not in self.verdicts))
-        for i in range(0, len(new), bs):
-            for k, text in zip(new[i:i + bs], self.complete([self.prompt(*k) for k in new[i:i + bs]])):
-                found = re.findall(r"<answer>\s*([01])\s*</answer>", text)
-                self.verdicts[k] = float(found[-1]) if found else None  # the last verdict counts
-        verdicts = [self.verdicts[k] for k in keys]
-        self.unparsed = sum(v is None for v in verdicts) / max(len(verdicts), 1)
-        return [v or 0.0 for v in verdicts]
+        prompts = [self.prompt(*k) for k in zip(questions, answers, responses)]
+        texts = [t for i in range(0, len(prompts), bs) for t in self.complete(prompts[i:i + bs])]
+        found = [re.findall(r"<answer>\s*([01])\s*</answer>", t) for t in texts]
+        self.unparsed = sum(not f for f in found) / max(len(found), 1)
+        return [float(f[-1]) if f else 0.0 for f in found]  # the last verdict counts
 
 # -- 14. Models: the tiny student, pretrained VLMs and teacher models ------------------------------
 ALIASES = {"Qwen2-VL-2B": "Qwen/Qwen2-VL-2B-Instruct", "Qwen2-VL-7B": "Qwen/Qwen2-VL-7B-Instruct",
@@ -792,7 +731,6 @@ VISION_TOWERS = ("visual", "vision_tower", "vision_model")  # the vision encoder
 
 class ImageOnlyQwen2VLProcessor(transformers.Qwen2VLProcessor):
     """Qwen2VLProcessor without its video half, which cannot be built without torchvision; saved under the stock name."""
-
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kw):
         self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
         self.image_token_id, self.video_token_id = tokenizer.convert_tokens_to_ids([self.image_token, self.video_token])
@@ -811,20 +749,22 @@ def tiny_tokenizer(corpus: list, specials: list = SPECIALS, chat_template: str =
                                                 model_input_names=["input_ids", "attention_mask"], chat_template=chat_template)
 
 def build_tiny(corpus: list, hidden: int = 64, layers: int = 2) -> tuple:
-    """A random tiny Qwen2-VL (a 1-block vision tower) and its processor: 64 wide learns the toy task in minutes on a CPU."""
+    """A random tiny Qwen2-VL (a 1-block vision tower) and its processor: 64 wide learns the toy task on a CPU."""
     tok = tiny_tokenizer(corpus)
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIALS}
-    half = hidden // 4 // 2  # M-RoPE sections (t, h, w) add up to head_dim / 2
+    half = hidden // 8  # M-RoPE sections (t, h, w) add up to head_dim / 2, with 4 heads
+    mrope = {"type": "mrope", "mrope_section": [half - 2 * (half // 3), half // 3, half // 3]}
     text = dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
-                num_key_value_heads=2, rope_theta=1e4, rope_scaling={"type": "mrope", "mrope_section": [half - 2 * (half // 3), half // 3, half // 3]},
-                eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], bos_token_id=ids["<|im_start|>"])
-    vision = dict(depth=1, embed_dim=hidden // 2, num_heads=2, hidden_size=hidden, mlp_ratio=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+                num_key_value_heads=2, rope_theta=1e4, eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+                bos_token_id=ids["<|im_start|>"], rope_scaling=mrope)
+    vision = dict(depth=1, embed_dim=hidden // 2, num_heads=2, hidden_size=hidden, mlp_ratio=2, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2)
     model = transformers.Qwen2VLForConditionalGeneration(transformers.Qwen2VLConfig(
         text_config=text, vision_config=vision, tie_word_embeddings=True, image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"]))
     model.generation_config = transformers.GenerationConfig(eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
                                                             bos_token_id=ids["<|im_start|>"])
-    # min/max pixels: 56x56 images give 4 image tokens; larger ones are scaled down, never truncated
+    # 56x56 images give 4 image tokens; larger ones are scaled down to at most 112x112, never truncated
     image_processor = transformers.Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112)
     return model, ImageOnlyQwen2VLProcessor(image_processor, tok, chat_template=TINY_CHAT_TEMPLATE)
 
@@ -839,8 +779,7 @@ def load_processor(path: str, trust_remote_code: bool = False):
     return ImageOnlyQwen2VLProcessor.from_pretrained(path)
 
 def load_vlm(name: str, a: Args, dtype, flag: str) -> tuple:
-    """Any AutoModelForImageTextToText with a chat template, and its processor (left padding). Weights from
-    safetensors only (a pickle can run code); a folder's own code only with --trust-remote-code."""
+    """Any AutoModelForImageTextToText with a chat template, and its processor; safetensors only (a pickle can run code)."""
     path = ALIASES.get(name, name)
     try:
         model = transformers.AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, use_safetensors=True,
@@ -864,48 +803,35 @@ def load_student(a: Args, corpus: list, device, dtype) -> tuple:
     tok = processor.tokenizer
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:  # masks would drop EOS: the model never learns to stop
         fail(f"--student {a.student}: its tokenizer has no pad token distinct from EOS; set one in tokenizer_config.json")
-    vision = [p for n, p in model.named_parameters() if set(n.split(".")) & set(VISION_TOWERS)] if a.freeze_vision else [0]
-    vision or fail(f"--freeze-vision: found no vision tower ({', '.join(VISION_TOWERS)}) in {type(model).__name__}")
+    vision = [p for n, p in model.named_parameters() if set(n.split(".")) & set(VISION_TOWERS)]
+    a.freeze_vision and not vision and fail(f"--freeze-vision: {type(model).__name__} has no module named {' or '.join(VISION_TOWERS)}")
     for p in vision if a.freeze_vision else []:
         p.requires_grad_(False)
-    if a.grad_checkpointing:
-        checkpoint_activations(model)
+    if a.grad_checkpointing:  # non-reentrant: the variant that works when the inputs need no gradient
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model.to(device=device, dtype=dtype), processor
 
-def checkpoint_activations(model):  # non-reentrant: the variant that works when the inputs need no gradient
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-
 def save_student(model, processor, folder: str, state_dict=None):
-    """save_pretrained into a temporary folder, then moved into place file by file (a kill never leaves half a
-    weight file). A gathered (sharded) state dict names tied weights twice: one goes."""
-    tmp, first = os.path.join(folder, ".tmp_save"), {}
+    """save_pretrained into a temporary folder, then moved into place file by file, so a kill never leaves half a weight file."""
+    tmp = os.path.join(folder, ".tmp_save")
     shutil.rmtree(tmp, ignore_errors=True)
-    for name, p in model.named_parameters(remove_duplicate=False) if state_dict is not None else []:
-        first.setdefault(id(p), name) == name or state_dict.pop(name, None)
     model.save_pretrained(tmp, state_dict=state_dict)
     processor.save_pretrained(tmp)
     cfg = os.path.join(tmp, "processor_config.json")
-    if isinstance(processor, ImageOnlyQwen2VLProcessor) and os.path.isfile(cfg):  # so AutoProcessor builds the stock one
+    if isinstance(processor, ImageOnlyQwen2VLProcessor) and os.path.isfile(cfg):  # so that AutoProcessor builds the stock one
         write_atomic(cfg, lambda f: json.dump({**json.load(open(cfg)), "processor_class": "Qwen2VLProcessor"}, f, indent=2))
     for f in os.listdir(tmp):
         os.replace(os.path.join(tmp, f), os.path.join(folder, f))
     os.rmdir(tmp)
 
 def model_teacher_texts(spec: str, rows: list, a: Args, device, dtype):
-    """A teacher that is a model: --teacher-samples answers per question with the paper's sampling, made once into
-    --out/teacher_cache (a JSON line per question id; the file is keyed by the model and the sampling settings). A
-    run that finds every question cached never loads the model; an interrupted one resumes where it stopped."""
+    """A teacher model's answers, sampled once into --out/teacher_cache (a line per id); a killed run goes on where it stopped."""
     settings = {k: getattr(a, k) for k in ("teacher_samples", "temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens")}
     tag = hashlib.sha1(json.dumps({"model": spec, **settings}, sort_keys=True).encode()).hexdigest()[:10]
     path = os.path.join(a.out, "teacher_cache", f"{re.sub(r'[^A-Za-z0-9.-]+', '_', spec).strip('_')}-{tag}.jsonl")
-    lines, cache = open(path).readlines() if os.path.isfile(path) else [], {}
-    for line in lines:
-        try:
-            cache[json.loads(line)["id"]] = json.loads(line)["texts"]
-        except (json.JSONDecodeError, KeyError, TypeError):  # the line a kill cut short
-            pass
-    if len(cache) < len(lines):  # rewritten without it, so that appending starts on a fresh line
-        write_atomic(path, lambda f: f.writelines(json.dumps({"id": k, "texts": v}) + "\n" for k, v in cache.items()))
+    lines = [x for x in open(path) if x.endswith("}\n")] if os.path.isfile(path) else []  # not a line a kill cut short
+    cache = {e["id"]: e["texts"] for e in map(json.loads, lines)}
+    lines and write_atomic(path, lambda f: f.writelines(lines))  # without it, so that appending starts on a fresh line
     todo, n = [r for r in rows if r["id"] not in cache], a.teacher_samples
     if todo:
         model, processor = load_vlm(spec, a, dtype, "--teachers")
@@ -925,23 +851,16 @@ def model_teacher_texts(spec: str, rows: list, a: Args, device, dtype):
 
 # -- 15. Several GPUs: torchrun, DDP over questions, FSDP2 with --shard ----------------------------
 class TorchrunRanks(Ranks):
-    """`torchrun --nproc_per_node N ril.py ...`: each rank takes a disjoint share of every batch and makes its
-    own groups, so rewards and advantages never need another rank; metrics are averaged, rank 0 writes."""
-
-    def __init__(self, device, sharded: bool):
-        self.rank, self.world, self.sharded, self.device = dist.get_rank(), dist.get_world_size(), sharded, device
-
+    """torchrun: each rank takes a share of every batch and makes whole groups, so advantages need no other rank."""
+    def __init__(self, sharded: bool):
+        self.rank, self.world, self.sharded = dist.get_rank(), dist.get_world_size(), sharded
     def share(self, rows): return rows[self.rank::self.world]
     def bar(self, it, **kw): return tqdm(it, leave=False, disable=self.rank > 0, **kw)
-
     def mean(self, m: dict) -> dict:
-        t = torch.tensor([float(m[k]) for k in sorted(m)], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return dict(zip(sorted(m), (t / self.world).tolist()))
-
+        parts = self.gather([m])
+        return {k: sum(p[k] for p in parts) / self.world for k in m}
     def gather(self, xs: list) -> list:
-        parts = [None] * self.world
-        dist.all_gather_object(parts, xs)
+        dist.all_gather_object(parts := [None] * self.world, xs)
         return [x for p in parts for x in p]
 
 def init_distributed(a: Args, device) -> torch.device:
@@ -956,29 +875,26 @@ def init_distributed(a: Args, device) -> torch.device:
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-    RANKS = TorchrunRanks(device, a.shard)
-    if RANKS.rank > 0:
-        sys.stdout = open(os.devnull, "w")
+    RANKS = TorchrunRanks(a.shard)
+    sys.stdout = sys.stdout if RANKS.rank == 0 else open(os.devnull, "w")
     return device
 
 def parallelize(model, device):
-    """DDP: full copies, gradients averaged in backward. FSDP2 (--shard): each decoder or vision block is a unit,
-    then the vision tower (generate runs it outside forward), then the root, resharded after every forward."""
+    """DDP: copies, averaged gradients. FSDP2 (--shard): units are each block, the vision tower (generate runs it alone), the root."""
     if RANKS.world == 1 or model is None:
         return model
     if not RANKS.sharded:
         return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     from torch.distributed.fsdp import fully_shard
     for name, mod in list(model.named_modules()):
-        if isinstance(mod, nn.ModuleList) and name.split(".")[-1] in ("layers", "blocks"):
-            for block in mod:
-                fully_shard(block)
+        for block in mod if isinstance(mod, nn.ModuleList) and name.split(".")[-1] in ("layers", "blocks") else []:
+            fully_shard(block)
     for name, mod in list(model.named_modules()):
         name.split(".")[-1] in VISION_TOWERS and fully_shard(mod)
     return fully_shard(model, reshard_after_forward=True)
 
 def full_state(model, opt=None) -> tuple:
-    """(model, optimizer) state dicts, whole and on the CPU; a sharded model's pieces are gathered (all ranks call)."""
+    """(model, optimizer) state dicts, whole and on the CPU: a sharded model's pieces are gathered (every rank calls)."""
     if not RANKS.sharded:
         return unwrap(model).state_dict(), opt and opt.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
@@ -987,70 +903,63 @@ def full_state(model, opt=None) -> tuple:
 
 def load_full_state(model, opt, state: dict, opt_state: dict):
     if not RANKS.sharded:
-        unwrap(model).load_state_dict(state)
-        return opt and opt.load_state_dict(opt_state)
+        return unwrap(model).load_state_dict(state), opt and opt.load_state_dict(opt_state)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
     opt and set_optimizer_state_dict(model, opt, opt_state, options=StateDictOptions(full_state_dict=True))
 
 # -- 16. Checkpoints, resume, logs and signals: the `run` that train() is given ---------------------
 def write_atomic(path: str, write, mode: str = "w"):
-    """write(file) into path + ".tmp", then rename it over path: a kill leaves the old file, never half a one."""
+    """write(file) into path + ".tmp", then rename it over path: a kill leaves the old file, never half a new one."""
     with open(path + ".tmp", mode) as f:
         write(f)
     os.replace(path + ".tmp", path)
 
 def checkpoints(out: str) -> list:
-    """Complete checkpoints, oldest first (each is written under another name, then renamed)."""
+    """Complete checkpoints, oldest first (each one is written under another name, then renamed)."""
     root = os.path.join(out, "checkpoints")
     return sorted(os.path.join(root, f) for f in os.listdir(root) if re.fullmatch(r"step_\d+\.pt", f)) if os.path.isdir(root) else []
 
-def resume_args(a: Args) -> Args:
-    """The interrupted run's own arguments, with this command's --out (the folder is the run) and --steps."""
-    path = os.path.join(a.out, "args.json")
-    checkpoints(a.out) and os.path.isfile(path) or fail(f"--resume: no checkpoint in {a.out}/checkpoints; start a run without --resume")
-    try:
-        saved = {k: v for k, v in json.load(open(path)).items() if k in {f.name for f in fields(Args)}}
-    except (ValueError, AttributeError) as e:
-        fail(f"--resume: {path} is not a JSON object of arguments ({str(e)[:60]}); restore it, or start afresh with --overwrite")
-    return Args(**{**saved, "out": a.out, "steps": a.steps, "resume": True, "overwrite": False})
+def resume_state(a: Args) -> tuple:
+    """The run's own arguments and newest loadable checkpoint, with this command's --out (the folder is the run) and --steps."""
+    for path in reversed(checkpoints(a.out)):
+        try:
+            state = torch.load(path, weights_only=True)
+        except Exception as e:  # a truncated or corrupt file: fall back to the one before
+            print(f"warning: {path} does not load ({str(e)[:80]}); trying the previous checkpoint", file=sys.stderr)
+            continue
+        state["step"] < a.steps or fail(f"--resume --steps {a.steps}: the run is at step {state['step']}; pass a larger --steps")
+        return Args(**{**state["args"], "out": a.out, "steps": a.steps, "resume": True, "overwrite": False}), (path, state)
+    fail(f"--resume: no checkpoint in {a.out}/checkpoints loads; start a run there without --resume")
+
+SHOWN = "reward/total reward/sim reward/ans disc/loss disc/acc_student disc/acc_teacher policy/grad_norm policy/kl len/mean time/step"
 
 class Run:
     """What train() needs besides the method: torchrun wrapping, resume, logs, checkpoints, signals."""
-
-    def __init__(self, a: Args, mode: str, eval_rows: list):
-        self.a, self.mode, self.eval_rows, self.bad, self.stop, self.last, self.files = a, mode, eval_rows, 0, [], None, {}
+    def __init__(self, a: Args, mode: str, eval_rows: list, resumed: tuple = None):
+        self.a, self.mode, self.eval_rows, self.bad, self.stop, self.last, self.resumed = a, mode, eval_rows, 0, [], None, resumed
         self.paths, self.t = {k: os.path.join(a.out, f"{k}.jsonl") for k in ("metrics", "samples")}, time.time()
-
     def wrap(self, s: State):
         """The reference in bf16 under amp (it is never trained), D's memory flags, then DDP or FSDP2."""
         if s.ref is not None and self.mode == "amp":
             s.ref.to(dtype=torch.bfloat16)
         if s.disc is not None and (self.a.grad_checkpointing or RANKS.sharded):
             s.disc.share_prefix = False  # both need one plain call per layer in a forward
-            self.a.grad_checkpointing and checkpoint_activations(s.disc.backbone)
-        s.ref, s.disc, s.model = parallelize(s.ref, s.device) if RANKS.sharded else s.ref, parallelize(s.disc, s.device), parallelize(s.model, s.device)
+            kw = {"use_reentrant": False}
+            self.a.grad_checkpointing and s.disc.backbone.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+        s.ref = parallelize(s.ref, s.device) if RANKS.sharded else s.ref
+        s.disc, s.model = parallelize(s.disc, s.device), parallelize(s.model, s.device)
         if RANKS.sharded:  # one full forward before the first generate, so that every FSDP2 unit is set up
             with torch.no_grad():
                 s.model(**encode_prompts(s.processor, self.eval_rows[:1], s.device))
-
     def resume(self, s: State) -> tuple:
-        """(first step, held-out results before RIL) from the newest checkpoint that loads; (1, None) when fresh."""
-        for path in reversed(checkpoints(self.a.out) if self.a.resume else []):
-            try:
-                state = torch.load(path, weights_only=True)
-                break
-            except Exception as e:  # a truncated or corrupt file: fall back to the one before
-                print(f"warning: {path} does not load ({str(e)[:80]}); trying the previous checkpoint", file=sys.stderr)
-        else:
-            return (1, None) if not self.a.resume else fail(f"--resume: no checkpoint in {self.a.out}/checkpoints loads")
-        state["step"] < self.a.steps or fail(f"--resume --steps {self.a.steps}: the run is already at step {state['step']}; "
-                                             f"pass a larger --steps")
+        """(first step, held-out results before RIL) from the checkpoint resume_state found; (1, None) for a fresh run."""
+        if self.resumed is None:
+            return 1, None
+        path, state = self.resumed
         load_full_state(s.model, s.opt, state["student"], state["opt"])
-        if s.ref is not None:
-            load_full_state(s.ref, None, torch.load(os.path.join(self.a.out, "checkpoints", "reference.pt"), weights_only=True), None)
-        if s.disc is not None:
-            load_full_state(s.disc, s.d_opt, state["disc"], state["d_opt"])
+        s.disc is None or load_full_state(s.disc, s.d_opt, state["disc"], state["d_opt"])
+        s.ref is None or load_full_state(s.ref, None, torch.load(os.path.join(self.a.out, "checkpoints", "reference.pt")), None)
         rng = state["rng"][RANKS.rank]  # each rank's own random streams
         random.setstate(rng["python"])
         torch.set_rng_state(rng["torch"])
@@ -1059,58 +968,51 @@ class Run:
             lines = [x for x in open(log) if x.endswith("\n") and json.loads(x)["step"] <= state["step"]]  # later steps run again
             write_atomic(log, lambda f: f.writelines(lines))
         self.last, self.before = path, state["before"]
-        print(f"resuming {path} at step {state['step'] + 1}")
-        self.open_logs()
+        print(f"resuming {path} at step {state['step'] + 1}; before RIL: {state['before'][0]}")
         return state["step"] + 1, state["before"]
-
     def begin(self, s: State, before: tuple):
-        """A fresh run's first writes, after SFT and D pre-training, so an --overwrite'd run is deleted only once
-        every input has loaded: args.json, the reference, checkpoint 0, and step 0 of the log."""
-        s.disc is not None and self.a.disc_pretrain_steps > 0 and disc_heldout_accuracy(self.a, s, self.eval_rows)
-        ref_state = full_state(s.ref)[0] if s.ref is not None else None
+        """A fresh run's first writes, after SFT and D pre-training: an --overwrite'd run goes only once every input has loaded."""
+        held = RANKS.share([r for r in self.eval_rows if all(r["teachers"].get(t) for t in s.teachers)][:32])
+        if s.disc is not None and self.a.disc_pretrain_steps > 0 and held:  # Stage 2's report, on questions D never saw
+            ro = rollout(self.a, s, held, random.Random(self.a.seed), with_teachers=True)
+            right = (disc_logits(s.disc, s.processor.tokenizer, ro["texts"], s.device) > 0) == (ro["is_teacher"] == 0)
+            print(f"disc pre-train: held-out accuracy {RANKS.mean({'a': right.float().mean().item()})['a']:.3f} (student vs teacher texts)")
+        ref = full_state(s.ref)[0] if s.ref is not None else None
         if RANKS.rank == 0:
             shutil.rmtree(os.path.join(self.a.out, "checkpoints"), ignore_errors=True)
             os.makedirs(os.path.join(self.a.out, "checkpoints"))
             write_atomic(os.path.join(self.a.out, "args.json"), lambda f: json.dump(asdict(self.a), f, indent=2))
-            ref_state is None or write_atomic(os.path.join(self.a.out, "checkpoints", "reference.pt"), lambda f: torch.save(ref_state, f), "wb")
+            ref is None or write_atomic(os.path.join(self.a.out, "checkpoints", "reference.pt"), lambda f: torch.save(ref, f), "wb")
             for path in self.paths.values():
                 open(path, "w").close()
-        if RANKS.world > 1:
-            torch.manual_seed(self.a.seed * 1000 + RANKS.rank)  # ranks sample their own answers from here on
+        RANKS.world > 1 and torch.manual_seed(self.a.seed * 1000 + RANKS.rank)  # ranks sample their own answers from here on
         self.before = before
         self.save(s, 0)
-        self.open_logs()
         self.log(0, before[0])
-
-    def open_logs(self):
-        self.files = {k: open(p, "a") for k, p in self.paths.items()} if RANKS.rank == 0 else {}
-        print("eval before RIL: " + "  ".join(f"{k} {v:.3f}" for k, v in self.before[0].items()))
-
+        print("eval before RIL: " + "  ".join(f"{k} {v:.3f}" for k, v in before[0].items()))
     def log(self, step: int, m: dict, dump: dict = None):
-        for k, x in [("metrics", m), ("samples", dump)]:
-            x is None or k not in self.files or print(json.dumps({"step": step, **x}), file=self.files[k], flush=True)
-
+        for k, x in [("metrics", m), ("samples", dump)] if RANKS.rank == 0 else []:
+            x is None or print(json.dumps({"step": step, **x}), file=open(self.paths[k], "a"), flush=True)
     def save(self, s: State, step: int):
-        """Both models and optimisers, the step, every rank's RNG states and the pre-RIL evaluation. The data order
-        is a pure function of (seed, step), so a resumed run replays the same questions. Rank 0 writes."""
+        """Models, optimisers, every rank's RNG and the pre-RIL evaluation; batch_at replays the data order from the step."""
         (student, opt), (disc, d_opt) = full_state(s.model, s.opt), full_state(s.disc, s.d_opt) if s.disc else (None, None)
         rng = RANKS.gather([{"python": random.getstate(), "torch": torch.get_rng_state(),
                              "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}])
         self.last = os.path.join(self.a.out, "checkpoints", f"step_{step:07d}.pt")
         if RANKS.rank == 0:
-            state = dict(step=step, student=student, opt=opt, disc=disc, d_opt=d_opt, rng=rng, before=self.before)
+            state = dict(step=step, student=student, opt=opt, disc=disc, d_opt=d_opt, rng=rng, before=self.before,
+                         args=asdict(self.a))
             write_atomic(self.last, lambda f: torch.save(state, f), "wb")
             for old in checkpoints(self.a.out)[:-self.a.keep_last]:
                 os.remove(old)
-
     def end_step(self, s: State, step: int, m: dict, dump: dict):
-        """Log and print the step, stop after --max-bad-steps skipped ones, checkpoint, stop on a signal."""
+        """Log and print the step, stop after --max-bad-steps skipped ones, checkpoint, and stop on a signal."""
         m["time/step"], self.t = time.time() - self.t, time.time()
         self.log(step, m, dump)
-        tqdm.write(f"step {step:4d} | " + " ".join(f"{k.split('/')[-1]} {m[k]:.3f}" for k in ("reward/total", "reward/sim", "reward/ans",
-                   "disc/loss", "disc/acc_student", "disc/acc_teacher", "policy/grad_norm", "policy/kl", "len/mean", "time/step") if k in m))
+        tqdm.write(f"step {step:4d} | " + " ".join(f"{k.split('/')[1]} {m[k]:.3f}" for k in SHOWN.split() if k in m))
         for d in dump["texts"] if self.a.dump_every and step % self.a.dump_every == 0 else []:
-            tqdm.write(f"    {d['source']:7s} r_sim {d['r_sim']:.0f} r_ans {d['r_ans']:.0f} D {d['D'] or 0:.2f} adv {d['adv']:+.2f} | {d['text']!r}")
+            tqdm.write(f"    {d['source']:7s} r_sim {d['r_sim']:.0f} r_ans {d['r_ans']:.0f} D {d['D'] or 0:.2f} "
+                       f"adv {d['adv']:+.2f} | {d['text']!r}")
         self.bad = self.bad + 1 if m["guard/skipped"] or m.get("guard/disc_skipped") else 0
         self.bad < self.a.max_bad_steps or fail(f"step {step}: loss or gradient was NaN/inf for {self.bad} steps in a row (each was "
                                                 f"skipped); the last good checkpoint is {self.last}; lower --lr / --disc-lr")
@@ -1120,69 +1022,15 @@ class Run:
         if stopping:
             print(f"stopped after step {step}; continue with: python ril.py --out {self.a.out} --resume --steps {self.a.steps}")
             sys.exit(128 + self.stop[0])
-
     def on_signal(self, signum, frame):
-        """Ctrl-C or SIGTERM (a cluster's pre-emption): finish the step, save a checkpoint, exit. Before the first
-        checkpoint, or on a second signal, exit at once, saying what is saved."""
+        """Ctrl-C or SIGTERM: finish the step, save, exit; before the first checkpoint or on a second signal, exit at once."""
         if self.last is None or self.stop:
-            print(f"\nsignal {signum}: stopped; {'the last checkpoint is ' + self.last if self.last else 'nothing was saved'}", file=sys.stderr)
+            print(f"\nsignal {signum}: stopped; the last checkpoint: {self.last or 'none, nothing was saved'}", file=sys.stderr)
             os._exit(128 + signum)
         self.stop.append(signum)
         tqdm.write(f"signal {signum}: finishing the step, saving a checkpoint, then exiting")
 
-def disc_heldout_accuracy(a: Args, s: State, eval_rows: list):
-    """Stage 2's report: sampled answers vs teacher texts on up to 32 held-out questions D never saw."""
-    held = RANKS.share([r for r in eval_rows if all(r["teachers"].get(t) for t in s.teachers)][:32])
-    if not held:
-        return print("disc pre-train: the held-out rows have no teacher texts; no held-out accuracy")
-    ro = rollout(a, s, held, random.Random(a.seed), with_teachers=True)
-    right = (disc_logits(s.disc, s.processor.tokenizer, ro["texts"], s.device) > 0) == (ro["is_teacher"] == 0)
-    print(f"disc pre-train: {a.disc_pretrain_steps} steps, held-out accuracy {RANKS.mean({'a': right.float().mean().item()})['a']:.3f}")
-
-# -- 17. metrics.png, drawn with Pillow ------------------------------------------------------------
-PANELS = [  # title, y label, [(metric, legend)]
-    ("rewards of student samples", "reward", [("reward/total", "total"), ("reward/ans", "r_ans"), ("reward/sim", "r_sim")]),
-    ("discriminator accuracy", "accuracy", [("disc/acc_student", "on student texts"), ("disc/acc_teacher", "on teacher texts")]),
-    ("KL to the reference", "KL per token", [("policy/kl", "policy/kl")]),
-    ("answer length", "tokens", [("len/mean", "student samples")]),
-    ("held-out evaluation", "score", [("eval/acc", "accuracy"), ("eval/teacher_like", "teacher-likeness (D then)"),
-                                      ("eval/teacher_match", "teacher match")]),
-    ("discriminator loss", "BCE", [("disc/loss", "disc/loss")])]
-
-def plot_metrics(out: str) -> str:
-    """One panel per group of metrics, step on x: training curves as a moving average over a twentieth of the run
-    (the raw curve light behind), evaluations as points."""
-    lines, colours = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))], [(31, 119, 180), (214, 39, 40), (44, 160, 44)]
-    img, font = Image.new("RGB", (1500, 900), "white"), ImageFont.load_default(size=14)
-    d = ImageDraw.Draw(img)
-    for k, (title, ylabel, series) in enumerate(PANELS):
-        x0, y0, w, h = (k % 3) * 500 + 80, (k // 3) * 450 + 40, 390, 340
-        data = [(name, pts) for key, name in series if (pts := [(m["step"], m[key]) for m in lines if key in m])]
-        label = Image.new("RGB", (h, 18), "white")
-        ImageDraw.Draw(label).text((h // 2, 9), ylabel, fill="black", font=font, anchor="mm")
-        img.paste(label.rotate(90, expand=True), (x0 - 72, y0))
-        xs, ys = [x for _, p in data for x, _ in p] or [0], [y for _, p in data for _, y in p] or [0]
-        xlo, xhi, ylo, yhi = min(xs), max(max(xs), min(xs) + 1), min(ys), max(max(ys), min(ys) + 1e-9)
-        X, Y = (lambda x: x0 + (x - xlo) / (xhi - xlo) * w), (lambda y: y0 + h - (y - ylo) / (yhi - ylo) * h)
-        for txt, xy, anchor in [(title, (x0 + w // 2, y0 - 22), "mm"), ("step", (x0 + w // 2, y0 + h + 34), "mm")] + [
-                (f"{xlo + t * (xhi - xlo):.0f}", (X(xlo + t * (xhi - xlo)), y0 + h + 14), "mm") for t in (0, 0.5, 1)] + [
-                (f"{ylo + t * (yhi - ylo):.3g}", (x0 - 8, Y(ylo + t * (yhi - ylo))), "rm") for t in (0, 0.5, 1)]:
-            d.text(xy, txt, fill="black", font=font, anchor=anchor)
-        for j, (name, pts) in enumerate(data):
-            c, n = colours[j % 3], max(1, len(pts) // 20)
-            for x, y in pts if title == "held-out evaluation" else []:
-                d.ellipse([X(x) - 4, Y(y) - 4, X(x) + 4, Y(y) + 4], fill=c)
-            if len(pts) > 20:
-                d.line([(X(x), Y(y)) for x, y in pts], fill=tuple(v + (255 - v) * 2 // 3 for v in c))
-                pts = [(x, sum(y for _, y in pts[max(0, i - n + 1):i + 1]) / len(pts[max(0, i - n + 1):i + 1])) for i, (x, _) in enumerate(pts)]
-            d.line([(X(x), Y(y)) for x, y in pts], fill=c, width=2)
-            d.text((x0 + 8, y0 + 12 + 18 * j), "— " + name, fill=c, font=font, anchor="lm")
-        d.rectangle([x0, y0, x0 + w, y0 + h], outline="black")
-        data or d.text((x0 + w // 2, y0 + h // 2), "not logged in this run", fill="gray", font=font, anchor="mm")
-    write_atomic(os.path.join(out, "metrics.png"), lambda f: img.save(f, format="PNG"), "wb")
-    return os.path.join(out, "metrics.png")
-
-# -- 18. main: validate, load, train(), report, save -----------------------------------------------
+# -- 17. main: validate and load everything, train(), report and save ------------------------------
 def setup(a: Args, device, mode: str) -> tuple:
     """Everything validated and loaded before --out is touched: (state, train rows, held-out rows)."""
     frozen = torch.bfloat16 if mode in ("amp", "bf16") else torch.float32  # teachers and the judge
@@ -1202,16 +1050,15 @@ def setup(a: Args, device, mode: str) -> tuple:
           + (f"; {RANKS.world} ranks, {'FSDP2' if RANKS.sharded else 'DDP'}" if RANKS.world > 1 else ""))
     for turn in (0, 1):  # teacher models answer once into --out/teacher_cache (rank 0); the other ranks then read it
         for spec in teacher_models if (RANKS.rank == 0) == (turn == 0) else []:
-            os.makedirs(a.out, exist_ok=True)
             model_teacher_texts(spec, rows + eval_rows, a, device, frozen)
         RANKS.world > 1 and turn == 0 and dist.barrier()
     return State(model, processor, device, tuple(teachers), judge), rows, eval_rows
 
 def report(a: Args, s: State, run: Run, before: tuple, after: tuple, eval_rows: list):
-    """The before/after table of the held-out rows, then the trained student (save_pretrained), D and metrics.png."""
+    """The before/after table of the held-out rows, then the trained student (save_pretrained) and D."""
     run.log(a.steps, after[0])
-    t_rows, t_texts = zip(*[(r, t) for r in eval_rows for name in s.teachers for t in r["teachers"].get(name, [])]) or ([], [])
-    like = lambda texts: f"{sum(teacher_scores(s.disc, s.processor.tokenizer, texts, s.device)) / len(texts):.3f}" if s.disc else "n/a"  # noqa
+    t_rows, t_texts = list(zip(*[(r, t) for r in eval_rows for name in s.teachers for t in r["teachers"].get(name, [])])) or ([], [])
+    like = lambda x: f"{sum(teacher_scores(s.disc, s.processor.tokenizer, x, s.device)) / len(x):.3f}" if s.disc else "n/a"  # noqa: E731
     print(f"\n| held-out ({len(eval_rows)} questions) | accuracy | teacher-likeness (D then) | teacher-likeness (final D) | "
           "teacher match | length |\n|---|---|---|---|---|---|")
     for name, (m, texts) in [("before RIL (after SFT)", before), (f"after {a.algo}", after)]:
@@ -1227,27 +1074,22 @@ def report(a: Args, s: State, run: Run, before: tuple, after: tuple, eval_rows: 
         save_student(unwrap(s.model), s.processor, a.out, student)
         parts = {p: {k[len(p) + 1:]: v for k, v in disc.items() if k.startswith(p + ".")} for p in ("backbone", "head")}
         disc and write_atomic(os.path.join(a.out, "discriminator.pt"), lambda f: torch.save(parts, f), "wb")
-        print(f"wrote {plot_metrics(a.out)}")
 
 def main(argv=None):
     a = parse_args(argv)
     check_args(a)
-    if a.plot:
-        os.path.isfile(os.path.join(a.out, "metrics.jsonl")) or fail(f"--plot: {a.out}/metrics.jsonl not found; give the --out of a run")
-        return print(f"wrote {plot_metrics(a.out)}")
-    a, t0, run = resume_args(a) if a.resume else a, time.time(), None
+    (a, resumed), t0, run = resume_state(a) if a.resume else (a, None), time.time(), None
     device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else "cpu" if a.device == "auto" else a.device)
-    # [R] amp: fp32 weights and AdamW moments, bf16 matmuls. bf16: half the memory, but an update under ~1/256 of a
-    # weight rounds away, which at the paper's LR of 1e-6 is most of them. The paper does not say which it used.
+    # [R] amp: fp32 weights and AdamW moments, bf16 matmuls. bf16: half the memory, but an update under ~1/256 of a weight
+    # rounds away, which at the paper's LR of 1e-6 is most of them. The paper does not say which it used.
     mode = a.dtype if a.dtype != "auto" else ("amp" if device.type == "cuda" else "fp32")
     device = init_distributed(a, device)
     try:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mode == "amp"):
             s, rows, eval_rows = setup(a, device, mode)
-            run = Run(a, mode, eval_rows)
+            run = Run(a, mode, eval_rows, resumed)
             handlers = {sig: signal.signal(sig, run.on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-            before, after = train(a, s, rows, eval_rows, run)
-            report(a, s, run, before, after, eval_rows)
+            report(a, s, run, *train(a, s, rows, eval_rows, run), eval_rows)
         print(f"\nsaved student + processor to {a.out} ({time.time() - t0:.0f}s total)")
     finally:
         for sig, h in handlers.items() if run else []:

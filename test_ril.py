@@ -379,7 +379,7 @@ def _png_header(w: int, h: int) -> bytes:
     ('{"image": "x.png", "question": "q"}', "missing field(s) answer"),
     ('{"image": "nowhere.png", "question": "q", "answer": "a"}', "image not found"),
     ('{"image": "broken.png", "question": "q", "answer": "a"}', "cannot decode image"),
-    ('{"image": "huge.png", "question": "q", "answer": "a"}', "100000x100000 pixels, over --max-image-pixels"),
+    ('{"image": "huge.png", "question": "q", "answer": "a"}', "exceeds limit"),
     ('{"image": "ok.png", "question": "q", "answer": "a", "teachers": {"t": "x"}}', "list of texts"),
 ])
 def test_bad_rows_get_one_line_naming_file_and_line(tmp_path, capsys, line, expect):
@@ -406,24 +406,14 @@ def test_a_teacher_missing_from_rows_is_named_with_its_count(tmp_path, capsys):
     assert code == 2 and f"{data}:2: teacher 't' has no texts for 2 row(s)" in err
 
 
-@pytest.mark.parametrize("flags,name", [(["--G", "1"], "--G 1"), (["--eps", "0"], "--eps 0"),
-                                        (["--steps", "-1"], "--steps -1"), (["--top-p", "0"], "--top-p 0"),
-                                        (["--algo", "ppo"], "--algo ppo")])
+@pytest.mark.parametrize("flags,name", [(["--G", "1"], "--G 1"), (["--eps", "0"], "--eps 0"), (["--steps", "-1"], "--steps -1"),
+                                        (["--top-p", "0"], "--top-p 0"), (["--algo", "ppo"], "--algo ppo"), (["--lr", "inf"], "--lr inf"),
+                                        (["--top-k", "-1"], "--top-k -1"), (["--repetition-penalty", "0"], "--repetition-penalty 0"),
+                                        (["--max-grad-norm", "nan"], "--max-grad-norm nan"), (["--sft-lr", "nan"], "--sft-lr nan")])
 def test_impossible_arguments_are_refused(capsys, flags, name):
     with pytest.raises(SystemExit) as e:
         ril.main(flags)
     assert e.value.code == 2 and name in capsys.readouterr().err
-
-
-def test_fewer_teacher_texts_than_slots_warns_that_they_are_reused(tmp_path, capsys):
-    rows = ril.make_toy(6, 0)
-    for r in rows:
-        r["teachers"] = {"alice": r["teachers"]["alice"][:1], "bob": r["teachers"]["bob"]}
-    _save_jsonl(tmp_path, rows, "d.jsonl")
-    ril.main(["--data", str(tmp_path / "d.jsonl"), "--eval-data", str(tmp_path / "d.jsonl"), "--steps", "1",
-              "--sft-steps", "0", "--disc-pretrain-steps", "0", "--batch-size", "2", "--out", str(tmp_path / "o")])
-    err = capsys.readouterr().err
-    assert "teacher 'alice' has fewer than 2 texts for 6 row(s)" in err and "reused" in err
 
 
 # ---------------------------------------------------------------- checkpoints, resume, guard
@@ -492,10 +482,60 @@ def test_sigterm_mid_run_leaves_a_checkpoint_that_resume_continues(tmp_path):
     assert p.returncode == 128 + signal.SIGTERM, text[-2000:]
     last = ril.checkpoints(str(out))[-1]
     done = torch.load(last, weights_only=True)["step"]
-    assert 3 <= done < 400 and "--resume" in text
+    assert 3 <= done < 400 and "--resume --steps 400" in text  # the command that really continues the run
     ril.main(["--out", str(out), "--resume", "--steps", str(done + 2)])
     steps = [json.loads(x)["step"] for x in open(out / "metrics.jsonl") if "reward/total" in x]
     assert steps == list(range(1, done + 3))
+
+
+def test_resume_writes_into_the_folder_named_not_where_the_run_was_made(tmp_path):
+    """A copied or moved run is resumed where it is now; the folder it came from is neither needed nor touched."""
+    import shutil
+    first = main_out(tmp_path, "--steps", "2", "--save-every", "1", name="first")
+    moved = str(tmp_path / "moved")
+    shutil.copytree(first, moved)
+    shutil.rmtree(first)
+    ril.main(["--out", moved, "--resume", "--steps", "3"])
+    assert not os.path.exists(first) and ril.checkpoints(moved)[-1].endswith("step_0000003.pt")
+    assert [json.loads(x)["step"] for x in open(os.path.join(moved, "metrics.jsonl")) if "reward/total" in x] == [1, 2, 3]
+
+
+def test_resume_to_a_step_already_done_is_refused_before_anything_changes(tmp_path, capsys):
+    out = main_out(tmp_path, "--steps", "2", "--save-every", "1")
+    before, _ = sorted(os.listdir(os.path.join(out, "checkpoints"))), capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        ril.main(["--out", out, "--resume", "--steps", "2"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "--steps 2" in err and "at step 2" in err
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == before
+
+
+def test_a_newest_checkpoint_that_does_not_load_falls_back_to_the_one_before(tmp_path, capsys):
+    out = main_out(tmp_path, "--steps", "2", "--save-every", "1")
+    newest = ril.checkpoints(out)[-1]
+    open(newest, "r+b").truncate(1000)  # a disk that filled up, or a copy cut short
+    ril.main(["--out", out, "--resume", "--steps", "3"])
+    assert "does not load" in capsys.readouterr().err
+    assert [json.loads(x)["step"] for x in open(os.path.join(out, "metrics.jsonl")) if "reward/total" in x] == [1, 2, 3]
+
+
+def test_overwrite_deletes_nothing_until_every_input_has_loaded(tmp_path, capsys):
+    out = main_out(tmp_path, "--steps", "1")
+    kept = sorted(os.listdir(os.path.join(out, "checkpoints")))
+    with pytest.raises(SystemExit) as e:
+        main_out(tmp_path, "--steps", "1", "--overwrite", "--teachers", "alice,org/no-such-model")
+    assert e.value.code == 2 and "org/no-such-model" in capsys.readouterr().err
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == kept
+
+
+def test_out_may_not_be_the_folder_of_an_input_model(tmp_path, capsys):
+    student = _tiny_family("qwen2_vl", tmp_path / "student")
+    files = sorted(os.listdir(student))
+    with pytest.raises(SystemExit) as e:
+        ril.main([*TINY_RUN, "--student", student, "--out", student])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "would overwrite" in err
+    assert sorted(os.listdir(student)) == files
 
 
 def test_non_finite_guard_skips_then_stops(tmp_path, monkeypatch, capsys):
@@ -598,6 +638,16 @@ def _tiny_family(family: str, folder) -> str:
     return str(folder)
 
 
+def _tiny_judge(folder) -> str:
+    """A tiny random text LLM (Qwen2 with the tiny tokenizer and chat template) saved to folder, for --judge PATH."""
+    tok = ril.tiny_tokenizer(corpus(ril.make_toy(24, 0)) + [ril.JUDGE_SYSTEM, ril.JUDGE_USER])
+    cfg = transformers.Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                   num_key_value_heads=1, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    transformers.Qwen2ForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "llava"])
 def test_each_family_trains_through_student_path_and_its_output_reloads(tmp_path, family, capsys):
     ckpt, out = _tiny_family(family, tmp_path / family), tmp_path / "out"
@@ -676,7 +726,7 @@ def test_a_model_id_that_cannot_be_found_is_named_for_teachers_and_judge(tmp_pat
 
 
 def test_judge_model_reads_the_fig4_prompt_and_parses_its_verdict(tmp_path):
-    judge = ril.ModelJudge(_tiny_family("qwen2_vl", tmp_path / "judge"), ril.Args(judge_max_new_tokens=4), CPU, torch.float32)
+    judge = ril.ModelJudge(_tiny_judge(tmp_path / "judge"), ril.Args(judge_max_new_tokens=4), CPU, torch.float32)
     prompt = judge.prompt("What color is the shape?", "red", "It is red.")
     for part in ["<question>What color is the shape?</question>", "<ground truth>red</ground truth>",
                  "<generated text>It is red.</generated text>", ril.JUDGE_SYSTEM, "<|im_start|>assistant"]:
@@ -703,7 +753,7 @@ def test_judge_verdicts_reach_reward_ans(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ril.ModelJudge, "complete", complete)
     out = tmp_path / "out"
-    ril.main([*TINY_RUN, "--judge", _tiny_family("qwen2_vl", tmp_path / "judge"), "--judge-max-new-tokens", "2",
+    ril.main([*TINY_RUN, "--judge", _tiny_judge(tmp_path / "judge"), "--judge-max-new-tokens", "2",
               "--steps", "3", "--out", str(out)])
     assert seen and all("<question>" in p and "<ground truth>" in p and ril.JUDGE_SYSTEM in p for p in seen)
     steps = [json.loads(x) for x in open(out / "metrics.jsonl") if "reward/total" in x]
@@ -773,24 +823,19 @@ def test_memory_flags_train_the_language_model_only(tmp_path, monkeypatch):
     assert len(steps) == 2 and all(m["guard/skipped"] == 0 for m in steps)
 
 
-def test_every_run_draws_metrics_png_with_every_panel(tmp_path, capsys):
-    """metrics.png is written at the end of a run, every panel has its metrics in metrics.jsonl
-    (held-out evaluations at step 0, every --eval-every steps and at the end), and --plot redraws it."""
+def test_the_plot_tool_draws_every_panel_from_a_runs_metrics(tmp_path, capsys):
+    """`python test_ril.py --plot OUT` (make run calls it) draws metrics.png; every panel's metrics are logged, with
+    held-out evaluations at step 0, every --eval-every steps and at the end."""
     from PIL import Image
-    out = tmp_path / "out"
-    ril.main([*TINY_RUN, "--steps", "3", "--eval-every", "2", "--out", str(out)])
-    assert Image.open(out / "metrics.png").size == (1500, 900)
-    lines = [json.loads(x) for x in open(out / "metrics.jsonl")]
+    out = main_out(tmp_path, "--steps", "3", "--eval-every", "2")
+    lines = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
     logged = set().union(*lines)
-    for title, _, series in ril.PANELS:
+    for title, _, series in PANELS:
         assert all(key in logged for key, _ in series), title
     assert [m["step"] for m in lines if "eval/acc" in m] == [0, 2, 3]
-    os.remove(out / "metrics.png")
-    ril.main(["--out", str(out), "--plot"])
-    assert Image.open(out / "metrics.png").size == (1500, 900)
-    with pytest.raises(SystemExit):
-        ril.main(["--out", str(tmp_path / "nothing"), "--plot"])
-    assert "metrics.jsonl not found" in capsys.readouterr().err
+    p = subprocess.run([sys.executable, os.path.join(HERE, "test_ril.py"), "--plot", out], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert Image.open(os.path.join(out, "metrics.png")).size == (1500, 900)
 
 
 # ---------------------------------------------------------------- several processes: torchrun on CPU with gloo
@@ -872,6 +917,49 @@ def test_two_ranks_with_two_questions_each_update_like_one_process_with_four(tmp
     assert any(not torch.equal(one[k], start[k]) for k in one), "the update changed nothing"
     worst = max((two_ranks[k] - one[k]).abs().max().item() for k in one)
     assert worst < 1e-6, worst
+
+
+# ---------------------------------------------------------------- metrics.png (make run draws it; python test_ril.py --plot OUT)
+PANELS = [  # title, y label, [(metric, legend)]
+    ("rewards of student samples", "reward", [("reward/total", "total"), ("reward/ans", "r_ans"), ("reward/sim", "r_sim")]),
+    ("discriminator accuracy", "accuracy", [("disc/acc_student", "on student texts"), ("disc/acc_teacher", "on teacher texts")]),
+    ("KL to the reference", "KL per token", [("policy/kl", "policy/kl")]),
+    ("answer length", "tokens", [("len/mean", "student samples")]),
+    ("held-out evaluation", "score", [("eval/acc", "accuracy"), ("eval/teacher_like", "teacher-likeness (D then)"),
+                                      ("eval/teacher_match", "teacher match")]),
+    ("discriminator loss", "BCE", [("disc/loss", "disc/loss")])]
+
+
+def plot_metrics(out: str) -> str:
+    """One panel per group of metrics, step on x: training curves as a moving average over a twentieth of the run (the
+    raw curve light behind it), evaluations as points."""
+    lines, colours = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))], [(31, 119, 180), (214, 39, 40), (44, 160, 44)]
+    from PIL import Image, ImageDraw, ImageFont
+    img, font = Image.new("RGB", (1500, 900), "white"), ImageFont.load_default(size=14)
+    d = ImageDraw.Draw(img)
+    for k, (title, ylabel, series) in enumerate(PANELS):
+        x0, y0, w, h = (k % 3) * 500 + 80, (k // 3) * 450 + 40, 390, 340
+        data = [(name, pts) for key, name in series if (pts := [(m["step"], m[key]) for m in lines if key in m])]
+        xs, ys = [x for _, p in data for x, _ in p] or [0], [y for _, p in data for _, y in p] or [0]
+        xlo, xhi, ylo, yhi = min(xs), max(max(xs), min(xs) + 1), min(ys), max(max(ys), min(ys) + 1e-9)
+        X, Y = (lambda x: x0 + (x - xlo) / (xhi - xlo) * w), (lambda y: y0 + h - (y - ylo) / (yhi - ylo) * h)
+        texts = [(title, (x0 + w // 2, y0 - 22), "mm"), ("step", (x0 + w // 2, y0 + h + 34), "mm"), (ylabel, (x0 - 8, y0 - 8), "rb")]
+        texts += [(f"{xlo + t * (xhi - xlo):.0f}", (X(xlo + t * (xhi - xlo)), y0 + h + 14), "mm") for t in (0, 0.5, 1)]
+        for txt, xy, anchor in texts + [(f"{ylo + t * (yhi - ylo):.3g}", (x0 - 8, Y(ylo + t * (yhi - ylo))), "rm") for t in (0, 0.5, 1)]:
+            d.text(xy, txt, fill="black", font=font, anchor=anchor)
+        for j, (name, pts) in enumerate(data):
+            c, n = colours[j % 3], max(1, len(pts) // 20)
+            for x, y in pts if title == "held-out evaluation" else []:
+                d.ellipse([X(x) - 4, Y(y) - 4, X(x) + 4, Y(y) + 4], fill=c)
+            if len(pts) > 20:
+                d.line([(X(x), Y(y)) for x, y in pts], fill=tuple(v + (255 - v) * 2 // 3 for v in c))
+                pts = [(x, sum(y for _, y in pts[max(0, i - n + 1):i + 1]) / len(pts[max(0, i - n + 1):i + 1])) for i, (x, _) in enumerate(pts)]
+            d.line([(X(x), Y(y)) for x, y in pts], fill=c, width=2)
+            d.text((x0 + 8, y0 + 12 + 18 * j), "— " + name, fill=c, font=font, anchor="lm")
+        d.rectangle([x0, y0, x0 + w, y0 + h], outline="black")
+        data or d.text((x0 + w // 2, y0 + h // 2), "not logged in this run", fill="gray", font=font, anchor="mm")
+    ril.write_atomic(os.path.join(out, "metrics.png"), lambda f: img.save(f, format="PNG"), "wb")
+    return os.path.join(out, "metrics.png")
 
 
 # ---------------------------------------------------------------- benchmark (make bench), not a test
@@ -1151,6 +1239,8 @@ def run_paper_table(root: str = os.path.join(HERE, "runs", "paper_table"), jobs:
     print("\n".join(lines) + f"\n\nwritten to {os.path.join(root, 'table.md')}")
 
 
+if __name__ == "__main__" and "--plot" in sys.argv:
+    print(f"wrote {plot_metrics(sys.argv[sys.argv.index('--plot') + 1])}")
 if __name__ == "__main__" and "--bench" in sys.argv:
     run_bench()
 if __name__ == "__main__" and "--memory" in sys.argv:
