@@ -103,6 +103,7 @@ def sample_teacher_texts(row, teachers, G: int, rng: random.Random) -> list:
         texts, k = row["teachers"][t], len(range(i, G, len(teachers)))  # slots i, i+T, ... -> teacher i
         out += rng.sample(texts, k) if k <= len(texts) else [rng.choice(texts) for _ in range(k)]
     return out
+
 def encode_prompts(processor, rows: list, device) -> dict:
     """Chat-formatted, left-padded prompts with their images. Never truncated: cutting a prompt cuts
     image tokens but not pixel_values, the most reported Qwen2-VL crash in RL trainers."""
@@ -635,9 +636,9 @@ def load_data(a: Args) -> tuple:
     if a.data == "toy":
         return make_toy(a.toy_size, a.seed), make_toy(a.eval_size, a.seed + 10_000)
     rows, held, seen = load_jsonl(a.data), load_jsonl(a.eval_data) if a.eval_data else None, {}
-    for r in rows + (held or []):
-        seen.setdefault(r["id"], r["where"]) == r["where"] or fail(
-            f"{r['where']}: id '{r['id']}' is also the id of {seen[r['id']]}; ids must be unique across --data and --eval-data")
+    for r in rows + (held or []):  # a row object only once: the same file given twice would evaluate on the training set
+        seen.setdefault(r["id"], r) is r or fail(f"{r['where']}: id '{r['id']}' is also the id of {seen[r['id']]['where']}; ids "
+                                                 f"must be unique across --data and --eval-data (or is --eval-data the training file?)")
     if held is not None:
         return rows, held
     len(rows) > a.eval_size or fail(f"{a.data}: {len(rows)} rows cannot spare --eval-size {a.eval_size}; lower it or pass --eval-data")
@@ -932,6 +933,7 @@ def resume_state(a: Args) -> tuple:
         return Args(**{**state["args"], "out": a.out, "steps": a.steps, "resume": True, "overwrite": False}), (path, state)
     fail(f"--resume: no checkpoint in {a.out}/checkpoints loads; start a run there without --resume")
 
+DUMP = "    {source:7s} r_sim {r_sim:.0f} r_ans {r_ans:.0f} D {D:.2f} adv {adv:+.2f} | {text!r}"  # one text of a dumped group
 SHOWN = "reward/total reward/sim reward/ans disc/loss disc/acc_student disc/acc_teacher policy/grad_norm policy/kl len/mean time/step"
 
 class Run:
@@ -1011,8 +1013,7 @@ class Run:
         self.log(step, m, dump)
         tqdm.write(f"step {step:4d} | " + " ".join(f"{k.split('/')[1]} {m[k]:.3f}" for k in SHOWN.split() if k in m))
         for d in dump["texts"] if self.a.dump_every and step % self.a.dump_every == 0 else []:
-            tqdm.write(f"    {d['source']:7s} r_sim {d['r_sim']:.0f} r_ans {d['r_ans']:.0f} D {d['D'] or 0:.2f} "
-                       f"adv {d['adv']:+.2f} | {d['text']!r}")
+            tqdm.write(DUMP.format(**{**d, "D": d["D"] or 0}))
         self.bad = self.bad + 1 if m["guard/skipped"] or m.get("guard/disc_skipped") else 0
         self.bad < self.a.max_bad_steps or fail(f"step {step}: loss or gradient was NaN/inf for {self.bad} steps in a row (each was "
                                                 f"skipped); the last good checkpoint is {self.last}; lower --lr / --disc-lr")
@@ -1033,7 +1034,7 @@ class Run:
 # -- 17. main: validate and load everything, train(), report and save ------------------------------
 def setup(a: Args, device, mode: str) -> tuple:
     """Everything validated and loaded before --out is touched: (state, train rows, held-out rows)."""
-    frozen = torch.bfloat16 if mode in ("amp", "bf16") else torch.float32  # teachers and the judge
+    frozen, trained = (torch.bfloat16 if mode in ("amp", "bf16") else torch.float32), (torch.bfloat16 if mode == "bf16" else torch.float32)
     random.seed(a.seed)
     torch.manual_seed(a.seed)
     rows, eval_rows = load_data(a)
@@ -1041,8 +1042,7 @@ def setup(a: Args, device, mode: str) -> tuple:
     a.resume or a.overwrite or not checkpoints(a.out) or fail(f"{a.out}: holds checkpoints of an earlier run; pass --resume to "
                                                               f"continue it, --overwrite to start again, or another --out")
     corpus = [x for r in rows + eval_rows for x in [r["question"], r["answer"]] + [t for ts in r["teachers"].values() for t in ts]]
-    model, processor = load_student(a, corpus + [DISC_SYSTEM, DISC_USER, "user assistant system"], device,
-                                    torch.bfloat16 if mode == "bf16" else torch.float32)
+    model, processor = load_student(a, corpus + [DISC_SYSTEM, DISC_USER, "user assistant system"], device, trained)
     judge = MatchJudge(rows) if a.judge == "match" else ModelJudge(a.judge, a, device, frozen)
     eval_rows = eval_rows[:len(eval_rows) - len(eval_rows) % RANKS.world]  # every rank evaluates an equal share
     print(f"student {a.student}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params on {device} ({mode}); algo {a.algo}; "

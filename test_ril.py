@@ -32,6 +32,17 @@ def state(model, proc, **kw) -> ril.State:
     return ril.State(model, proc, CPU, ("alice", "bob"), **kw)
 
 
+@pytest.fixture(scope="module")
+def two_steps(tmp_path_factory) -> str:
+    """One finished 2-step run with a checkpoint after each step, made once; tests copy it before changing it."""
+    return main_out(tmp_path_factory.mktemp("two_steps"), "--steps", "2", "--save-every", "1")
+
+
+def copy_of(run: str, tmp_path) -> str:
+    import shutil
+    return shutil.copytree(run, str(tmp_path / "run"))
+
+
 def main_out(tmp_path, *flags, name="o") -> str:
     """ril.main on the tiny run with these flags, into tmp_path/name; returns the output folder."""
     out = str(tmp_path / name)
@@ -355,11 +366,12 @@ def _bad_input(tmp_path, capsys, lines, extra=(), data_bytes=None):
         data.write_bytes(data_bytes)
     else:
         data.write_text("\n".join(lines) + "\n")
+    (tmp_path / "held.jsonl").write_text(GOOD + "\n")
     out = tmp_path / "out"
     out.mkdir(exist_ok=True)
     (out / "keep.txt").write_text("old")
     with pytest.raises(SystemExit) as e:
-        ril.main(["--data", str(data), "--eval-data", str(data), "--out", str(out), *extra])
+        ril.main(["--data", str(data), "--eval-data", str(tmp_path / "held.jsonl"), "--out", str(out), *extra])
     err = capsys.readouterr().err.strip()
     assert sorted(os.listdir(out)) == ["keep.txt"] and (out / "keep.txt").read_text() == "old"
     return e.value.code, err, str(data)
@@ -393,6 +405,29 @@ def test_bad_rows_get_one_line_naming_file_and_line(tmp_path, capsys, line, expe
 def test_non_utf8_text_is_named_with_its_line(tmp_path, capsys):
     code, err, data = _bad_input(tmp_path, capsys, [], data_bytes=(GOOD + "\n").encode() + b'{"question": "caf\xe9"}\n')
     assert code == 2 and f"{data}:2: not UTF-8" in err
+
+
+def test_the_training_file_or_its_ids_as_held_out_data_are_refused(tmp_path, capsys):
+    rows = ril.make_toy(4, 0)
+    _save_jsonl(tmp_path, rows, "train.jsonl")
+    _save_jsonl(tmp_path, rows[:1], "same_ids.jsonl")
+    for held in ("train.jsonl", "same_ids.jsonl"):
+        with pytest.raises(SystemExit) as e:
+            ril.main(["--data", str(tmp_path / "train.jsonl"), "--eval-data", str(tmp_path / held), "--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "is also the id of" in err and not (tmp_path / "o").exists()
+
+
+def test_the_teacher_texts_row_is_judged_not_assumed(tmp_path, capsys):
+    """A teacher whose texts are wrong lowers the accuracy the final table shows for the teachers' own texts."""
+    rows = ril.make_toy(14, 0)
+    for r in rows:
+        r["teachers"] = {"alice": r["teachers"]["alice"], "bob": ["I do not know."]}
+    _save_jsonl(tmp_path, rows[:10], "train.jsonl")
+    _save_jsonl(tmp_path, rows[10:], "held.jsonl")
+    ril.main(["--data", str(tmp_path / "train.jsonl"), "--eval-data", str(tmp_path / "held.jsonl"), "--steps", "1", "--sft-steps", "1",
+              "--disc-pretrain-steps", "1", "--batch-size", "2", "--out", str(tmp_path / "o")])
+    assert "| teacher texts | 0.667 |" in capsys.readouterr().out  # per held-out row: alice's 2 texts right, bob's 1 wrong
 
 
 def test_an_empty_dataset_is_refused(tmp_path, capsys):
@@ -443,8 +478,8 @@ def test_resume_equals_the_uninterrupted_run(tmp_path):
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
-def test_a_kill_during_a_checkpoint_write_leaves_the_last_one_loadable(tmp_path, monkeypatch):
-    out = main_out(tmp_path, "--steps", "2", "--save-every", "1")
+def test_a_kill_during_a_checkpoint_write_leaves_the_last_one_loadable(tmp_path, monkeypatch, two_steps):
+    out = copy_of(two_steps, tmp_path)
     good = ril.checkpoints(out)[-1]
     assert good.endswith("step_0000002.pt")
     real = ril.torch.save
@@ -488,10 +523,24 @@ def test_sigterm_mid_run_leaves_a_checkpoint_that_resume_continues(tmp_path):
     assert steps == list(range(1, done + 3))
 
 
-def test_resume_writes_into_the_folder_named_not_where_the_run_was_made(tmp_path):
+def test_ctrl_c_before_the_first_checkpoint_says_nothing_was_saved_without_a_traceback(tmp_path):
+    out, log = tmp_path / "o", open(tmp_path / "log.txt", "w+")
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, "ril.py"), *TINY_RUN, "--sft-steps", "100000", "--out", str(out)],
+                         stdout=log, stderr=subprocess.STDOUT, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.time() + 120
+    while time.time() < deadline and "sft:" not in open(tmp_path / "log.txt").read():  # in Stage 0, long before any checkpoint
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    p.wait(timeout=60)
+    text = open(tmp_path / "log.txt").read()
+    assert p.returncode == 130 and "nothing was saved" in text and "Traceback" not in text
+    assert not (out / "checkpoints").exists()
+
+
+def test_resume_writes_into_the_folder_named_not_where_the_run_was_made(tmp_path, two_steps):
     """A copied or moved run is resumed where it is now; the folder it came from is neither needed nor touched."""
     import shutil
-    first = main_out(tmp_path, "--steps", "2", "--save-every", "1", name="first")
+    first = copy_of(two_steps, tmp_path)
     moved = str(tmp_path / "moved")
     shutil.copytree(first, moved)
     shutil.rmtree(first)
@@ -500,8 +549,8 @@ def test_resume_writes_into_the_folder_named_not_where_the_run_was_made(tmp_path
     assert [json.loads(x)["step"] for x in open(os.path.join(moved, "metrics.jsonl")) if "reward/total" in x] == [1, 2, 3]
 
 
-def test_resume_to_a_step_already_done_is_refused_before_anything_changes(tmp_path, capsys):
-    out = main_out(tmp_path, "--steps", "2", "--save-every", "1")
+def test_resume_to_a_step_already_done_is_refused_before_anything_changes(tmp_path, capsys, two_steps):
+    out = copy_of(two_steps, tmp_path)
     before, _ = sorted(os.listdir(os.path.join(out, "checkpoints"))), capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         ril.main(["--out", out, "--resume", "--steps", "2"])
@@ -510,8 +559,8 @@ def test_resume_to_a_step_already_done_is_refused_before_anything_changes(tmp_pa
     assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == before
 
 
-def test_a_newest_checkpoint_that_does_not_load_falls_back_to_the_one_before(tmp_path, capsys):
-    out = main_out(tmp_path, "--steps", "2", "--save-every", "1")
+def test_a_newest_checkpoint_that_does_not_load_falls_back_to_the_one_before(tmp_path, capsys, two_steps):
+    out = copy_of(two_steps, tmp_path)
     newest = ril.checkpoints(out)[-1]
     open(newest, "r+b").truncate(1000)  # a disk that filled up, or a copy cut short
     ril.main(["--out", out, "--resume", "--steps", "3"])
@@ -955,7 +1004,8 @@ def plot_metrics(out: str) -> str:
                 d.line([(X(x), Y(y)) for x, y in pts], fill=tuple(v + (255 - v) * 2 // 3 for v in c))
                 pts = [(x, sum(y for _, y in pts[max(0, i - n + 1):i + 1]) / len(pts[max(0, i - n + 1):i + 1])) for i, (x, _) in enumerate(pts)]
             d.line([(X(x), Y(y)) for x, y in pts], fill=c, width=2)
-            d.text((x0 + 8, y0 + 12 + 18 * j), "— " + name, fill=c, font=font, anchor="lm")
+            d.line([x0 + 8, y0 + 12 + 18 * j, x0 + 26, y0 + 12 + 18 * j], fill=c, width=3)
+            d.text((x0 + 32, y0 + 12 + 18 * j), name, fill=c, font=font, anchor="lm")
         d.rectangle([x0, y0, x0 + w, y0 + h], outline="black")
         data or d.text((x0 + w // 2, y0 + h // 2), "not logged in this run", fill="gray", font=font, anchor="mm")
     ril.write_atomic(os.path.join(out, "metrics.png"), lambda f: img.save(f, format="PNG"), "wb")
