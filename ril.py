@@ -21,12 +21,13 @@ import copy
 import functools
 import random
 import re
+import unicodedata
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import transformers
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
 # -- 1. Hyperparameters and state ------------------------------------------------------------------
@@ -104,13 +105,22 @@ def sample_teacher_texts(row, teachers, G: int, rng: random.Random) -> list:
         out += rng.sample(texts, k) if k <= len(texts) else [rng.choice(texts) for _ in range(k)]
     return out
 
+def open_image(image) -> Image.Image:
+    """A path or image as RGB, as a viewer shows it: EXIF rotation applied, transparency over white, 16-bit grey scaled
+    to 8 bits (convert("RGB") alone turns transparent pixels black and every 16-bit value above 255 white)."""
+    img = ImageOps.exif_transpose(image if isinstance(image, Image.Image) else Image.open(image))
+    if img.mode.startswith("I;16") or (img.mode == "I" and img.getextrema()[1] > 255):  # 16-bit: 65535 is white
+        img = img.convert("I").point(lambda v: v / 256).convert("L")
+    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+        img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA"))
+    return img.convert("RGB")
+
 def encode_prompts(processor, rows: list, device) -> dict:
     """Chat-formatted, left-padded prompts with their images. Never truncated: cutting a prompt cuts
     image tokens but not pixel_values, the most reported Qwen2-VL crash in RL trainers."""
     msgs = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r["question"]}]}] for r in rows]
     texts = [processor.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in msgs]
-    images = [r["image"] if isinstance(r["image"], Image.Image) else Image.open(r["image"]).convert("RGB") for r in rows]
-    enc = processor(text=texts, images=images, padding=True, return_tensors="pt")
+    enc = processor(text=texts, images=[open_image(r["image"]) for r in rows], padding=True, return_tensors="pt")
     return {k: v.to(device) for k, v in enc.items()}
 
 def select_prompts(enc: dict, idx: list) -> dict:
@@ -138,7 +148,6 @@ def completion_mask(ids: torch.Tensor, eos_ids: list) -> torch.Tensor:
     return ((is_eos.cumsum(1) - is_eos) == 0).long()
 
 def pad_right(seqs: list, pad_id: int, device) -> tuple:
-    """Token-id lists -> ids (N, T) padded with pad_id on the right, and their mask (N, T)."""
     ids = nn.utils.rnn.pad_sequence([torch.tensor(x, dtype=torch.long) for x in seqs], batch_first=True, padding_value=pad_id)
     mask = nn.utils.rnn.pad_sequence([torch.ones(len(x), dtype=torch.long) for x in seqs], batch_first=True)
     return ids.to(device), mask.to(device)
@@ -169,7 +178,6 @@ def generate(model, enc: dict, gen_cfg, output_logits: bool = False) -> tuple:
     comp = out.sequences[:, enc["input_ids"].shape[1]:]  # (N, T)
     mask = completion_mask(comp, gen_cfg.eos_token_id)
     comp = comp.masked_fill(mask == 0, gen_cfg.pad_token_id)
-    assert not torch.isin(comp, torch.tensor(gen_cfg.suppress_tokens or [-1], device=comp.device)).any()
     return comp, mask, torch.stack(out.logits, 1) if output_logits else None
 
 def rollout(a: Config, s: State, batch: list, rng: random.Random, with_teachers: bool) -> dict:
@@ -230,8 +238,7 @@ class Discriminator(nn.Module):
         self.head = nn.Linear(student.config.get_text_config().hidden_size, 1).to(p.device, p.dtype)
 
     def forward(self, input_ids, attention_mask):  # right-padded (N, T) -> logits (N,)
-        # Every text sits in the same Fig. 3 prompt, so the k tokens all rows share run once and their
-        # keys and values serve every row: the same function and gradients, for less compute.
+        # The k tokens of the Fig. 3 prompt that all rows share run once; their keys and values serve every row
         k = int((input_ids == input_ids[:1]).all(0).long().cumprod(0).sum())
         k = min(k, int(attention_mask.sum(1).min()) - 1)  # each row keeps at least its last token
         k = k if k >= 8 and self.share_prefix else 0
@@ -260,8 +267,8 @@ def disc_logits(disc, tokenizer, texts: list, device, micro_batch: int = 0) -> t
     return torch.cat([disc(*disc_inputs(tokenizer, texts[i:j], device)) for i, j in chunks(len(texts), micro_batch)])
 
 def clip_and_step(opt, params, loss: torch.Tensor, max_norm: float) -> tuple:
-    """Clip the gradient, then step only if it and the loss are finite: one NaN step would poison every
-    weight and the AdamW moments with it. Returns (gradient norm, 1.0 if the step was skipped)."""
+    """Clip the gradient, step only if it and the loss are finite (one NaN step would poison every weight and
+    the AdamW moments with it), then set the gradients to None. Returns (gradient norm, 1.0 if skipped)."""
     norm = nn.utils.clip_grad_norm_(params, max_norm)
     norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2 returns a sharded norm
     ok = bool(torch.isfinite(loss) and torch.isfinite(norm))
@@ -277,7 +284,6 @@ def disc_update(disc, opt, tokenizer, texts: list, is_teacher: torch.Tensor, a: 
     order = torch.argsort(is_teacher, stable=True).tolist()  # students first, then teachers
     labels, n = 1.0 - is_teacher.float(), len(texts)  # (N,)
     logits, loss = torch.empty(n, device=device), 0.0
-    opt.zero_grad(set_to_none=True)
     for i, j in chunks(n, a.micro_batch):  # gradient accumulation: the parts add up to the mean BCE
         idx = order[i:j]
         part_logits = disc(*disc_inputs(tokenizer, [texts[k] for k in idx], device))
@@ -345,8 +351,7 @@ def policy_update(a: Config, s: State, enc: dict, comp: torch.Tensor, mask: torc
         old_logp = logprobs(s.model) if a.mu > 1 else None
         ref_logp = logprobs(s.ref) if s.ref is not None else None
     skipped = 0.0
-    for _ in range(a.mu):
-        s.opt.zero_grad(set_to_none=True)
+    for _ in range(a.mu):  # clip_and_step leaves every gradient None
         loss, sums = 0.0, {}
         for i, j in chunks(N, a.micro_batch):
             logp = token_logprobs(s.model, select_prompts(enc, list(range(i, j))), comp[i:j], mask[i:j], a.temperature)  # (n, T)
@@ -367,10 +372,9 @@ def decaying_adamw(params, lr: float, steps: int) -> tuple:
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1 - 0.9 * min(i, steps) / max(steps, 1))
 
 def sft_warmup(a: Config, s: State, rows: list):
-    """Stage 0 [P]: cross-entropy on one target per question. [R] The target is the ground-truth answer or,
-    with probability --sft-teacher-frac, a teacher text. On the toy task teacher texts alone make the
-    student write like the teachers (D has nothing to see); answers alone make D perfect from the start,
-    so every student sample gets a negative advantage and the student collapses into noise."""
+    """Stage 0 [P]: cross-entropy on one target per question. [R] The ground-truth answer or, with probability
+    --sft-teacher-frac, a teacher text. On the toy task teacher texts alone leave D nothing to see; answers
+    alone make D perfect from the start, so every sample gets a negative advantage and the student collapses."""
     tok = s.processor.tokenizer
     opt, sched = decaying_adamw([p for p in s.model.parameters() if p.requires_grad], a.sft_lr, a.sft_steps)
     s.model.train()
@@ -436,14 +440,13 @@ def ril_step(a: Config, s: State, batch: list, step: int) -> tuple:
 # -- 9. Evaluation ---------------------------------------------------------------------------------
 NUMBER_WORDS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
 
-def normalize(text: str) -> list:
-    """Lower-case words, punctuation dropped, number words as digits: "There are Three shapes!" ->
-    ['there', 'are', '3', 'shapes']."""
-    return [NUMBER_WORDS.get(w, w) for w in re.findall(r"[a-z0-9]+", text.lower())]
+UNSPACED = "\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u2e80-\u9fff\uf900-\ufaff"  # Thai, Lao, Burmese, Khmer, CJK, kana
 
-def teacher_scores(disc, tokenizer, texts: list, device) -> list:
-    """1 - D per text: how teacher-like D finds it."""
-    return (1 - torch.sigmoid(disc_logits(disc, tokenizer, texts, device, micro_batch=64))).tolist()
+def normalize(text: str) -> list:
+    """Words in any script (NFKC, case-folded; in scripts written without spaces, each character), punctuation
+    dropped, number words as digits: "There are Three shapes!" -> [there, are, 3, shapes], "答案是七" -> [答, 案, 是, 七]."""
+    words = re.findall(f"[{UNSPACED}]|[^\\W_{UNSPACED}]+", unicodedata.normalize("NFKC", text).casefold())
+    return [NUMBER_WORDS.get(w, w) for w in words]
 
 @torch.no_grad()
 def evaluate(a: Config, s: State, rows: list, bs: int = 32) -> tuple:
@@ -459,7 +462,7 @@ def evaluate(a: Config, s: State, rows: list, bs: int = 32) -> tuple:
     scores = {"eval/acc": s.judge([r["question"] for r in mine], [r["answer"] for r in mine], texts),
               "eval/teacher_match": match, "eval/len": lengths}
     if s.disc is not None:
-        scores["eval/teacher_like"] = teacher_scores(s.disc, tok, texts, s.device)
+        scores["eval/teacher_like"] = (1 - torch.sigmoid(disc_logits(s.disc, tok, texts, s.device, 64))).tolist()  # 1 - D
     metrics = {k: sum(v) / len(v) for k, v in ((k, RANKS.gather(v)) for k, v in scores.items())}
     order = RANKS.gather(RANKS.share(list(range(len(rows)))))  # every answer, in row order, on every rank
     return metrics, [t for _, t in sorted(zip(order, RANKS.gather(texts)))]
@@ -482,7 +485,6 @@ def train(a: Config, s: State, rows: list, eval_rows: list, run) -> tuple:
             s.ref.load_state_dict(unwrap(s.model).state_dict())
         if s.disc is not None:
             unwrap(s.disc).backbone.load_state_dict(language_model(unwrap(s.model)).state_dict())
-        if s.disc is not None and a.disc_pretrain_steps > 0:
             pretrain_disc(a, s, rows)
         before = evaluate(a, s, eval_rows)
         run.begin(s, before)
@@ -496,7 +498,7 @@ def train(a: Config, s: State, rows: list, eval_rows: list, run) -> tuple:
     return before, evaluate(a, s, eval_rows)
 
 # ======== MACHINERY, skip it on a first read: command line, data checks, models, judges, torchrun, checkpoints ========
-import argparse, hashlib, inspect, json, math, operator, os, shutil, signal, sys, time  # noqa: E401,E402
+import argparse, contextlib, glob, hashlib, inspect, json, math, operator, os, shutil, signal, sys, tempfile, time  # noqa: E401,E402
 from dataclasses import asdict, fields  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from PIL import ImageDraw  # noqa: E402
@@ -529,12 +531,11 @@ class Args(Config):
     overwrite: bool = False  # start afresh in an --out that holds a run (deleted when the new run writes its first checkpoint)
     max_bad_steps: int = 3  # stop after this many steps in a row with a NaN/inf loss or gradient (each is skipped)
     trust_remote_code: bool = False  # let a model folder's own Python code run (off: transformers' classes only)
-    dump_every: int = 20  # print one group (texts, r_sim, r_ans, D, advantage) every N steps (0 = never)
 
 LIMITS = ("G>=2 eps>0 beta>=0 mu>=1 sim_threshold>0 sim_threshold<1 temperature>0 top_p>0 top_p<=1 top_k>=0 repetition_penalty>0 "
           "max_grad_norm>0 sft_teacher_frac>=0 sft_teacher_frac<=1 keep_last>=1 max_bad_steps>=1 batch_size>=1 sft_batch_size>=1 "
           "max_new_tokens>=1 eval_size>=1 teacher_samples>=1 judge_max_new_tokens>=1 toy_size>=1 steps>=0 sft_steps>=0 lr>=0 disc_lr>=0 "
-          "sft_lr>=0 disc_pretrain_steps>=0 disc_pretrain_lr>=0 micro_batch>=0 save_every>=0 eval_every>=0 dump_every>=0")
+          "sft_lr>=0 disc_pretrain_steps>=0 disc_pretrain_lr>=0 micro_batch>=0 save_every>=0 eval_every>=0")
 CHOICES = dict(algo="ril dr_grpo grpo", dtype="auto fp32 amp bf16", sim_reward="binary continuous", device="auto cpu cuda")
 
 def parse_args(argv=None) -> Args:
@@ -547,8 +548,8 @@ def parse_args(argv=None) -> Args:
     return Args(**vars(p.parse_args(argv)))
 
 def fail(msg: str):
-    """User mistakes get one actionable line and exit code 2, never a traceback."""
-    print(f"error: {msg}", file=sys.stderr)
+    """User mistakes get one actionable line (once, from rank 0 under torchrun) and exit code 2, never a traceback."""
+    os.environ.get("RANK", "0") == "0" and print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
 
 def check_args(a: Args):
@@ -563,14 +564,18 @@ def check_args(a: Args):
     for path in [a.student, a.judge, *a.teachers.split(",")]:
         os.path.isdir(path) and os.path.realpath(path) == os.path.realpath(a.out) and fail(
             f"--out {a.out} is the model folder {path}, which the run would overwrite: choose another --out")
-    os.path.exists(a.out) and not os.path.isdir(a.out) and fail(f"--out {a.out} is a file, not a folder: choose another --out")
+    probe = os.path.abspath(a.out)
+    while not os.path.exists(probe): probe = os.path.dirname(probe)  # noqa: E701
+    try:  # the nearest part of --out that exists must be a folder this process can write in
+        tempfile.TemporaryFile(dir=probe).close()
+    except OSError as e:
+        fail(f"--out {a.out}: cannot write in {probe} ({e.strerror}); choose another --out")
 
 # -- 12. Data: the toy task and JSONL files --------------------------------------------------------
 COLORS = {"red": (220, 40, 40), "green": (30, 160, 60), "blue": (40, 70, 220), "yellow": (235, 200, 30)}
 SHAPES = ["circle", "square", "triangle"]
 TOY_QUESTIONS = {"color": "What color is the shape?", "shape": "What shape is in the image?", "count": "How many shapes are there?"}
-# Two teachers, always right, in two styles, so imitation has something to learn and D something to see. Both give the answer
-# first, then a phrase of their own: the word that depends on the image stays where the SFT'd student puts it.
+# Two teachers, always right, in two styles: imitation has something to learn, D something to see. Both put the answer first.
 TOY_TEACHERS = {"alice": {"color": ["{a}. That is the color of the shape.", "{a}. The shape has this color."],
               "shape": ["{a}. That is the shape in the picture.", "{a}. The picture shows this shape."],
               "count": ["{a}. That is how many shapes there are.", "{a}. I counted every shape."]},
@@ -585,8 +590,7 @@ def make_toy(n: int, seed: int) -> list:
     rng, rows = random.Random(seed), []
     for i in range(n):
         kind = ("color", "shape", "count")[i % 3]
-        img = Image.new("RGB", (56, 56), (255, 255, 255))
-        d = ImageDraw.Draw(img)
+        d = ImageDraw.Draw(img := Image.new("RGB", (56, 56), (255, 255, 255)))
         color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
         if kind == "count":  # 1-4 small shapes, one per 28x28 quadrant, so each image token sees one
             k = rng.randint(1, 4)
@@ -619,8 +623,8 @@ def load_jsonl(path: str) -> list:
         bad = [k for k in ("image", "question", "answer") if not isinstance(row.get(k), str) or not row[k].strip()]
         bad and fail(f"{where}: missing field(s) {', '.join(bad)}; each row needs image, question and answer as non-empty strings")
         teachers = row.get("teachers", {})
-        if not isinstance(teachers, dict) or not all(isinstance(v, list) and all(isinstance(t, str) for t in v) for v in teachers.values()):
-            fail(f'{where}: "teachers" must map a teacher name to a list of texts')
+        isinstance(teachers, dict) and all(isinstance(v, list) and all(isinstance(t, str) for t in v) for v in teachers.values()) or fail(
+            f'{where}: "teachers" must map a teacher name to a list of texts')
         image = os.path.join(os.path.dirname(os.path.abspath(path)), row["image"])  # an absolute path stays as it is
         os.path.isfile(image) or fail(f"{where}: image not found: {image} (paths are relative to the JSONL file's folder)")
         try:  # Pillow reads the size from the header first and refuses a decompression bomb before decoding it
@@ -663,7 +667,7 @@ def resolve_teachers(a: Args, rows: list) -> tuple:
 # -- 13. r_ans: the answer matcher and the Fig. 4 judge --------------------------------------------
 STOPWORDS = {"a", "an", "the", "is", "it", "of", "in", "on", "and", "or", "to"}
 
-def spans(words: list, n_max: int) -> set:
+def spans(words: list, n_max: int) -> set:  # every run of 1..n_max words
     return {tuple(words[i:i + n]) for n in range(1, n_max + 1) for i in range(len(words) - n + 1)}
 
 def answer_match(response: str, answer: str, candidates: frozenset = frozenset()) -> float:
@@ -679,8 +683,7 @@ class MatchJudge:
     unparsed = None  # a model judge reports its share of unparseable verdicts here
     def __init__(self, rows: list):
         self.candidates = frozenset(t for r in rows if 1 <= len(t := tuple(normalize(r["answer"]))) <= 3 and t[0] not in STOPWORDS)
-    def __call__(self, questions: list, answers: list, responses: list) -> list:
-        return [answer_match(o, ans, self.candidates) for o, ans in zip(responses, answers)]
+    def __call__(self, questions, answers, responses): return [answer_match(o, t, self.candidates) for o, t in zip(responses, answers)]
 
 JUDGE_SYSTEM = ("You are an evaluation assistant. The question is in <question></question>, the ground truth in <ground truth></ground "
                 "truth> and a model's response in <generated text></generated text>. Output 1 if the generated text fully and correctly "
@@ -694,26 +697,24 @@ class ModelJudge:
     """r_ans by a frozen text LLM [P] §3.1, Fig. 4 (the paper: Qwen2.5-32B); a reply without <answer>0|1</answer> scores 0."""
     def __init__(self, spec: str, a: Args, device, dtype):
         try:
-            kw = dict(trust_remote_code=a.trust_remote_code)
-            self.tok = transformers.AutoTokenizer.from_pretrained(spec, padding_side="left", **kw)
-            self.model = transformers.AutoModelForCausalLM.from_pretrained(spec, dtype=dtype, use_safetensors=True, **kw).to(device)
+            self.tok = transformers.AutoTokenizer.from_pretrained(spec, padding_side="left", trust_remote_code=a.trust_remote_code)
+            self.model = transformers.AutoModelForCausalLM.from_pretrained(spec, dtype=dtype, use_safetensors=True,
+                                                                            trust_remote_code=a.trust_remote_code).to(device)
         except (OSError, ValueError, KeyError) as e:
             fail(f"--judge {spec}: cannot load it as a text LLM ({(str(e).strip() or type(e).__name__).splitlines()[0][:120]}); "
                  f"give a local folder or a reachable Hugging Face id")
         self.tok.pad_token = self.tok.pad_token or self.tok.eos_token
         self.gen_cfg = generation_config(a, self.model.eval().requires_grad_(False), self.tok, greedy=True)
         self.gen_cfg.max_new_tokens, self.unparsed = a.judge_max_new_tokens, 0.0
-    def prompt(self, question: str, answer: str, response: str) -> str:
-        user = JUDGE_USER.format(question=question, answer=answer, response=response)
-        msgs = [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
-        return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     @torch.no_grad()
     def complete(self, prompts: list) -> list:
         enc = self.tok(prompts, padding=True, return_tensors="pt", add_special_tokens=False).to(self.model.device)
         return self.tok.batch_decode(self.model.generate(**enc, generation_config=self.gen_cfg)[:, enc["input_ids"].shape[1]:],
                                      skip_special_tokens=True)
     def __call__(self, questions: list, answers: list, responses: list, bs: int = 32) -> list:
-        prompts = [self.prompt(*k) for k in zip(questions, answers, responses)]
+        msgs = [[{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": JUDGE_USER.format(
+            question=q, answer=t, response=o)}] for q, t, o in zip(questions, answers, responses)]  # the Fig. 4 prompt
+        prompts = [self.tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in msgs]
         texts = [t for i in range(0, len(prompts), bs) for t in self.complete(prompts[i:i + bs])]
         found = [re.findall(r"<answer>\s*([01])\s*</answer>", t) for t in texts]
         self.unparsed = sum(not f for f in found) / max(len(found), 1)
@@ -757,7 +758,7 @@ def build_tiny(corpus: list, hidden: int = 64, layers: int = 2) -> tuple:
     mrope = {"type": "mrope", "mrope_section": [half - 2 * (half // 3), half // 3, half // 3]}
     text = dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
                 num_key_value_heads=2, rope_theta=1e4, eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-                bos_token_id=ids["<|im_start|>"], rope_scaling=mrope)
+                bos_token_id=ids["<|im_start|>"], rope_scaling=mrope, max_position_embeddings=4096)
     vision = dict(depth=1, embed_dim=hidden // 2, num_heads=2, hidden_size=hidden, mlp_ratio=2, patch_size=14, spatial_merge_size=2,
                   temporal_patch_size=2)
     model = transformers.Qwen2VLForConditionalGeneration(transformers.Qwen2VLConfig(
@@ -771,12 +772,9 @@ def build_tiny(corpus: list, hidden: int = 64, layers: int = 2) -> tuple:
 
 def load_processor(path: str, trust_remote_code: bool = False):
     """AutoProcessor, or the image-only Qwen2-VL one where AutoProcessor fails (no torchvision) or gives a bare tokenizer."""
-    try:
-        proc = transformers.AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
-        if hasattr(proc, "image_processor"):
+    with contextlib.suppress(OSError, ImportError, AttributeError, ValueError):
+        if hasattr(proc := transformers.AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code), "image_processor"):
             return proc
-    except (OSError, ImportError, AttributeError, ValueError):
-        pass
     return ImageOnlyQwen2VLProcessor.from_pretrained(path)
 
 def load_vlm(name: str, a: Args, dtype, flag: str) -> tuple:
@@ -804,10 +802,8 @@ def load_student(a: Args, corpus: list, device, dtype) -> tuple:
     tok = processor.tokenizer
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:  # masks would drop EOS: the model never learns to stop
         fail(f"--student {a.student}: its tokenizer has no pad token distinct from EOS; set one in tokenizer_config.json")
-    vision = [p for n, p in model.named_parameters() if set(n.split(".")) & set(VISION_TOWERS)]
+    vision = [p.requires_grad_(not a.freeze_vision) for n, p in model.named_parameters() if set(n.split(".")) & set(VISION_TOWERS)]
     a.freeze_vision and not vision and fail(f"--freeze-vision: {type(model).__name__} has no module named {' or '.join(VISION_TOWERS)}")
-    for p in vision if a.freeze_vision else []:
-        p.requires_grad_(False)
     if a.grad_checkpointing:  # non-reentrant: the variant that works when the inputs need no gradient
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model.to(device=device, dtype=dtype), processor
@@ -853,8 +849,7 @@ def model_teacher_texts(spec: str, rows: list, a: Args, device, dtype):
 # -- 15. Several GPUs: torchrun, DDP over questions, FSDP2 with --shard ----------------------------
 class TorchrunRanks(Ranks):
     """torchrun: each rank takes a share of every batch and makes whole groups, so advantages need no other rank."""
-    def __init__(self, sharded: bool):
-        self.rank, self.world, self.sharded = dist.get_rank(), dist.get_world_size(), sharded
+    def __init__(self, sharded: bool): self.rank, self.world, self.sharded = dist.get_rank(), dist.get_world_size(), sharded
     def share(self, rows): return rows[self.rank::self.world]
     def bar(self, it, **kw): return tqdm(it, leave=False, disable=self.rank > 0, **kw)
     def mean(self, m: dict) -> dict:
@@ -873,9 +868,8 @@ def init_distributed(a: Args, device) -> torch.device:
     for name in ("batch_size", "sft_batch_size"):
         getattr(a, name) % world == 0 or fail(f"--{name.replace('_', '-')} {getattr(a, name)} does not split over {world} ranks")
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if device.type == "cuda" else device
+    device.type == "cuda" and torch.cuda.set_device(device)
     RANKS = TorchrunRanks(a.shard)
     sys.stdout = sys.stdout if RANKS.rank == 0 else open(os.devnull, "w")
     return device
@@ -887,11 +881,10 @@ def parallelize(model, device):
     if not RANKS.sharded:
         return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     from torch.distributed.fsdp import fully_shard
-    for name, mod in list(model.named_modules()):
-        for block in mod if isinstance(mod, nn.ModuleList) and name.split(".")[-1] in ("layers", "blocks") else []:
-            fully_shard(block)
-    for name, mod in list(model.named_modules()):
-        name.split(".")[-1] in VISION_TOWERS and fully_shard(mod)
+    for name, mod in reversed(list(model.named_modules())):  # children before the module that holds them
+        leaf = name.split(".")[-1]
+        for unit in mod if isinstance(mod, nn.ModuleList) and leaf in ("layers", "blocks") else [mod] if leaf in VISION_TOWERS else []:
+            fully_shard(unit)
     return fully_shard(model, reshard_after_forward=True)
 
 def full_state(model, opt=None) -> tuple:
@@ -918,8 +911,7 @@ def write_atomic(path: str, write, mode: str = "w"):
 
 def checkpoints(out: str) -> list:
     """Complete checkpoints, oldest first (each one is written under another name, then renamed)."""
-    root = os.path.join(out, "checkpoints")
-    return sorted(os.path.join(root, f) for f in os.listdir(root) if re.fullmatch(r"step_\d+\.pt", f)) if os.path.isdir(root) else []
+    return sorted(glob.glob(os.path.join(glob.escape(out), "checkpoints", "step_*.pt")))  # step numbers are zero-padded
 
 def resume_state(a: Args) -> tuple:
     """The run's own arguments and newest loadable checkpoint, with this command's --out (the folder is the run) and --steps."""
@@ -933,13 +925,13 @@ def resume_state(a: Args) -> tuple:
         return Args(**{**state["args"], "out": a.out, "steps": a.steps, "resume": True, "overwrite": False}), (path, state)
     fail(f"--resume: no checkpoint in {a.out}/checkpoints loads; start a run there without --resume")
 
-DUMP = "    {source:7s} r_sim {r_sim:.0f} r_ans {r_ans:.0f} D {D:.2f} adv {adv:+.2f} | {text!r}"  # one text of a dumped group
 SHOWN = "reward/total reward/sim reward/ans disc/loss disc/acc_student disc/acc_teacher policy/grad_norm policy/kl len/mean time/step"
 
 class Run:
     """What train() needs besides the method: torchrun wrapping, resume, logs, checkpoints, signals."""
     def __init__(self, a: Args, mode: str, eval_rows: list, resumed: tuple = None):
-        self.a, self.mode, self.eval_rows, self.bad, self.stop, self.last, self.resumed = a, mode, eval_rows, 0, [], None, resumed
+        self.a, self.mode, self.eval_rows, self.stop, self.last, self.resumed = a, mode, eval_rows, [], None, resumed
+        self.bad, self.ran = 0, 0  # steps in a row that taught nothing; steps run
         self.paths, self.t = {k: os.path.join(a.out, f"{k}.jsonl") for k in ("metrics", "samples")}, time.time()
     def wrap(self, s: State):
         """The reference in bf16 under amp (it is never trained), D's memory flags, then DDP or FSDP2."""
@@ -947,8 +939,8 @@ class Run:
             s.ref.to(dtype=torch.bfloat16)
         if s.disc is not None and (self.a.grad_checkpointing or RANKS.sharded):
             s.disc.share_prefix = False  # both need one plain call per layer in a forward
-            kw = {"use_reentrant": False}
-            self.a.grad_checkpointing and s.disc.backbone.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+            if self.a.grad_checkpointing:
+                s.disc.backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         s.ref = parallelize(s.ref, s.device) if RANKS.sharded else s.ref
         s.disc, s.model = parallelize(s.disc, s.device), parallelize(s.model, s.device)
         if RANKS.sharded:  # one full forward before the first generate, so that every FSDP2 unit is set up
@@ -1002,21 +994,22 @@ class Run:
                              "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}])
         self.last = os.path.join(self.a.out, "checkpoints", f"step_{step:07d}.pt")
         if RANKS.rank == 0:
-            state = dict(step=step, student=student, opt=opt, disc=disc, d_opt=d_opt, rng=rng, before=self.before,
-                         args=asdict(self.a))
+            state = dict(step=step, student=student, opt=opt, disc=disc, d_opt=d_opt, rng=rng, before=self.before, args=asdict(self.a))
             write_atomic(self.last, lambda f: torch.save(state, f), "wb")
             for old in checkpoints(self.a.out)[:-self.a.keep_last]:
                 os.remove(old)
     def end_step(self, s: State, step: int, m: dict, dump: dict):
-        """Log and print the step, stop after --max-bad-steps skipped ones, checkpoint, and stop on a signal."""
+        """Log and print the step; fail after --max-bad-steps bad ones in a row (or if all were); checkpoint; stop on a signal."""
         m["time/step"], self.t = time.time() - self.t, time.time()
         self.log(step, m, dump)
         tqdm.write(f"step {step:4d} | " + " ".join(f"{k.split('/')[1]} {m[k]:.3f}" for k in SHOWN.split() if k in m))
-        for d in dump["texts"] if self.a.dump_every and step % self.a.dump_every == 0 else []:
-            tqdm.write(DUMP.format(**{**d, "D": d["D"] or 0}))
-        self.bad = self.bad + 1 if m["guard/skipped"] or m.get("guard/disc_skipped") else 0
-        self.bad < self.a.max_bad_steps or fail(f"step {step}: loss or gradient was NaN/inf for {self.bad} steps in a row (each was "
-                                                f"skipped); the last good checkpoint is {self.last}; lower --lr / --disc-lr")
+        why = ("loss or gradient was NaN/inf, so the update was skipped; lower --lr / --disc-lr" if m["guard/skipped"] or m.get(
+            "guard/disc_skipped") else "no judge reply had <answer>0|1</answer>, so every r_ans was 0; use an instruction-tuned --judge "
+               "or raise --judge-max-new-tokens" if m.get("judge/unparsed") == 1 else "")
+        self.bad, self.ran = self.bad + 1 if why else 0, self.ran + 1
+        why and tqdm.write(f"warning: step {step}: {why}")
+        self.bad < min(self.a.max_bad_steps, self.ran if step == self.a.steps else 1 << 30) or fail(  # or every step was bad
+            f"step {step}: {self.bad} bad steps in a row, the last: {why}; the last good checkpoint is {self.last}")
         stopping = RANKS.mean({"stop": float(bool(self.stop))})["stop"] > 0  # every rank stops at the same step
         if stopping or (self.a.save_every and step % self.a.save_every == 0) or step == self.a.steps:
             self.save(s, step)
@@ -1035,8 +1028,7 @@ class Run:
 def setup(a: Args, device, mode: str) -> tuple:
     """Everything validated and loaded before --out is touched: (state, train rows, held-out rows)."""
     frozen, trained = (torch.bfloat16 if mode in ("amp", "bf16") else torch.float32), (torch.bfloat16 if mode == "bf16" else torch.float32)
-    random.seed(a.seed)
-    torch.manual_seed(a.seed)
+    transformers.set_seed(a.seed)  # python, numpy and torch
     rows, eval_rows = load_data(a)
     teachers, teacher_models = resolve_teachers(a, rows)
     a.resume or a.overwrite or not checkpoints(a.out) or fail(f"{a.out}: holds checkpoints of an earlier run; pass --resume to "
@@ -1044,6 +1036,14 @@ def setup(a: Args, device, mode: str) -> tuple:
     corpus = [x for r in rows + eval_rows for x in [r["question"], r["answer"]] + [t for ts in r["teachers"].values() for t in ts]]
     model, processor = load_student(a, corpus + [DISC_SYSTEM, DISC_USER, "user assistant system"], device, trained)
     judge = MatchJudge(rows) if a.judge == "match" else ModelJudge(a.judge, a, device, frozen)
+    for r in rows + eval_rows if a.judge == "match" else []:
+        normalize(r["answer"]) or fail(f"{r['where']}: answer {r['answer']!r} has no letter or digit, so --judge match can never "
+                                       f"reward it; fix the row, drop it, or pass --judge MODEL")
+    lens = [len(x) for x in processor.tokenizer([r["question"] for r in rows + eval_rows])["input_ids"]]  # the longest question's prompt
+    n = len(encode_prompts(processor, [row := (rows + eval_rows)[lens.index(max(lens))]], "cpu")["input_ids"][0])  # (images: max_pixels)
+    n + a.max_new_tokens <= (limit := model.config.get_text_config().max_position_embeddings) or fail(
+        f"{row['where']}: the prompt ({n} tokens) and --max-new-tokens {a.max_new_tokens} exceed the {limit} positions of --student "
+        f"{a.student}; shorten the question or lower --max-new-tokens")
     eval_rows = eval_rows[:len(eval_rows) - len(eval_rows) % RANKS.world]  # every rank evaluates an equal share
     print(f"student {a.student}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params on {device} ({mode}); algo {a.algo}; "
           f"{len(rows)} train / {len(eval_rows)} held-out questions; teachers {teachers or '-'}"
@@ -1058,7 +1058,7 @@ def report(a: Args, s: State, run: Run, before: tuple, after: tuple, eval_rows: 
     """The before/after table of the held-out rows, then the trained student (save_pretrained) and D."""
     run.log(a.steps, after[0])
     t_rows, t_texts = list(zip(*[(r, t) for r in eval_rows for name in s.teachers for t in r["teachers"].get(name, [])])) or ([], [])
-    like = lambda x: f"{sum(teacher_scores(s.disc, s.processor.tokenizer, x, s.device)) / len(x):.3f}" if s.disc else "n/a"  # noqa: E731
+    like = lambda x: f"{1 - disc_logits(s.disc, s.processor.tokenizer, x, s.device, 64).sigmoid().mean():.3f}" if s.disc else "n/a"  # noqa
     print(f"\n| held-out ({len(eval_rows)} questions) | accuracy | teacher-likeness (D then) | teacher-likeness (final D) | "
           "teacher match | length |\n|---|---|---|---|---|---|")
     for name, (m, texts) in [("before RIL (after SFT)", before), (f"after {a.algo}", after)]:

@@ -312,9 +312,11 @@ def test_script_trains_student_and_discriminator_from_a_saved_checkpoint(tmp_pat
     _save_jsonl(tmp_path, ril.make_toy(4, 1), "val.jsonl")
     p = run("--student", str(ckpt), "--data", str(tmp_path / "train.jsonl"), "--eval-data", str(tmp_path / "val.jsonl"),
             "--sft-steps", "0", "--disc-pretrain-steps", "2", "--steps", "3", "--batch-size", "2", "--out", str(out),
-            "--lr", "1e-3", "--disc-lr", "1e-3", "--dump-every", "1")
+            "--lr", "1e-3", "--disc-lr", "1e-3")
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "after ril" in p.stdout and "student r_sim" in p.stdout
+    assert "after ril" in p.stdout
+    groups = [json.loads(x)["texts"] for x in open(out / "samples.jsonl")]  # one group a step: G samples, then G teacher texts
+    assert len(groups) == 3 and all([d["source"] for d in g] == ["student"] * 4 + ["teacher"] * 4 for g in groups)
 
     lines = [json.loads(x) for x in open(out / "metrics.jsonl")]
     steps = [m for m in lines if "reward/total" in m]
@@ -430,6 +432,98 @@ def test_the_teacher_texts_row_is_judged_not_assumed(tmp_path, capsys):
     assert "| teacher texts | 0.667 |" in capsys.readouterr().out  # per held-out row: alice's 2 texts right, bob's 1 wrong
 
 
+def test_answers_in_any_script_are_matched_and_an_unmatchable_answer_is_refused(tmp_path, capsys):
+    """Whole-word matching in scripts with spaces (Greek, Cyrillic), character spans in scripts without (Chinese, Japanese, Thai),
+    full-width digits as digits; a row whose answer has no letter or digit could never earn r_ans = 1 and is refused."""
+    assert ril.answer_match("答案是七", "七") == 1.0 and ril.answer_match("答案是七", "八") == 0.0
+    assert ril.answer_match("これは赤です", "赤") == 1.0 and ril.answer_match("คำตอบคือเจ็ด", "เจ็ด") == 1.0
+    assert ril.answer_match("Это красный круг.", "Красный") == 1.0 and ril.answer_match("Είναι κόκκινο.", "ΚΌΚΚΙΝΟ") == 1.0
+    assert ril.answer_match("There are ３ shapes.", "3") == 1.0 and ril.answer_match("Ελλάδα", "Ελ") == 0.0
+    assert ril.MatchJudge([{"answer": "七"}, {"answer": "赤"}])(["q"] * 2, ["七", "赤"], ["七或赤", "是七"]) == [0.0, 0.0]
+    for answer in ("★", "?!"):
+        code, err, data = _bad_input(tmp_path, capsys, [GOOD, GOOD.replace('"answer": "a"', f'"answer": "{answer}"')])
+        assert code == 2 and len(err.splitlines()) == 1 and f"{data}:2: answer '{answer}' has no letter or digit" in err
+
+
+def test_images_of_every_mode_reach_the_model_as_a_viewer_shows_them(tmp_path):
+    """Transparent pixels over white (not black), 16-bit grey scaled (not clipped to white), EXIF rotation applied, and every
+    mode Pillow opens becomes an RGB image the processor takes."""
+    from PIL import Image
+    rgba = Image.new("RGBA", (8, 4), (0, 0, 0, 0))
+    rgba.paste((255, 0, 0, 255), (0, 0, 4, 4))  # red left half, transparent right half
+    cases = {"rgba.png": rgba, "la.png": rgba.convert("LA"), "p.png": rgba.convert("P"), "grey16.png": Image.new("I;16", (8, 4), 32768)}
+    for name, img in cases.items():
+        img.save(tmp_path / name)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    Image.new("RGB", (8, 4), "blue").save(tmp_path / "rotated.jpg", exif=exif)
+    seen = {name: ril.open_image(str(tmp_path / name)) for name in [*cases, "rotated.jpg"]}
+    assert all(img.mode == "RGB" for img in seen.values())
+    assert seen["rgba.png"].getpixel((0, 0)) == (255, 0, 0) and seen["rgba.png"].getpixel((7, 0)) == (255, 255, 255)
+    assert seen["la.png"].getpixel((7, 0)) == (255, 255, 255) and seen["p.png"].getpixel((7, 0)) == (255, 255, 255)
+    assert seen["grey16.png"].getpixel((0, 0)) == (128, 128, 128)
+    assert seen["rotated.jpg"].size == (4, 8)
+    for mode in ["1", "L", "P", "RGB", "RGBA", "LA", "PA", "CMYK", "YCbCr", "LAB", "HSV", "I", "F", "I;16", "I;16B", "RGBa"]:  # the modes files open as
+        img = ril.open_image(Image.new("RGB", (8, 4), (200, 30, 30)).convert(mode) if "I;16" not in mode else Image.new(mode, (8, 4), 9))
+        assert img.mode == "RGB" and img.size == (8, 4), mode
+
+
+def test_a_prompt_too_long_for_the_student_is_one_line(tmp_path, capsys):
+    long = GOOD.replace('"question": "q"', '"question": "' + "how many " * 3000 + '"')
+    code, err, data = _bad_input(tmp_path, capsys, [GOOD, long])
+    assert code == 2 and len(err.splitlines()) == 1 and f"{data}:2: the prompt (" in err and "exceed the 4096 positions" in err
+
+
+def test_an_out_that_cannot_be_written_is_refused_before_any_model_loads(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(ril, "load_student", lambda *a, **kw: pytest.fail("a model was loaded"))
+    (tmp_path / "file").write_text("x")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    if os.geteuid() == 0:  # root writes through permission bits; an immutable folder refuses even root
+        if subprocess.run(["chattr", "+i", str(locked)], capture_output=True).returncode != 0:
+            pytest.skip("chattr +i is not available here")
+    else:
+        locked.chmod(0o555)
+    try:
+        for out, why in [(tmp_path / "file", "Not a directory"), (tmp_path / "file" / "run", "Not a directory"),
+                         (locked, "Operation not permitted" if os.geteuid() == 0 else "Permission denied"),
+                         (locked / "a" / "b", "Operation not permitted" if os.geteuid() == 0 else "Permission denied")]:
+            with pytest.raises(SystemExit) as e:
+                ril.main(["--out", str(out)])
+            err = capsys.readouterr().err.strip()
+            assert e.value.code == 2 and len(err.splitlines()) == 1 and f"--out {out}: cannot write in" in err and why in err, err
+    finally:
+        subprocess.run(["chattr", "-i", str(locked)], capture_output=True) if os.geteuid() == 0 else locked.chmod(0o755)
+    assert os.listdir(locked) == []
+
+
+def test_a_judge_that_never_gives_a_verdict_is_named_then_the_run_stops(tmp_path, capsys):
+    """A random tiny judge never writes <answer>0|1</answer>: every step warns on the console, and after --max-bad-steps steps the
+    run stops with one line instead of training on r_ans = 0 for every text."""
+    with pytest.raises(SystemExit) as e:
+        ril.main([*TINY_RUN, "--judge", _tiny_judge(tmp_path / "judge"), "--judge-max-new-tokens", "2", "--steps", "6",
+                  "--max-bad-steps", "2", "--out", str(tmp_path / "o")])
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and "step 2: 2 bad steps in a row, the last: no judge reply had <answer>0|1</answer>" in err
+    assert "warning: step 1: no judge reply had <answer>0|1</answer>" in out + err
+    assert [json.loads(x)["judge/unparsed"] for x in open(tmp_path / "o" / "metrics.jsonl") if "reward/total" in x] == [1.0, 1.0]
+
+
+def test_weights_that_are_not_finite_are_never_saved(tmp_path, capsys, monkeypatch):
+    real = ril.Run.end_step
+
+    def poison(self, s, step, m, dump):  # the last step leaves a NaN in the student, as an overflowing update would
+        real(self, s, step, m, dump)
+        with torch.no_grad():
+            next(ril.unwrap(s.model).parameters()).fill_(float("nan"))
+
+    monkeypatch.setattr(ril.Run, "end_step", poison)
+    with pytest.raises(SystemExit) as e:
+        ril.main([*TINY_RUN, "--steps", "1", "--out", str(tmp_path / "o")])
+    assert e.value.code == 2 and "the trained weights are not finite" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "model.safetensors").exists()
+
+
 def test_an_empty_dataset_is_refused(tmp_path, capsys):
     code, err, data = _bad_input(tmp_path, capsys, [], data_bytes=b"\n")
     assert code == 2 and f"{data}: no rows" in err
@@ -453,7 +547,7 @@ def test_impossible_arguments_are_refused(capsys, flags, name):
 
 # ---------------------------------------------------------------- checkpoints, resume, guard
 TINY_RUN = ["--toy-size", "24", "--eval-size", "4", "--sft-steps", "3", "--disc-pretrain-steps", "2",
-            "--batch-size", "2", "--dump-every", "0"]
+            "--batch-size", "2"]
 
 
 def _student(folder) -> dict:
@@ -596,11 +690,13 @@ def test_non_finite_guard_skips_then_stops(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(ril, "policy_loss", nan_loss)
     out = tmp_path / "skip"
-    ril.main([*TINY_RUN, "--steps", "2", "--max-bad-steps", "5", "--out", str(out)])
+    with pytest.raises(SystemExit) as e:  # fewer steps than --max-bad-steps, every one skipped: a failure, not a success
+        ril.main([*TINY_RUN, "--steps", "2", "--max-bad-steps", "5", "--save-every", "1", "--out", str(out)])
+    assert e.value.code == 2 and "step 2: 2 bad steps in a row, the last: loss or gradient was NaN/inf" in capsys.readouterr().err
     steps = [json.loads(x) for x in open(out / "metrics.jsonl") if "reward/total" in x]
-    assert [m["guard/skipped"] for m in steps] == [1.0, 1.0]
+    assert [m["guard/skipped"] for m in steps] == [1.0, 1.0] and not (out / "model.safetensors").exists()
     start = torch.load(os.path.join(out, "checkpoints", "reference.pt"), weights_only=True)
-    end = _student(out)
+    end = torch.load(os.path.join(out, "checkpoints", "step_0000001.pt"), weights_only=True)["student"]
     assert all(torch.equal(start[k], end[k]) for k in start), "a skipped step changed the student"
 
     with pytest.raises(SystemExit) as e:
@@ -776,11 +872,13 @@ def test_a_model_id_that_cannot_be_found_is_named_for_teachers_and_judge(tmp_pat
 
 def test_judge_model_reads_the_fig4_prompt_and_parses_its_verdict(tmp_path):
     judge = ril.ModelJudge(_tiny_judge(tmp_path / "judge"), ril.Args(judge_max_new_tokens=4), CPU, torch.float32)
-    prompt = judge.prompt("What color is the shape?", "red", "It is red.")
+    real, seen = judge.complete, []
+    judge.complete = lambda prompts: seen.extend(prompts) or real(prompts)
+    assert judge(["What color is the shape?"] * 2, ["red"] * 2, ["It is red.", "Blue."]) == [0.0, 0.0]  # random words: unparsed
+    assert judge.unparsed == 1.0 and len(seen) == 2
     for part in ["<question>What color is the shape?</question>", "<ground truth>red</ground truth>",
                  "<generated text>It is red.</generated text>", ril.JUDGE_SYSTEM, "<|im_start|>assistant"]:
-        assert part in prompt
-    assert all(isinstance(t, str) for t in judge.complete([prompt, prompt]))  # the real model generates
+        assert part in seen[0]
     said = {"r1": "Correct. <answer>1</answer>", "r0": "Wrong. <answer> 0 </answer>", "none": "I cannot tell.",
             "last": "<answer>0</answer> no, on reflection <answer>1</answer>"}
     judge.complete = lambda prompts: [said[p.rsplit("<generated text>", 1)[1].split("</generated text>")[0]] for p in prompts]
@@ -912,6 +1010,14 @@ def test_torchrun_two_ranks_train_agree_and_save_an_ordinary_checkpoint(tmp_path
     assert any(not torch.equal(v, trained.state_dict()[k]) for k, v in ref.items()), "the student did not change"
     disc = torch.load(out / "discriminator.pt", weights_only=True)
     assert set(disc) == {"backbone", "head"} and "weight" in disc["head"]
+
+
+def test_under_torchrun_an_error_is_printed_once_and_every_rank_exits(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"image": "missing.png", "question": "q", "answer": "a"}\n')
+    p = _torchrun("ril.py", "--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "o"), timeout=120)
+    assert p.returncode != 0 and p.stderr.count("error: ") == 1 and f"{tmp_path / 'd.jsonl'}:1: image not found" in p.stderr
+    # each rank exits with 2 (or is stopped by torchrun once the other has): never 1, an exception, or a traceback of ours
+    assert "exitcode  : 2" in p.stderr and "exitcode  : 1 " not in p.stderr and 'ril.py", line' not in p.stderr
 
 
 def test_torchrun_resume_equals_the_uninterrupted_run(tmp_path):
@@ -1231,7 +1337,7 @@ def run_paper_table(root: str = os.path.join(HERE, "runs", "paper_table"), jobs:
     the teachers), so that rows without a discriminator of their own can be scored too; teacher match."""
     t0 = time.time()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    common = ["--dump-every", "0", "--keep-last", "10", "--overwrite", *flags]  # flags: a smaller budget, for a smoke run
+    common = ["--keep-last", "10", "--overwrite", *flags]  # flags: a smaller budget, for a smoke run
     a = ril.parse_args(list(flags))
 
     def run_all(cmds):  # [(out, argv)], `jobs` at a time
