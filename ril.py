@@ -9,8 +9,7 @@ if right, and one clipped Dr.GRPO step over all 2G pushes up teacher texts (imit
 
 Usage
     python ril.py                                      # tiny Qwen2-VL on the built-in toy task, CPU
-    python ril.py --student Qwen2-VL-2B --teachers a,Qwen/Qwen2.5-VL-72B-Instruct --judge Qwen/Qwen2.5-32B-Instruct \
-        --data train.jsonl --eval-data val.jsonl --sft-steps 0 --lr 1e-6 --disc-lr 1e-6 --max-new-tokens 256
+    python ril.py --student Qwen2-VL-2B --teachers a,Qwen/Qwen2.5-VL-72B-Instruct --data train.jsonl --sft-steps 0 ...
     torchrun --nproc_per_node 8 ril.py ... [--shard]   # several GPUs: DDP, or FSDP2 with --shard
     python ril.py --out runs/ril --resume --steps 400  # continue a run; Ctrl-C and SIGTERM save one
 Data: JSONL, one question per line, image paths relative to the file's folder:
@@ -26,8 +25,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 import transformers
-from PIL import Image, ImageOps
+from PIL import Image
 from tqdm import tqdm
 
 # -- 1. Hyperparameters and state ------------------------------------------------------------------
@@ -105,22 +105,13 @@ def sample_teacher_texts(row, teachers, G: int, rng: random.Random) -> list:
         out += rng.sample(texts, k) if k <= len(texts) else [rng.choice(texts) for _ in range(k)]
     return out
 
-def open_image(image) -> Image.Image:
-    """A path or image as RGB, as a viewer shows it: EXIF rotation applied, transparency over white, 16-bit grey scaled
-    to 8 bits (convert("RGB") alone turns transparent pixels black and every 16-bit value above 255 white)."""
-    img = ImageOps.exif_transpose(image if isinstance(image, Image.Image) else Image.open(image))
-    if img.mode.startswith("I;16") or (img.mode == "I" and img.getextrema()[1] > 255):  # 16-bit: 65535 is white
-        img = img.convert("I").point(lambda v: v / 256).convert("L")
-    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
-        img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA"))
-    return img.convert("RGB")
-
 def encode_prompts(processor, rows: list, device) -> dict:
     """Chat-formatted, left-padded prompts with their images. Never truncated: cutting a prompt cuts
     image tokens but not pixel_values, the most reported Qwen2-VL crash in RL trainers."""
     msgs = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r["question"]}]}] for r in rows]
     texts = [processor.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in msgs]
-    enc = processor(text=texts, images=[open_image(r["image"]) for r in rows], padding=True, return_tensors="pt")
+    images = [r["image"]() if callable(r["image"]) else r["image"] for r in rows]  # a PIL image, or a function that opens one
+    enc = processor(text=texts, images=images, padding=True, return_tensors="pt")
     return {k: v.to(device) for k, v in enc.items()}
 
 def select_prompts(enc: dict, idx: list) -> dict:
@@ -159,34 +150,39 @@ def text_ids(tokenizer, text: str, max_len: int) -> list:
 
 # -- 3. Rollout: G student samples + G teacher texts per question ----------------------------------
 def generation_config(a: Config, model, tokenizer, greedy: bool) -> transformers.GenerationConfig:
-    """The paper's sampling settings (or greedy), every EOS the model knows, and the vision placeholders
-    suppressed: a sampled <|image_pad|> crashes the next forward ("Image features and image tokens do not match")."""
+    """Greedy search, with the paper's repetition penalty unless greedy (sample_top_k_top_p does the rest), every EOS the
+    model knows, and the vision placeholders suppressed: a sampled <|image_pad|> crashes the next forward."""
     eos, names = model.generation_config.eos_token_id, ("image_token_id", "video_token_id", "vision_start_token_id",
                                                         "vision_end_token_id", "image_token_index")
-    sampling = {} if greedy else {k: getattr(a, k) for k in ("temperature", "top_p", "top_k", "repetition_penalty")}
     return transformers.GenerationConfig(
-        do_sample=not greedy, max_new_tokens=a.max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling,
+        do_sample=False, max_new_tokens=a.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+        repetition_penalty=1.0 if greedy else a.repetition_penalty,
         eos_token_id=sorted(set([eos] if isinstance(eos, int) else list(eos or [])) | {tokenizer.eos_token_id}),
         suppress_tokens=sorted({getattr(model.config, n) for n in names if isinstance(getattr(model.config, n, None), int)}))
 
+def sample_top_k_top_p(a: Config, input_ids, scores: torch.Tensor) -> torch.Tensor:
+    """The paper's temperature, top-k and top-p, then a draw, as HF's warpers and multinomial do, but among the top k
+    alone (over 152k entries, their sort and draw were 80% of generate on a CPU): -inf but at the draw, for greedy search."""
+    top, idx = (scores / a.temperature).topk(min(a.top_k or scores.shape[-1], scores.shape[-1]))  # (N, k), descending
+    drop = (top.flip(-1).softmax(-1).cumsum(-1) <= 1 - a.top_p).flip(-1)  # HF's top-p: the tail of mass <= 1 - top_p
+    drop[:, 0] = False  # the best token always stays
+    pick = idx.gather(-1, torch.multinomial(top.masked_fill(drop, -float("inf")).softmax(-1), 1))  # (N, 1)
+    return torch.full_like(scores, -float("inf")).scatter_(-1, pick, 0.0)
+
 @torch.no_grad()
-def generate(model, enc: dict, gen_cfg, output_logits: bool = False) -> tuple:
-    """Completion ids (N, T), pad after the first EOS, their mask and if asked the logits (N, T, V). With
-    synced_gpus, ranks step until all are done: a sharded model's forward is collective."""
-    out = model.generate(**enc, generation_config=gen_cfg, return_dict_in_generate=True, output_logits=output_logits,
-                         synced_gpus=RANKS.sharded)
-    comp = out.sequences[:, enc["input_ids"].shape[1]:]  # (N, T)
+def generate(model, enc: dict, gen_cfg, sampler=None) -> tuple:
+    """Completion ids (N, T), pad after the first EOS, and their mask (synced_gpus: a sharded forward is collective)."""
+    comp = model.generate(**enc, generation_config=gen_cfg, logits_processor=[sampler] if sampler else None,
+                          synced_gpus=RANKS.sharded)[:, enc["input_ids"].shape[1]:]  # (N, T)
     mask = completion_mask(comp, gen_cfg.eos_token_id)
-    comp = comp.masked_fill(mask == 0, gen_cfg.pad_token_id)
-    return comp, mask, torch.stack(out.logits, 1) if output_logits else None
+    return comp.masked_fill(mask == 0, gen_cfg.pad_token_id), mask
 
 def rollout(a: Config, s: State, batch: list, rng: random.Random, with_teachers: bool) -> dict:
-    """G student samples per question from one batched generate, then G teacher texts per question.
-    A group is [G student samples, G teacher texts] for RIL, [G samples] for the baselines."""
+    """A group per question: G samples from one batched generate, then G teacher texts (RIL only)."""
     tok, model = s.processor.tokenizer, unwrap(s.model.eval())
     enc = encode_prompts(s.processor, batch, s.device)
     gen_cfg = generation_config(a, model, tok, greedy=False)
-    comp, mask, _ = generate(model, repeat_prompts(enc, a.G), gen_cfg)  # (B * G, T)
+    comp, mask = generate(model, repeat_prompts(enc, a.G), gen_cfg, functools.partial(sample_top_k_top_p, a))  # (B * G, T)
     truncated = ~torch.isin(comp, torch.tensor(gen_cfg.eos_token_id, device=s.device)).any(1)  # hit the cap
     samples = list(zip([c[m.bool()].tolist() for c, m in zip(comp, mask)], tok.batch_decode(comp, skip_special_tokens=True)))
     seqs, texts, is_teacher, answers, questions = [], [], [], [], []
@@ -204,17 +200,27 @@ def rollout(a: Config, s: State, batch: list, rng: random.Random, with_teachers:
                 answers=answers, questions=questions, truncated=truncated.float().mean().item())
 
 # -- 4. Log-probs ----------------------------------------------------------------------------------
-def token_logprobs(model, enc: dict, comp: torch.Tensor, comp_mask: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log pi(o_t | q, o_<t) for every completion token, (N, T); enc holds N left-padded prompts. No
-    position_ids: Qwen2-VL builds its 3-D M-RoPE positions itself, and 1-D ones silently corrupt the
-    logits. Dividing by the sampling temperature gives the log-probs of what was sampled (as TRL does)."""
+def token_logprobs(model, enc: dict, comp: torch.Tensor, comp_mask: torch.Tensor, temperature: float, chunk: int = 1 << 24):
+    """log pi(o_t | q, o_<t) of every completion token, (N, T), after N left-padded prompts. No position_ids: Qwen2-VL
+    builds its 3-D M-RoPE positions itself (1-D ones silently corrupt the logits). Divided by the sampling temperature,
+    as TRL does. The head and log-softmax run on chunks of `chunk` logits at most, again in the backward pass: the
+    (N, T, vocabulary) logits never exist at once (20 GB in fp32 for 128 x 257 x 152k)."""
     T = comp.shape[1]
     extra = {k: torch.cat([v, torch.zeros_like(comp)], 1) if "token_type_ids" in k else v  # per-token types, 0 = text
              for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
     ids, attention = torch.cat([enc["input_ids"], comp], 1), torch.cat([enc["attention_mask"], comp_mask], 1)
-    logits = model(input_ids=ids, attention_mask=attention, logits_to_keep=T + 1, **extra).logits[:, :-1]  # (N, T, V)
-    logits = logits.float() / temperature
-    return logits.gather(-1, comp[..., None]).squeeze(-1) - logits.logsumexp(-1)  # (N, T)
+    head = unwrap(model).get_output_embeddings()
+    project, y, n = head.forward, comp.flatten(), max(1, chunk // len(head.weight))  # n tokens a chunk
+    def logp(h, y):  # noqa: E306  one chunk: (n, d) hidden states and (n,) targets -> (n,) log-probs
+        logits = project(h).float() / temperature
+        return logits.gather(-1, y[:, None]).squeeze(-1) - logits.logsumexp(-1)
+    head.forward = lambda h: torch.cat([checkpoint(logp, h.flatten(0, 1)[i:j], y[i:j], use_reentrant=False)
+                                        for i, j in chunks(len(y), n)]).view_as(comp)  # the model's "logits" are now (N, T)
+    try:  # the hidden states that predict o_1 .. o_T, through the stand-in head
+        return model(input_ids=ids, attention_mask=attention, **extra,
+                     logits_to_keep=torch.arange(ids.shape[1] - T - 1, ids.shape[1] - 1, device=ids.device)).logits
+    finally:
+        del head.forward  # the head's own forward again
 
 # -- 5. The discriminator (Eq. 1) and r_sim --------------------------------------------------------
 DISC_SYSTEM = ("You are a discriminator. Given a response in <response></response>, "
@@ -227,8 +233,8 @@ def language_model(vlm):
     return getattr(inner, "language_model", None) or getattr(inner, "text_model", None) or vlm.get_decoder()
 
 class Discriminator(nn.Module):
-    """D_phi [P] §3.1: the student's language model (same weights: the paper's answer to the GAN balance
-    problem) with a d x 1 head instead of the LM head, read at the last token. sigmoid(D(o)) = P(student)."""
+    """D_phi [P] §3.1: the student's language model (its weights: the paper's answer to GAN imbalance) with a d x 1
+    head for the LM head, read at the last token. sigmoid(D(o)) = P(student)."""
     share_prefix = True  # off under --shard and --grad-checkpointing (they need one plain call per layer)
 
     def __init__(self, student):
@@ -278,8 +284,7 @@ def clip_and_step(opt, params, loss: torch.Tensor, max_norm: float) -> tuple:
     return norm, float(not ok)
 
 def disc_update(disc, opt, tokenizer, texts: list, is_teacher: torch.Tensor, a: Config, device) -> tuple:
-    """One step of Eq. 1: max log D(student) + log(1 - D(teacher)), i.e. BCE with student = 1, teacher = 0.
-    Returns (metrics, the logits before the step)."""
+    """One step of Eq. 1, max log D(student) + log(1 - D(teacher)): BCE, student 1, teacher 0. Returns (metrics, logits)."""
     disc.train()
     order = torch.argsort(is_teacher, stable=True).tolist()  # students first, then teachers
     labels, n = 1.0 - is_teacher.float(), len(texts)  # (N,)
@@ -307,9 +312,7 @@ def group_advantages(rewards: torch.Tensor, group: int, scale_std: bool) -> torc
     -> [1, -1, 0, 0]. scale_std=True is the GRPO baseline's A_i / (std + 1e-4)."""
     r = rewards.view(-1, group)  # (B, group)
     adv = r - r.mean(1, keepdim=True)
-    if scale_std:
-        adv = adv / (r.std(1, keepdim=True) + 1e-4)
-    return adv.view(-1)
+    return (adv / (r.std(1, keepdim=True) + 1e-4) if scale_std else adv).view(-1)
 
 def policy_loss(logp, old_logp, ref_logp, adv, mask, a: Config, n_seqs: int = 0) -> tuple:
     """Eq. 2 [P] at token level, as Dr.GRPO writes it [R]. Returns (loss, sums for the caller's averages).
@@ -372,9 +375,8 @@ def decaying_adamw(params, lr: float, steps: int) -> tuple:
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1 - 0.9 * min(i, steps) / max(steps, 1))
 
 def sft_warmup(a: Config, s: State, rows: list):
-    """Stage 0 [P]: cross-entropy on one target per question. [R] The ground-truth answer or, with probability
-    --sft-teacher-frac, a teacher text. On the toy task teacher texts alone leave D nothing to see; answers
-    alone make D perfect from the start, so every sample gets a negative advantage and the student collapses."""
+    """Stage 0 [P]: cross-entropy on one target per question: [R] the answer or, with prob. --sft-teacher-frac, a teacher
+    text (teacher texts alone leave D nothing to see; answers alone make D perfect, and the student collapses)."""
     tok = s.processor.tokenizer
     opt, sched = decaying_adamw([p for p in s.model.parameters() if p.requires_grad], a.sft_lr, a.sft_steps)
     s.model.train()
@@ -450,12 +452,11 @@ def normalize(text: str) -> list:
 
 @torch.no_grad()
 def evaluate(a: Config, s: State, rows: list, bs: int = 32) -> tuple:
-    """Greedy answers to the held-out rows. Returns (metrics, answers): accuracy by the judge, teacher
-    match (word for word one of the row's teacher texts), length, and teacher-likeness by D."""
+    """Greedy answers: (metrics, answers); accuracy by the judge, teacher match (word for word), length, 1 - D."""
     model, tok = unwrap(s.model.eval()), s.processor.tokenizer
     gen_cfg, mine, texts, lengths = generation_config(a, model, tok, greedy=True), RANKS.share(rows), [], []
     for i in range(0, len(mine), bs):
-        comp, mask, _ = generate(model, encode_prompts(s.processor, mine[i:i + bs], s.device), gen_cfg)
+        comp, mask = generate(model, encode_prompts(s.processor, mine[i:i + bs], s.device), gen_cfg)
         texts += tok.batch_decode(comp, skip_special_tokens=True)
         lengths += mask.sum(1).tolist()
     match = [float(any(normalize(o) == normalize(t) for ts in r["teachers"].values() for t in ts)) for o, r in zip(texts, mine)]
@@ -469,9 +470,8 @@ def evaluate(a: Config, s: State, rows: list, bs: int = 32) -> tuple:
 
 # -- 10. train(): Stage 0 -> Stage 2 -> Alg. 2 -----------------------------------------------------
 def train(a: Config, s: State, rows: list, eval_rows: list, run) -> tuple:
-    """The whole method; `run` (part 2) wraps the models for torchrun, resumes, logs, checkpoints and stops
-    on a signal. Returns the held-out (metrics, answers) before and after. pi_ref and D copy the student
-    [P] Alg. 2, §3.1 first and take the SFT'd weights later: a sharded model copies only shard by shard."""
+    """The method; `run` (part 2) wraps, resumes, logs, saves and stops on a signal. Returns held-out (metrics, answers)
+    before and after. pi_ref and D copy the student [P] Alg. 2, §3.1, then take its SFT'd weights (sharding-safe)."""
     s.ref = copy.deepcopy(s.model).eval().requires_grad_(False) if a.beta > 0 else None
     s.disc = Discriminator(s.model) if a.algo == "ril" else None
     run.wrap(s)
@@ -501,7 +501,7 @@ def train(a: Config, s: State, rows: list, eval_rows: list, run) -> tuple:
 import argparse, contextlib, glob, hashlib, inspect, json, math, operator, os, shutil, signal, sys, tempfile, time  # noqa: E401,E402
 from dataclasses import asdict, fields  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from PIL import ImageDraw  # noqa: E402
+from PIL import ImageDraw, ImageOps  # noqa: E402
 
 transformers.utils.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
@@ -509,7 +509,6 @@ transformers.utils.logging.disable_progress_bar()
 # -- 11. Command line ------------------------------------------------------------------------------
 @dataclass
 class Args(Config):
-    """Where the data, models and outputs are, and how to run them (the method itself is Config)."""
     student: str = "tiny"  # 'tiny' (built here), an alias such as Qwen2-VL-2B, a Hugging Face id, or a model folder
     teachers: str = ""  # comma-separated: teacher names in the rows, or models (folder or id) answering once into --out/teacher_cache
     teacher_samples: int = 4  # answers per question from each teacher model
@@ -607,6 +606,16 @@ def make_toy(n: int, seed: int) -> list:
                          teachers={t: [p.format(a=answer) for p in styles[kind]] for t, styles in TOY_TEACHERS.items()}))
     return rows
 
+def open_image(image) -> Image.Image:
+    """A path or image as RGB, as a viewer shows it: EXIF rotation applied, transparency over white, 16-bit grey scaled
+    to 8 bits (convert("RGB") alone turns transparent pixels black and every 16-bit value above 255 white)."""
+    img = ImageOps.exif_transpose(image if isinstance(image, Image.Image) else Image.open(image))
+    if img.mode.startswith("I;16") or (img.mode == "I" and img.getextrema()[1] > 255):  # 16-bit: 65535 is white
+        img = img.convert("I").point(lambda v: v / 256).convert("L")
+    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+        img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA"))
+    return img.convert("RGB")
+
 def load_jsonl(path: str) -> list:
     """Every row and image checked before training: each problem is one line with file:line and the fix."""
     os.path.isfile(path) or fail(f"{path}: no such file; --data takes 'toy' or a JSONL file")
@@ -631,8 +640,8 @@ def load_jsonl(path: str) -> list:
             Image.open(image).verify()
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             fail(f"{where}: cannot decode image {image} ({str(e).splitlines()[0][:80]}); replace it or drop the row")
-        rows.append(dict(id=str(row.get("id", where)), image=image, question=row["question"], answer=row["answer"],
-                         teachers=teachers, where=where))
+        rows.append(dict(id=str(row.get("id", where)), image=functools.partial(open_image, image), question=row["question"],
+                         answer=row["answer"], teachers=teachers, where=where))
     return rows or fail(f"{path}: no rows; the file is empty")
 
 def load_data(a: Args) -> tuple:
@@ -764,8 +773,6 @@ def build_tiny(corpus: list, hidden: int = 64, layers: int = 2) -> tuple:
     model = transformers.Qwen2VLForConditionalGeneration(transformers.Qwen2VLConfig(
         text_config=text, vision_config=vision, tie_word_embeddings=True, image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"]))
-    model.generation_config = transformers.GenerationConfig(eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-                                                            bos_token_id=ids["<|im_start|>"])
     # 56x56 images give 4 image tokens; larger ones are scaled down to at most 112x112, never truncated
     image_processor = transformers.Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112)
     return model, ImageOnlyQwen2VLProcessor(image_processor, tok, chat_template=TINY_CHAT_TEMPLATE)
@@ -837,7 +844,8 @@ def model_teacher_texts(spec: str, rows: list, a: Args, device, dtype):
         with open(path, "a") as f, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(a.seed + len(cache))  # the student's random stream does not depend on the cache
             for i in tqdm(range(0, len(todo), a.batch_size), desc=f"teacher {spec}"):
-                comp, _, _ = generate(model, repeat_prompts(encode_prompts(processor, todo[i:i + a.batch_size], device), n), gen_cfg)
+                enc = repeat_prompts(encode_prompts(processor, todo[i:i + a.batch_size], device), n)
+                comp, _ = generate(model, enc, gen_cfg, functools.partial(sample_top_k_top_p, a))
                 texts = [t.strip() for t in processor.tokenizer.batch_decode(comp, skip_special_tokens=True)]
                 for j, r in enumerate(todo[i:i + a.batch_size]):
                     cache[r["id"]] = texts[j * n:(j + 1) * n]
@@ -930,9 +938,8 @@ SHOWN = "reward/total reward/sim reward/ans disc/loss disc/acc_student disc/acc_
 class Run:
     """What train() needs besides the method: torchrun wrapping, resume, logs, checkpoints, signals."""
     def __init__(self, a: Args, mode: str, eval_rows: list, resumed: tuple = None):
-        self.a, self.mode, self.eval_rows, self.stop, self.last, self.resumed = a, mode, eval_rows, [], None, resumed
-        self.bad, self.ran = 0, 0  # steps in a row that taught nothing; steps run
-        self.paths, self.t = {k: os.path.join(a.out, f"{k}.jsonl") for k in ("metrics", "samples")}, time.time()
+        self.a, self.mode, self.eval_rows, self.resumed, self.stop, self.last = a, mode, eval_rows, resumed, [], None
+        self.paths, self.t, self.bad, self.ran = {k: os.path.join(a.out, f"{k}.jsonl") for k in ("metrics", "samples")}, time.time(), 0, 0
     def wrap(self, s: State):
         """The reference in bf16 under amp (it is never trained), D's memory flags, then DDP or FSDP2."""
         if s.ref is not None and self.mode == "amp":
@@ -966,11 +973,6 @@ class Run:
         return state["step"] + 1, state["before"]
     def begin(self, s: State, before: tuple):
         """A fresh run's first writes, after SFT and D pre-training: an --overwrite'd run goes only once every input has loaded."""
-        held = RANKS.share([r for r in self.eval_rows if all(r["teachers"].get(t) for t in s.teachers)][:32])
-        if s.disc is not None and self.a.disc_pretrain_steps > 0 and held:  # Stage 2's report, on questions D never saw
-            ro = rollout(self.a, s, held, random.Random(self.a.seed), with_teachers=True)
-            right = (disc_logits(s.disc, s.processor.tokenizer, ro["texts"], s.device) > 0) == (ro["is_teacher"] == 0)
-            print(f"disc pre-train: held-out accuracy {RANKS.mean({'a': right.float().mean().item()})['a']:.3f} (student vs teacher texts)")
         ref = full_state(s.ref)[0] if s.ref is not None else None
         if RANKS.rank == 0:
             shutil.rmtree(os.path.join(self.a.out, "checkpoints"), ignore_errors=True)
@@ -1064,9 +1066,8 @@ def report(a: Args, s: State, run: Run, before: tuple, after: tuple, eval_rows: 
     for name, (m, texts) in [("before RIL (after SFT)", before), (f"after {a.algo}", after)]:
         print(f"| {name} | {m['eval/acc']:.3f} | {format(m['eval/teacher_like'], '.3f') if s.disc else 'n/a'} | {like(texts)} | "
               f"{m['eval/teacher_match']:.3f} | {m['eval/len']:.1f} |")
-    if t_texts:
-        acc = sum(s.judge([r["question"] for r in t_rows], [r["answer"] for r in t_rows], list(t_texts))) / len(t_texts)
-        print(f"| teacher texts | {acc:.3f} | - | {like(list(t_texts))} | 1.000 | - |")
+    acc = t_texts and sum(s.judge([r["question"] for r in t_rows], [r["answer"] for r in t_rows], list(t_texts))) / len(t_texts)
+    t_texts and print(f"| teacher texts | {acc:.3f} | - | {like(list(t_texts))} | 1.000 | - |")
     student, disc = full_state(s.model)[0], full_state(s.disc)[0] if s.disc else {}
     bad = [k for k, v in {**student, **disc}.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     bad and fail(f"the trained weights are not finite ({len(bad)} tensors, e.g. {bad[0]}); nothing was saved to {a.out}; lower --lr")
@@ -1080,8 +1081,7 @@ def main(argv=None):
     check_args(a)
     (a, resumed), t0, run = resume_state(a) if a.resume else (a, None), time.time(), None
     device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else "cpu" if a.device == "auto" else a.device)
-    # [R] amp: fp32 weights and AdamW moments, bf16 matmuls. bf16: half the memory, but an update under ~1/256 of a weight
-    # rounds away, which at the paper's LR of 1e-6 is most of them. The paper does not say which it used.
+    # [R] amp: fp32 weights and AdamW moments, bf16 matmuls (the paper does not say); bf16 weights lose updates under 1/256 of a weight
     mode = a.dtype if a.dtype != "auto" else ("amp" if device.type == "cuda" else "fp32")
     device = init_distributed(a, device)
     try:

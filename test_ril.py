@@ -246,14 +246,39 @@ def test_completions_never_contain_vision_placeholder_tokens(tiny):
     assert image_pad in vision and model.config.vision_start_token_id in vision
     raw = model.generate(**enc, generation_config=transformers.GenerationConfig(**{**cfg.to_dict(), "suppress_tokens": None}))
     assert (raw[:, enc["input_ids"].shape[1]:] == image_pad).any(), "the biased model should want image tokens"
-    comp, _, _ = ril.generate(model, enc, cfg)
+    comp, _ = ril.generate(model, enc, cfg)
     assert not torch.isin(comp, torch.tensor(vision)).any()
+
+
+def test_the_top_k_sampler_draws_from_the_distribution_of_hf_sampling(monkeypatch):
+    """sample_top_k_top_p draws among the top k alone. The probabilities it draws from, put back at their token ids, equal
+    those of HF's temperature, top-k and top-p warpers followed by a softmax over the whole vocabulary (within 1e-6), for
+    flat and sharp logits with a suppressed token; the scores it returns make greedy search take exactly the draw; and
+    20,000 draws match HF's probabilities."""
+    a = args(temperature=0.7, top_k=50, top_p=0.95)
+    g = torch.Generator().manual_seed(0)
+    scores = torch.cat([torch.randn(2, 3000, generator=g) * scale for scale in (0.3, 3.0, 12.0)])  # flat to sharp
+    scores[:, 7] = -float("inf")  # a suppressed token
+    warpers = transformers.LogitsProcessorList([transformers.TemperatureLogitsWarper(0.7), transformers.TopKLogitsWarper(50),
+                                                transformers.TopPLogitsWarper(0.95)])
+    want = warpers(None, scores.clone()).softmax(-1)  # what HF's do_sample draws from
+    drawn_from, real = [], torch.multinomial
+    monkeypatch.setattr(torch, "multinomial", lambda p, n, **kw: drawn_from.append(p) or real(p, n, **kw))
+    out = ril.sample_top_k_top_p(a, None, scores)
+    _, idx = (scores / 0.7).topk(50)
+    got = torch.zeros_like(scores).scatter(-1, idx, drawn_from[0])
+    assert (got - want).abs().max() < 1e-6
+    assert ((out == 0).sum(-1) == 1).all() and torch.isinf(out).sum(-1).eq(scores.shape[1] - 1).all()
+    assert (want.gather(-1, out.argmax(-1, keepdim=True)) > 0).all()  # every draw is a token HF could draw
+    row = scores[2:3].expand(20000, -1)  # one moderately sharp row, drawn 20,000 times
+    freq = torch.bincount(ril.sample_top_k_top_p(a, None, row).argmax(-1), minlength=scores.shape[1]) / 20000
+    assert (freq - want[2]).abs().max() < 0.015
 
 
 def test_truncated_means_no_eos_even_at_the_last_position(tiny, monkeypatch):
     eos, pad = tiny["proc"].tokenizer.eos_token_id, tiny["proc"].tokenizer.pad_token_id
     fake = torch.tensor([[7, 8, eos], [7, 8, 9], [7, eos, pad], [7, 8, 9]])  # ends on EOS / cap / early EOS / cap
-    monkeypatch.setattr(ril, "generate", lambda model, enc, cfg: (fake, ril.completion_mask(fake, [eos]), None))
+    monkeypatch.setattr(ril, "generate", lambda model, enc, cfg, sampler: (fake, ril.completion_mask(fake, [eos])))
     ro = ril.rollout(args(G=4), state(tiny["model"], tiny["proc"]), tiny["rows"][:1], ril.random.Random(0), with_teachers=False)
     assert ro["truncated"] == 0.5
 
@@ -262,11 +287,41 @@ def test_training_logprobs_match_generate(tiny):
     model, proc = tiny["model"], tiny["proc"]
     a = args(temperature=1.0)
     enc = ril.repeat_prompts(ril.encode_prompts(proc, tiny["rows"][:3], CPU), 2)
-    comp, mask, logits = ril.generate(model, enc, ril.generation_config(a, model, proc.tokenizer, greedy=False), output_logits=True)
+    cfg = ril.generation_config(a, model, proc.tokenizer, greedy=False)
     with torch.no_grad():
+        out = model.generate(**enc, generation_config=cfg, return_dict_in_generate=True, output_logits=True,
+                             logits_processor=[ril.functools.partial(ril.sample_top_k_top_p, a)])  # sampled, as in a rollout
+        comp, logits = out.sequences[:, enc["input_ids"].shape[1]:], torch.stack(out.logits, 1)
+        mask = ril.completion_mask(comp, cfg.eos_token_id)
         lp = ril.token_logprobs(model, enc, comp, mask, a.temperature)
     ref = torch.log_softmax(logits.float(), -1).gather(-1, comp[..., None]).squeeze(-1)
     assert (lp - ref)[mask.bool()].abs().max() < 1e-4
+
+
+def test_chunked_logprobs_and_gradients_equal_the_full_logits_computation(tiny):
+    """token_logprobs never holds the (N, T, V) logits: the LM head and log-softmax run a chunk of tokens at a time and
+    again in the backward pass. Against the plain computation (all logits, then log-softmax), for chunks that split
+    sequences mid-way and one chunk for all: the same log-probs and gradients within 1e-5, and the head's own forward back."""
+    model, proc = tiny["model"], tiny["proc"]
+    enc = ril.repeat_prompts(ril.encode_prompts(proc, tiny["rows"][:3], CPU), 2)
+    comp = torch.randint(10, len(proc.tokenizer) - 8, (6, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(comp)
+    mask[0, 5:] = 0
+    extra = {k: torch.cat([v, torch.zeros_like(comp)], 1) if "token_type_ids" in k else v
+             for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
+    full = model(input_ids=torch.cat([enc["input_ids"], comp], 1), attention_mask=torch.cat([enc["attention_mask"], mask], 1),
+                 logits_to_keep=comp.shape[1] + 1, **extra).logits[:, :-1].float() / 0.7  # (N, T, V), all at once
+    want = full.log_softmax(-1).gather(-1, comp[..., None]).squeeze(-1)
+    weights = torch.randn(comp.shape, generator=torch.Generator().manual_seed(1))
+    want_grads = torch.autograd.grad((want * weights).sum(), list(model.parameters()))
+    for tokens in (5, 7, 1024):  # tokens a chunk: 5 and 7 split sequences mid-way, 1024 takes all 42 at once
+        chunk = tokens * model.config.get_text_config().vocab_size
+        got = ril.token_logprobs(model, enc, comp, mask, 0.7, chunk=chunk)
+        grads = torch.autograd.grad((got * weights).sum(), list(model.parameters()))
+        assert (got - want).abs().max() < 1e-5, chunk
+        assert max((g - w).abs().max().item() for g, w in zip(grads, want_grads)) < 1e-5, chunk
+    assert "forward" not in model.get_output_embeddings().__dict__
+    assert model(**enc).logits.shape[-1] == model.config.get_text_config().vocab_size  # the head gives logits again
 
 
 def test_repeat_prompts_keeps_each_image_with_its_prompt(tiny):
@@ -1119,10 +1174,12 @@ def plot_metrics(out: str) -> str:
 
 
 # ---------------------------------------------------------------- benchmark (make bench), not a test
-BENCH_WORKLOADS = {  # name: (tiny model size, ril.Args overrides); the models are random, so answers run to the token cap
-    "tiny default": (dict(), dict()),
+BENCH_WORKLOADS = {  # name: (tiny model size, ril.Args overrides, vocabulary); random models: answers run to the token cap
+    "tiny default": (dict(), dict(), 0),
     "larger (hidden 256, 4 layers, 8 questions x G=4, 32 new tokens)":
-        (dict(hidden=256, layers=4), dict(batch_size=8, G=4, max_new_tokens=32)),
+        (dict(hidden=256, layers=4), dict(batch_size=8, G=4, max_new_tokens=32), 0),
+    "real vocabulary (151,936 entries, hidden 64, 2 layers, 8 questions x G=4, 32 new tokens)":
+        (dict(), dict(batch_size=8, G=4, max_new_tokens=32), 151936),
 }
 
 
@@ -1136,28 +1193,73 @@ def _clock(dev) -> float:
     return time.perf_counter()
 
 
-def bench_workload(name: str, size: dict, overrides: dict, steps: int = 7, warmup: int = 2) -> dict:
+class PeakMemory:
+    """Peak memory inside time windows: on CUDA the allocator's peak since the window opened; on a CPU this process's
+    resident set, sampled every 5 ms by a thread (glibc keeps freed memory, so a window also counts what earlier
+    ones left resident: compare phases within one process, and variants in fresh processes)."""
+    def __init__(self, dev):
+        import threading
+        self.dev, self.samples, self.on = dev, [], dev.type != "cuda"
+        self.on and threading.Thread(target=self._sample, daemon=True).start()
+
+    def _sample(self):
+        page = os.sysconf("SC_PAGE_SIZE")
+        while self.on:
+            self.samples.append((time.perf_counter(), int(open("/proc/self/statm").read().split()[1]) * page))
+            time.sleep(0.005)
+
+    def open(self) -> float:
+        self.dev.type == "cuda" and torch.cuda.reset_peak_memory_stats(self.dev)
+        return time.perf_counter()
+
+    def peak(self, t0: float) -> float:
+        if self.dev.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.dev)
+        time.sleep(0.01)  # one more sample
+        return max((r for t, r in self.samples if t >= t0), default=0)
+
+
+def plain_token_logprobs(model, enc, comp, comp_mask, temperature, chunk=None):
+    """token_logprobs as it was before the chunked head (every position's full-vocabulary logits at once), for make bench."""
+    T = comp.shape[1]
+    extra = {k: torch.cat([v, torch.zeros_like(comp)], 1) if "token_type_ids" in k else v
+             for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
+    ids, attention = torch.cat([enc["input_ids"], comp], 1), torch.cat([enc["attention_mask"], comp_mask], 1)
+    logits = model(input_ids=ids, attention_mask=attention, logits_to_keep=T + 1, **extra).logits[:, :-1].float() / temperature
+    return logits.gather(-1, comp[..., None]).squeeze(-1) - logits.logsumexp(-1)
+
+
+def bench_model(size: dict, vocab: int = 0, rows: list = ()) -> tuple:
+    """A random tiny Qwen2-VL; with vocab, its (tied) embedding and LM head grown to that many entries, as a real student's."""
+    torch.manual_seed(0)
+    model, proc = ril.build_tiny(corpus(list(rows)) + [ril.DISC_SYSTEM, ril.DISC_USER], **size)
+    vocab and model.resize_token_embeddings(vocab)
+    return model, proc
+
+
+def bench_workload(name: str, size: dict, overrides: dict, vocab: int = 0, steps: int = 7, warmup: int = 2) -> dict:
     """Time full RIL steps and, on the same shapes in the same process, the bare model calls a step cannot
     avoid: the floor. The step's phases are timed from outside, by wrapping ril's own functions."""
-    import resource
-    torch.manual_seed(0)
     a = ril.Args(sft_steps=0, disc_pretrain_steps=0, **overrides)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = ril.make_toy(64, 0)
-    model, proc = ril.build_tiny(corpus(rows) + [ril.DISC_SYSTEM, ril.DISC_USER], **size)
+    model, proc = bench_model(size, vocab, rows)
     model.to(dev)
+    mem = PeakMemory(dev)
     tok = proc.tokenizer
     ref, disc = ril.copy.deepcopy(model).eval().requires_grad_(False), ril.Discriminator(model)
     s = ril.State(model, proc, dev, ("alice", "bob"), ril.MatchJudge(rows), ref, disc,
                   torch.optim.AdamW(model.parameters(), lr=1e-5), torch.optim.AdamW(disc.parameters(), lr=1e-5))
-    phase, real = {}, {}
+    phase, real, peaks = {}, {}, {}
 
     def timed(key, fn, counts=lambda *x: True):
         def wrapper(*x, **kw):
-            t0 = _clock(dev)
+            t0, m0 = _clock(dev), key in ("generate", "policy") and mem.open()
             out = fn(*x, **kw)
             if counts(*x):
                 phase[key] = phase.get(key, 0.0) + _clock(dev) - t0
+            if m0:
+                peaks[key] = max(peaks.get(key, 0), mem.peak(m0))
             return out
         return wrapper
 
@@ -1182,12 +1284,7 @@ def bench_workload(name: str, size: dict, overrides: dict, steps: int = 7, warmu
     # the floor: the same calls, bare, on one step's shapes (prompts, completions and D inputs prepared outside the clock)
     ro = ril.rollout(a, s, ril.batch_at(rows, 0, a.batch_size, 3), ril.random.Random(0), True)
     enc_g, enc_2g = ril.repeat_prompts(ro["enc"], a.G), ril.repeat_prompts(ro["enc"], 2 * a.G)
-    gen_cfg = ril.generation_config(a, model, tok, greedy=False)
-    ids = torch.cat([enc_2g["input_ids"], ro["comp"]], 1)
-    attn = torch.cat([enc_2g["attention_mask"], ro["mask"]], 1)
-    extra = dict(pixel_values=enc_2g["pixel_values"], image_grid_thw=enc_2g["image_grid_thw"],
-                 mm_token_type_ids=torch.cat([enc_2g["mm_token_type_ids"], torch.zeros_like(ro["comp"])], 1))
-    T = ro["comp"].shape[1]
+    gen_cfg = hf_sampling(a, model, tok)
     d_ids, d_mask = ril.disc_inputs(tok, ro["texts"], dev)
     labels = (1 - ro["is_teacher"]).float()
     floor = {k: [] for k in ("generate", "ref forward", "policy fwd+bwd", "disc fwd+bwd", "optimizers")}
@@ -1198,9 +1295,9 @@ def bench_workload(name: str, size: dict, overrides: dict, steps: int = 7, warmu
             model.generate(**enc_g, generation_config=gen_cfg)
         t.append(_clock(dev))
         with torch.no_grad():
-            ref(input_ids=ids, attention_mask=attn, logits_to_keep=T + 1, **extra).logits
+            plain_token_logprobs(ref, enc_2g, ro["comp"], ro["mask"], a.temperature)
         t.append(_clock(dev))
-        model(input_ids=ids, attention_mask=attn, logits_to_keep=T + 1, **extra).logits.float().logsumexp(-1).mean().backward()
+        plain_token_logprobs(model, enc_2g, ro["comp"], ro["mask"], a.temperature).mean().backward()
         t.append(_clock(dev))
         h = disc.backbone(input_ids=d_ids, attention_mask=d_mask).last_hidden_state  # plain: every row in full
         d_logits = disc.head(h[torch.arange(len(h), device=dev), d_mask.sum(1) - 1]).squeeze(-1)
@@ -1217,10 +1314,59 @@ def bench_workload(name: str, size: dict, overrides: dict, steps: int = 7, warmu
             shared.append(_clock(dev) - t1)
     floor = {k: _median(v) for k, v in floor.items()}
     ph = {k: _median([p.get(k, 0.0) for p in phases]) for k in ("generate", "ref", "disc", "policy", "optimizer")}
-    peak = (torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    mem.on = False
     return dict(name=name, step=_median(step_t), phases=ph, floor=floor, floor_total=sum(floor.values()), shared=_median(shared),
-                peak_mib=peak, device=str(dev))
+                peaks={k: v / 2**20 for k, v in peaks.items()}, device=str(dev), sampling=sampling_share(model, enc_g, a, tok))
+
+
+def hf_sampling(a, model, tok) -> transformers.GenerationConfig:
+    """The paper's sampling settings as HF's own do_sample (warpers, then a multinomial over the whole vocabulary)."""
+    return transformers.GenerationConfig(**{**ril.generation_config(a, model, tok, greedy=False).to_dict(), "do_sample": True,
+                                            **{k: getattr(a, k) for k in ("temperature", "top_k", "top_p")}})
+
+
+def sampling_share(model, enc, a, tok) -> tuple:
+    """Seconds to generate the same tokens (every answer to the cap) with HF's sampling, with ril's sampler, and greedily with
+    no logits processors: the differences are what sampling costs each way."""
+    times, cfgs = {}, {"hf": hf_sampling(a, model, tok), "ril": ril.generation_config(a, model, tok, greedy=False)}
+    cfgs["bare"] = transformers.GenerationConfig(do_sample=False, max_new_tokens=a.max_new_tokens, pad_token_id=tok.pad_token_id,
+                                                 eos_token_id=cfgs["ril"].eos_token_id)
+    for name, c in cfgs.items():
+        c.min_new_tokens = a.max_new_tokens
+        with torch.no_grad():
+            for i in range(3):
+                t0 = _clock(model.device)
+                model.generate(**enc, generation_config=c,
+                               logits_processor=[ril.functools.partial(ril.sample_top_k_top_p, a)] if name == "ril" else None)
+                times[name] = min(times.get(name, 1e9), _clock(model.device) - t0)
+    return times["hf"], times["ril"], times["bare"]
+
+
+def policy_peak(variant: str) -> float:
+    """Peak memory (MiB) of the policy update of one RIL step at the real vocabulary and 256 new tokens (2 questions x 2G = 16
+    sequences), with ril's chunked log-probs or the plain all-logits ones; run each in a fresh process (make bench does)."""
+    a = ril.Args(sft_steps=0, disc_pretrain_steps=0, batch_size=2, max_new_tokens=256)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rows = ril.make_toy(8, 0)
+    model, proc = bench_model({}, 151936, rows)
+    model.to(dev)
+    s = ril.State(model, proc, dev, ("alice", "bob"), ril.MatchJudge(rows), ril.copy.deepcopy(model).requires_grad_(False),
+                  ril.Discriminator(model), torch.optim.AdamW(model.parameters(), lr=1e-5))
+    s.d_opt = torch.optim.AdamW(s.disc.parameters(), lr=1e-5)
+    if variant == "plain":
+        ril.token_logprobs = plain_token_logprobs
+    mem, real, out = PeakMemory(dev), ril.policy_update, {}
+
+    def measured(*x, **kw):
+        t0 = mem.open()
+        r = real(*x, **kw)
+        out["peak"], out["before"] = mem.peak(t0), min((m for t, m in mem.samples if t >= t0), default=0)
+        return r
+
+    ril.policy_update = measured
+    ril.ril_step(a, s, rows[:2], 0)
+    mem.on = False
+    return out["peak"] / 2**20, out["before"] / 2**20
 
 
 def run_bench():
@@ -1228,19 +1374,22 @@ def run_bench():
     torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
     print(f"# make bench: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"transformers {transformers.__version__}, {torch.get_num_threads()} threads; medians of 7 steps after 2 warm-up")
-    for name, (size, overrides) in BENCH_WORKLOADS.items():
-        r = bench_workload(name, size, overrides)
+    for name, (size, overrides, vocab) in BENCH_WORKLOADS.items():
+        r = bench_workload(name, size, overrides, vocab)
         p, f = r["phases"], r["floor"]
         print(f"\n## {name} ({r['device']})\n")
         print("| phase | RIL step (s) | floor: bare call (s) |\n|---|---|---|")
-        print(f"| generate (one batched call) | {p['generate']:.3f} | {f['generate']:.3f} |")
-        print(f"| reference log-probs | {p['ref']:.3f} | {f['ref forward']:.3f} |")
+        print(f"| generate (one batched call; floor: HF's own sampling) | {p['generate']:.3f} | {f['generate']:.3f} |")
+        print(f"| reference log-probs (floor: all logits, then log-softmax) | {p['ref']:.3f} | {f['ref forward']:.3f} |")
         print(f"| discriminator update + scoring | {p['disc']:.3f} | {f['disc fwd+bwd']:.3f} (with the shared prefix: {r['shared']:.3f}) |")
         print(f"| policy forward/backward | {p['policy'] - p['ref'] - p['optimizer']:.3f} | {f['policy fwd+bwd']:.3f} |")
         print(f"| optimizer steps (student; D's is inside its update) | {p['optimizer']:.3f} | {f['optimizers']:.3f} (both) |")
         print(f"| **whole step** | **{r['step']:.3f}** | **{r['floor_total']:.3f}** |")
-        print(f"\npeak memory: {r['peak_mib']:.0f} MiB "
-              f"({'CUDA allocated' if r['device'].startswith('cuda') else 'process max RSS'})")
+        hf, gen, bare = r["sampling"]
+        print(f"\npeak memory ({'CUDA allocated' if r['device'].startswith('cuda') else 'resident set'}): generate "
+              f"{r['peaks']['generate']:.0f} MiB, policy update (reference log-probs included) {r['peaks']['policy']:.0f} MiB")
+        print(f"generate, the same tokens: {hf:.3f} s with HF's sampling (sampling {(hf - bare) / hf:.0%} of it), {gen:.3f} s with "
+              f"ril's top-k sampler ({(gen - bare) / gen:.0%}), {bare:.3f} s greedy without logits processors")
         print(f"ratio step / floor: {r['step'] / r['floor_total']:.2f}; against a floor whose D call also shares "
               f"the prompt prefix: {r['step'] / (r['floor_total'] - f['disc fwd+bwd'] + r['shared']):.2f}")
 
@@ -1253,8 +1402,8 @@ MEMORY_MODELS = {
     "Qwen2-VL-7B": dict(hidden=3584, layers=28, inter=18944, heads=28, kv=4, vocab=152064, tied=False, vision=None),
     "InternVL3-8B": dict(hidden=3584, layers=28, inter=18944, heads=28, kv=4, vocab=151674, tied=False, vision=0.30e9),
 }
-MEMORY_FLAGS = ["--dtype amp", "--dtype amp --micro-batch 4", "--dtype amp --micro-batch 4 --grad-checkpointing",
-                "--dtype amp --micro-batch 4 --grad-checkpointing --freeze-vision",
+MEMORY_FLAGS = ["--dtype amp", "--dtype amp --micro-batch 4", "--dtype amp --grad-checkpointing",
+                "--dtype amp --grad-checkpointing --freeze-vision", "--dtype amp --micro-batch 4 --grad-checkpointing --freeze-vision",
                 "--dtype bf16 --micro-batch 4 --grad-checkpointing --freeze-vision"]
 
 
@@ -1283,28 +1432,30 @@ def memory_estimate(flags: str, P, V, D, hidden, layers, vocab, ranks: int = 1, 
     act = mb * ((2 if ckpt else 34) * S * hidden * layers + (34 * S * hidden if ckpt else 0))
     if "freeze-vision" not in flags:  # the vision tower's activations (1280 wide, 32 blocks), one image per sequence
         act += mb * ((2 if ckpt else 34) * patches * 1280 * 32 + (34 * patches * 1280 if ckpt else 0))
-    act += mb * T * vocab * 10 + (2 * 2 * P / layers if shard else 0)  # logits; FSDP2: one gathered layer (x2 prefetch)
-    policy = student_w + student_go + ref + disc + act
+    act += 2 * 2 * P / layers if shard else 0  # FSDP2: one gathered layer (x2 prefetch)
+    logits = min(mb * T * vocab, 1 << 24) * 14  # one chunk of token_logprobs: bf16 head output, fp32 logits, exp, gradient
+    policy = student_w + student_go + ref + disc + act + logits
     d_phase = student_w + 2 * w * trainable / split + ref + disc + mb * 34 * S_d * hidden * layers
-    return max((policy, "policy update"), (d_phase, "D update")), (student_w + student_go, ref, disc, act)
+    return max((policy, "policy update"), (d_phase, "D update")), (student_w + student_go, ref, disc, act, logits)
 
 
 def memory_table():
     """An estimate, not a measurement (README "Memory"). Weights, gradients and AdamW moments are
     exact byte counts. Activations use Korthikanti et al.'s 34 bytes x tokens x hidden per layer (bf16,
-    fused attention), or 2 bytes plus one whole layer with --grad-checkpointing; logits take 10 bytes
-    per kept position and vocabulary entry."""
+    fused attention), or 2 bytes plus one whole layer with --grad-checkpointing; the 2^24 logits of one chunk
+    of token_logprobs take 14 bytes each. Before the chunked head, all
+    64 x 256 positions' logits were held at once: 10 bytes each, 24.9 GB for Qwen2-VL-2B."""
     GB, spec = 1e9, MEMORY_MODELS["Qwen2-VL-2B"]
     P, V, D = param_counts(**spec)
     print(f"Qwen2-VL-2B: {P / 1e9:.3f}B parameters ({V / 1e9:.3f}B vision tower); discriminator {D / 1e9:.3f}B; "
           f"64 sequences of 576 tokens per step, one GPU")
-    print("| flags | student (weights+grads+AdamW) | reference | discriminator (+grads+AdamW) | activations + logits | peak (phase) |")
-    print("|---|---|---|---|---|---|")
+    print("| flags | student (weights+grads+AdamW) | reference | discriminator (+grads+AdamW) | activations | logits | peak (phase) |")
+    print("|---|---|---|---|---|---|---|")
     for flags in MEMORY_FLAGS:
-        (peak, when), (st, ref, disc, act) = memory_estimate(flags, P, V, D, **spec)
+        (peak, when), (st, ref, disc, act, logits) = memory_estimate(flags, P, V, D, **spec)
         print(f"| `{flags}` | {st / GB:.1f} GB | {ref / GB:.1f} GB | {disc / GB:.1f} GB"
-              f" | {act / GB:.1f} GB | **{peak / GB:.1f} GB** ({when}) |")
-    flags = "--dtype amp --micro-batch 4 --grad-checkpointing --freeze-vision"
+              f" | {act / GB:.1f} GB | {logits / GB:.1f} GB | **{peak / GB:.1f} GB** ({when}) |")
+    flags = "--dtype amp --grad-checkpointing --freeze-vision"
     print(f"\nPer GPU under torchrun, `{flags}` (the same 64 sequences split over the ranks):")
     print("| student | parameters | 1 GPU | 2 GPUs, DDP | 8 GPUs, DDP | 2 GPUs, --shard | 4 GPUs, --shard | 8 GPUs, --shard |")
     print("|---|---|---|---|---|---|---|---|")
@@ -1399,6 +1550,16 @@ if __name__ == "__main__" and "--plot" in sys.argv:
     print(f"wrote {plot_metrics(sys.argv[sys.argv.index('--plot') + 1])}")
 if __name__ == "__main__" and "--bench" in sys.argv:
     run_bench()
+if __name__ == "__main__" and "--bench" in sys.argv:  # the policy update's memory at 256 new tokens, each variant in a fresh process
+    print("\n## policy update at the real vocabulary, 256 new tokens (2 questions x 2G = 16 sequences)\n")
+    print("| log-probs | peak memory of the policy update | at its start | above its start |\n|---|---|---|---|")
+    for variant in ("plain", "chunked"):
+        p = subprocess.run([sys.executable, __file__, "--policy-peak", variant], capture_output=True, text=True, check=True)
+        peak, before = map(float, p.stdout.split()[-2:])
+        print(f"| {'all logits at once (before)' if variant == 'plain' else 'chunked head (ril.py)'} | {peak:.0f} MiB | "
+              f"{before:.0f} MiB | {peak - before:.0f} MiB |")
+if __name__ == "__main__" and "--policy-peak" in sys.argv:
+    print(*policy_peak(sys.argv[sys.argv.index("--policy-peak") + 1]))
 if __name__ == "__main__" and "--memory" in sys.argv:
     memory_table()
 if __name__ == "__main__" and "--paper-table" in sys.argv:
