@@ -339,7 +339,7 @@ def policy_loss(logp, old_logp, ref_logp, adv, mask, a: Config, n_seqs: int = 0)
         loss = -((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean() * (len(mask) / n_seqs)
     else:
         loss = -(per_token * mask).sum() / (n_seqs * a.max_new_tokens)
-    clipped = ((ratio - 1).abs() > a.eps).float()
+    clipped = (((ratio > 1 + a.eps) & (A > 0)) | ((ratio < 1 - a.eps) & (A < 0))).float()  # clips that bind, as TRL counts
     return loss, {"clipped": (clipped * mask).sum().detach(), "kl": (kl * mask).sum().detach(), "tokens": mask.sum()}
 
 def policy_update(a: Config, s: State, enc: dict, comp: torch.Tensor, mask: torch.Tensor, adv: torch.Tensor) -> dict:

@@ -110,6 +110,10 @@ def test_clipping_bounds_the_ratio():
     loss.backward()
     assert torch.equal(logp.grad, torch.zeros(2, 1))
     assert stats["clipped"] / stats["tokens"] == 1.0
+    # a ratio outside the range with the other sign of advantage is not clipped (min takes the unclipped term): not counted
+    _, stats = ril.policy_loss(torch.log(torch.tensor([[1.5], [0.5], [1.0]])), torch.zeros(3, 1), None,
+                               torch.tensor([-1.0, 1.0, 0.0]), torch.ones(3, 1), a)
+    assert stats["clipped"] == 0
     # inside the range the gradient flows
     logp2 = torch.log(torch.tensor([[1.1]])).requires_grad_(True)
     ril.policy_loss(logp2, torch.zeros(1, 1), None, torch.tensor([1.0]), torch.ones(1, 1), a)[0].backward()
