@@ -1043,9 +1043,9 @@ def setup(a: Args, device, mode: str) -> tuple:
                                        f"reward it; fix the row, drop it, or pass --judge MODEL")
     lens = [len(x) for x in processor.tokenizer([r["question"] for r in rows + eval_rows])["input_ids"]]  # the longest question's prompt
     n = len(encode_prompts(processor, [row := (rows + eval_rows)[lens.index(max(lens))]], "cpu")["input_ids"][0])  # (images: max_pixels)
-    n + a.max_new_tokens <= (limit := model.config.get_text_config().max_position_embeddings) or fail(
-        f"{row['where']}: the prompt ({n} tokens) and --max-new-tokens {a.max_new_tokens} exceed the {limit} positions of --student "
-        f"{a.student}; shorten the question or lower --max-new-tokens")
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", 0) or 1 << 62  # a config without it: no check
+    n + a.max_new_tokens <= limit or fail(f"{row['where']}: the prompt ({n} tokens) and --max-new-tokens {a.max_new_tokens} exceed "
+                                          f"the {limit} positions of --student {a.student}; shorten the question or lower --max-new-tokens")
     eval_rows = eval_rows[:len(eval_rows) - len(eval_rows) % RANKS.world]  # every rank evaluates an equal share
     print(f"student {a.student}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params on {device} ({mode}); algo {a.algo}; "
           f"{len(rows)} train / {len(eval_rows)} held-out questions; teachers {teachers or '-'}"

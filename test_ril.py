@@ -311,11 +311,7 @@ def test_chunked_logprobs_and_gradients_equal_the_full_logits_computation(tiny):
     comp = torch.randint(10, len(proc.tokenizer) - 8, (6, 7), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(comp)
     mask[0, 5:] = 0
-    extra = {k: torch.cat([v, torch.zeros_like(comp)], 1) if "token_type_ids" in k else v
-             for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
-    full = model(input_ids=torch.cat([enc["input_ids"], comp], 1), attention_mask=torch.cat([enc["attention_mask"], mask], 1),
-                 logits_to_keep=comp.shape[1] + 1, **extra).logits[:, :-1].float() / 0.7  # (N, T, V), all at once
-    want = full.log_softmax(-1).gather(-1, comp[..., None]).squeeze(-1)
+    want = plain_token_logprobs(model, enc, comp, mask, 0.7)  # all (N, T, V) logits at once, then the log-softmax
     weights = torch.randn(comp.shape, generator=torch.Generator().manual_seed(1))
     want_grads = torch.autograd.grad((want * weights).sum(), list(model.parameters()))
     for tokens in (5, 7, 1024):  # tokens a chunk: 5 and 7 split sequences mid-way, 1024 takes all 42 at once
