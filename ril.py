@@ -16,11 +16,7 @@ Data: JSONL, one question per line, image paths relative to the file's folder:
     {"id": "q1", "image": "img/q1.png", "question": "...", "answer": "...", "teachers": {"a": ["text", ...]}}
 Labels in comments: [P] the paper says so; [R] our reading where the paper is silent.
 """
-import copy
-import functools
-import random
-import re
-import unicodedata
+import copy, functools, random, re, unicodedata  # noqa: E401
 from dataclasses import dataclass
 
 import torch
@@ -82,8 +78,7 @@ class Ranks:
 
 RANKS = Ranks()
 
-def unwrap(model):  # DDP wraps a model in .module; generate, config and saving need the model itself
-    return getattr(model, "module", model)
+def unwrap(model): return getattr(model, "module", model)  # noqa: E704  DDP wraps a model in .module; generate needs the model
 
 # -- 2. Data order, prompts and tokens -------------------------------------------------------------
 @functools.lru_cache(maxsize=4)
@@ -301,8 +296,7 @@ def disc_update(disc, opt, tokenizer, texts: list, is_teacher: torch.Tensor, a: 
             "disc/acc_teacher": right[labels == 0].mean().item(), "guard/disc_skipped": skipped}, logits
 
 def similarity_reward(d_logits: torch.Tensor, a: Config) -> torch.Tensor:
-    """r_sim = 1[D < 0.5] [P] §3.3: 1 when D thinks a *teacher* wrote the text. Binary on purpose: the
-    paper's Fig. 6 finds a continuous 1 - D worse (the policy exploits tiny gaps in D)."""
+    """r_sim = 1[D < 0.5] [P] §3.3: 1 when D thinks a *teacher* wrote it. Binary: Fig. 6 finds 1 - D worse (exploited)."""
     d = torch.sigmoid(d_logits)
     return (d < a.sim_threshold).float() if a.sim_reward == "binary" else 1 - d
 
@@ -383,8 +377,7 @@ def sft_warmup(a: Config, s: State, rows: list):
     for step in RANKS.bar(range(a.sft_steps), desc="sft"):
         batch = RANKS.share(batch_at(rows, step, a.sft_batch_size, a.seed + 1))
         rng = random.Random(f"{a.seed}-sft-{step}")
-        texts = [sample_teacher_texts(r, s.teachers, 1, rng)[0] if rng.random() < a.sft_teacher_frac else r["answer"]
-                 for r in batch]
+        texts = [sample_teacher_texts(r, s.teachers, 1, rng)[0] if rng.random() < a.sft_teacher_frac else r["answer"] for r in batch]
         comp, mask = pad_right([text_ids(tok, t, a.max_new_tokens) for t in texts], tok.pad_token_id, s.device)
         logp = token_logprobs(s.model, encode_prompts(s.processor, batch, s.device), comp, mask, 1.0)
         loss = -(logp * mask).sum() / mask.sum()
@@ -554,8 +547,7 @@ def fail(msg: str):
 def check_args(a: Args):
     """Every flag before anything is loaded or written: one line naming the flag and what it must be."""
     flag, ops = (lambda name: f"--{name.replace('_', '-')} {getattr(a, name)}"), {">=": operator.ge, ">": operator.gt, "<": operator.lt}
-    for name, ok in CHOICES.items():
-        getattr(a, name) in ok.split() or fail(f"{flag(name)}: choose one of {ok}")
+    for name, ok in CHOICES.items(): getattr(a, name) in ok.split() or fail(f"{flag(name)}: choose one of {ok}")  # noqa: E701
     for f in fields(a):
         f.type is not float or math.isfinite(getattr(a, f.name)) or fail(f"{flag(f.name)}: must be a finite number")
     for name, op, v in re.findall(r"(\w+)([<>]=?)([\d.]+)", LIMITS):
@@ -652,8 +644,7 @@ def load_data(a: Args) -> tuple:
     for r in rows + (held or []):  # a row object only once: the same file given twice would evaluate on the training set
         seen.setdefault(r["id"], r) is r or fail(f"{r['where']}: id '{r['id']}' is also the id of {seen[r['id']]['where']}; ids "
                                                  f"must be unique across --data and --eval-data (or is --eval-data the training file?)")
-    if held is not None:
-        return rows, held
+    if held is not None: return rows, held  # noqa: E701
     len(rows) > a.eval_size or fail(f"{a.data}: {len(rows)} rows cannot spare --eval-size {a.eval_size}; lower it or pass --eval-data")
     rows = random.Random(a.seed).sample(rows, len(rows))
     return rows[a.eval_size:], rows[:a.eval_size]
@@ -793,10 +784,8 @@ def load_vlm(name: str, a: Args, dtype, flag: str) -> tuple:
         processor = load_processor(path, a.trust_remote_code)
     except (OSError, ValueError, ImportError, KeyError) as e:
         why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        fail(f"{flag} {name}: cannot load '{path}' ({why}); " + (
-            "weights are read from safetensors only; convert the checkpoint with save_pretrained" if "safetensors" in why
-            else "it is not an image-text-to-text model that transformers knows" if "Unrecognized" in why
-            else "give a local model folder, or a Hugging Face id that is downloaded or reachable"))
+        fail(f"{flag} {name}: cannot load '{path}' ({why}); " + ("weights are read from safetensors only; convert the checkpoint with "
+             "save_pretrained" if "safetensors" in why else "give a local image-text-to-text model folder, or a reachable Hugging Face id"))
     getattr(processor, "chat_template", None) or processor.tokenizer.chat_template or fail(
         f"{flag} {name}: {type(model).__name__} has no chat template, so prompts cannot be formatted; add chat_template.jinja")
     processor.tokenizer.padding_side = "left"
@@ -811,8 +800,7 @@ def load_student(a: Args, corpus: list, device, dtype) -> tuple:
         fail(f"--student {a.student}: its tokenizer has no pad token distinct from EOS; set one in tokenizer_config.json")
     vision = [p.requires_grad_(not a.freeze_vision) for n, p in model.named_parameters() if set(n.split(".")) & set(VISION_TOWERS)]
     a.freeze_vision and not vision and fail(f"--freeze-vision: {type(model).__name__} has no module named {' or '.join(VISION_TOWERS)}")
-    if a.grad_checkpointing:  # non-reentrant: the variant that works when the inputs need no gradient
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    a.grad_checkpointing and model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model.to(device=device, dtype=dtype), processor
 
 def save_student(model, processor, folder: str, state_dict=None):
@@ -824,8 +812,7 @@ def save_student(model, processor, folder: str, state_dict=None):
     cfg = os.path.join(tmp, "processor_config.json")
     if isinstance(processor, ImageOnlyQwen2VLProcessor) and os.path.isfile(cfg):  # so that AutoProcessor builds the stock one
         write_atomic(cfg, lambda f: json.dump({**json.load(open(cfg)), "processor_class": "Qwen2VLProcessor"}, f, indent=2))
-    for f in os.listdir(tmp):
-        os.replace(os.path.join(tmp, f), os.path.join(folder, f))
+    for f in os.listdir(tmp): os.replace(os.path.join(tmp, f), os.path.join(folder, f))  # noqa: E701
     os.rmdir(tmp)
 
 def model_teacher_texts(spec: str, rows: list, a: Args, device, dtype):
@@ -884,8 +871,7 @@ def init_distributed(a: Args, device) -> torch.device:
 
 def parallelize(model, device):
     """DDP: copies, averaged gradients. FSDP2 (--shard): units are each block, the vision tower (generate runs it alone), the root."""
-    if RANKS.world == 1 or model is None:
-        return model
+    if RANKS.world == 1 or model is None: return model  # noqa: E701
     if not RANKS.sharded:
         return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     from torch.distributed.fsdp import fully_shard
@@ -897,15 +883,13 @@ def parallelize(model, device):
 
 def full_state(model, opt=None) -> tuple:
     """(model, optimizer) state dicts, whole and on the CPU: a sharded model's pieces are gathered (every rank calls)."""
-    if not RANKS.sharded:
-        return unwrap(model).state_dict(), opt and opt.state_dict()
+    if not RANKS.sharded: return unwrap(model).state_dict(), opt and opt.state_dict()  # noqa: E701
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
     o = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_model_state_dict(model, options=o), opt and get_optimizer_state_dict(model, opt, options=o)
 
 def load_full_state(model, opt, state: dict, opt_state: dict):
-    if not RANKS.sharded:
-        return unwrap(model).load_state_dict(state), opt and opt.load_state_dict(opt_state)
+    if not RANKS.sharded: return unwrap(model).load_state_dict(state), opt and opt.load_state_dict(opt_state)  # noqa: E701
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
     opt and set_optimizer_state_dict(model, opt, opt_state, options=StateDictOptions(full_state_dict=True))
@@ -913,8 +897,7 @@ def load_full_state(model, opt, state: dict, opt_state: dict):
 # -- 16. Checkpoints, resume, logs and signals: the `run` that train() is given ---------------------
 def write_atomic(path: str, write, mode: str = "w"):
     """write(file) into path + ".tmp", then rename it over path: a kill leaves the old file, never half a new one."""
-    with open(path + ".tmp", mode) as f:
-        write(f)
+    with open(path + ".tmp", mode) as f: write(f)  # noqa: E701
     os.replace(path + ".tmp", path)
 
 def checkpoints(out: str) -> list:
@@ -942,8 +925,7 @@ class Run:
         self.paths, self.t, self.bad, self.ran = {k: os.path.join(a.out, f"{k}.jsonl") for k in ("metrics", "samples")}, time.time(), 0, 0
     def wrap(self, s: State):
         """The reference in bf16 under amp (it is never trained), D's memory flags, then DDP or FSDP2."""
-        if s.ref is not None and self.mode == "amp":
-            s.ref.to(dtype=torch.bfloat16)
+        if s.ref is not None and self.mode == "amp": s.ref.to(dtype=torch.bfloat16)  # noqa: E701
         if s.disc is not None and (self.a.grad_checkpointing or RANKS.sharded):
             s.disc.share_prefix = False  # both need one plain call per layer in a forward
             if self.a.grad_checkpointing:
@@ -951,12 +933,10 @@ class Run:
         s.ref = parallelize(s.ref, s.device) if RANKS.sharded else s.ref
         s.disc, s.model = parallelize(s.disc, s.device), parallelize(s.model, s.device)
         if RANKS.sharded:  # one full forward before the first generate, so that every FSDP2 unit is set up
-            with torch.no_grad():
-                s.model(**encode_prompts(s.processor, self.eval_rows[:1], s.device))
+            with torch.no_grad(): s.model(**encode_prompts(s.processor, self.eval_rows[:1], s.device))  # noqa: E701
     def resume(self, s: State) -> tuple:
         """(first step, held-out results before RIL) from the checkpoint resume_state found; (1, None) for a fresh run."""
-        if self.resumed is None:
-            return 1, None
+        if self.resumed is None: return 1, None  # noqa: E701
         path, state = self.resumed
         load_full_state(s.model, s.opt, state["student"], state["opt"])
         s.disc is None or load_full_state(s.disc, s.d_opt, state["disc"], state["d_opt"])
@@ -979,8 +959,7 @@ class Run:
             os.makedirs(os.path.join(self.a.out, "checkpoints"))
             write_atomic(os.path.join(self.a.out, "args.json"), lambda f: json.dump(asdict(self.a), f, indent=2))
             ref is None or write_atomic(os.path.join(self.a.out, "checkpoints", "reference.pt"), lambda f: torch.save(ref, f), "wb")
-            for path in self.paths.values():
-                open(path, "w").close()
+            for path in self.paths.values(): open(path, "w").close()  # noqa: E701
         RANKS.world > 1 and torch.manual_seed(self.a.seed * 1000 + RANKS.rank)  # ranks sample their own answers from here on
         self.before = before
         self.save(s, 0)
@@ -998,8 +977,7 @@ class Run:
         if RANKS.rank == 0:
             state = dict(step=step, student=student, opt=opt, disc=disc, d_opt=d_opt, rng=rng, before=self.before, args=asdict(self.a))
             write_atomic(self.last, lambda f: torch.save(state, f), "wb")
-            for old in checkpoints(self.a.out)[:-self.a.keep_last]:
-                os.remove(old)
+            for old in checkpoints(self.a.out)[:-self.a.keep_last]: os.remove(old)  # noqa: E701
     def end_step(self, s: State, step: int, m: dict, dump: dict):
         """Log and print the step; fail after --max-bad-steps bad ones in a row (or if all were); checkpoint; stop on a signal."""
         m["time/step"], self.t = time.time() - self.t, time.time()
@@ -1092,8 +1070,7 @@ def main(argv=None):
             report(a, s, run, *train(a, s, rows, eval_rows, run), eval_rows)
         print(f"\nsaved student + processor to {a.out} ({time.time() - t0:.0f}s total)")
     finally:
-        for sig, h in handlers.items() if run else []:
-            signal.signal(sig, h)
+        for sig, h in handlers.items() if run else []: signal.signal(sig, h)  # noqa: E701
         RANKS.world > 1 and dist.is_initialized() and dist.destroy_process_group()
 
 if __name__ == "__main__":
