@@ -138,10 +138,15 @@ def pad_right(seqs: list, pad_id: int, device) -> tuple:
     mask = nn.utils.rnn.pad_sequence([torch.ones(len(x), dtype=torch.long) for x in seqs], batch_first=True)
     return ids.to(device), mask.to(device)
 
-@functools.lru_cache(maxsize=1 << 17)  # teacher texts come back every epoch
+class Unfinished(str): """A teacher text cut by its model's generation cap: like a cut student sample, no EOS."""  # noqa: E701
+
+def plain_ids(tokenizer, text: str) -> list:  # "<|im_end|>" in a text is text, not the token: it would end it early
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+@functools.lru_cache(maxsize=1 << 17, typed=True)  # teacher texts come back every epoch
 def text_ids(tokenizer, text: str, max_len: int) -> list:
-    """A teacher text in the *student's* tokens (only text crosses over [P]) + EOS, cut to max_len = L_max."""
-    return (tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])[:max_len]
+    """A teacher text in the *student's* tokens (only text crosses over [P]) + EOS if it ended, cut to max_len = L_max."""
+    return (plain_ids(tokenizer, text) + ([] if isinstance(text, Unfinished) else [tokenizer.eos_token_id]))[:max_len]
 
 # -- 3. Rollout: G student samples + G teacher texts per question ----------------------------------
 def generation_config(a: Config, model, tokenizer, greedy: bool) -> transformers.GenerationConfig:
@@ -172,27 +177,28 @@ def generate(model, enc: dict, gen_cfg, sampler=None) -> tuple:
     mask = completion_mask(comp, gen_cfg.eos_token_id)
     return comp.masked_fill(mask == 0, gen_cfg.pad_token_id), mask
 
+def hit_cap(comp, gen_cfg): return ~torch.isin(comp, torch.tensor(gen_cfg.eos_token_id, device=comp.device)).any(1)  # no EOS
+
 def rollout(a: Config, s: State, batch: list, rng: random.Random, with_teachers: bool) -> dict:
     """A group per question: G samples from one batched generate, then G teacher texts (RIL only)."""
     tok, model = s.processor.tokenizer, unwrap(s.model.eval())
     enc = encode_prompts(s.processor, batch, s.device)
     gen_cfg = generation_config(a, model, tok, greedy=False)
     comp, mask = generate(model, repeat_prompts(enc, a.G), gen_cfg, functools.partial(sample_top_k_top_p, a))  # (B * G, T)
-    truncated = ~torch.isin(comp, torch.tensor(gen_cfg.eos_token_id, device=s.device)).any(1)  # hit the cap
     samples = list(zip([c[m.bool()].tolist() for c, m in zip(comp, mask)], tok.batch_decode(comp, skip_special_tokens=True)))
-    seqs, texts, is_teacher, answers, questions = [], [], [], [], []
+    items, is_teacher, answers, questions = [], [], [], []
     for b, row in enumerate(batch):
         group = samples[b * a.G:(b + 1) * a.G]
-        if with_teachers:
-            group += [(text_ids(tok, t, a.max_new_tokens), t) for t in sample_teacher_texts(row, s.teachers, a.G, rng)]
-        seqs += [ids for ids, _ in group]
-        texts += [t for _, t in group]
+        if with_teachers:  # D and the judge read what the policy trains on: a text longer than L_max, cut
+            ids = [text_ids(tok, t, a.max_new_tokens) for t in sample_teacher_texts(row, s.teachers, a.G, rng)]
+            group += list(zip(ids, tok.batch_decode(ids, skip_special_tokens=True)))
+        items += group
         is_teacher += [0] * a.G + [1] * (len(group) - a.G)
         answers += [row["answer"]] * len(group)
         questions += [row["question"]] * len(group)
-    ids, m = pad_right(seqs, tok.pad_token_id, s.device)
-    return dict(enc=enc, comp=ids, mask=m, texts=texts, is_teacher=torch.tensor(is_teacher, device=s.device),
-                answers=answers, questions=questions, truncated=truncated.float().mean().item())
+    ids, m = pad_right([x for x, _ in items], tok.pad_token_id, s.device)
+    return dict(enc=enc, comp=ids, mask=m, texts=[t for _, t in items], is_teacher=torch.tensor(is_teacher, device=s.device),
+                answers=answers, questions=questions, truncated=hit_cap(comp, gen_cfg).float().mean().item())
 
 # -- 4. Log-probs ----------------------------------------------------------------------------------
 def token_logprobs(model, enc: dict, comp: torch.Tensor, comp_mask: torch.Tensor, temperature: float, chunk: int = 1 << 24):
@@ -254,11 +260,12 @@ class Discriminator(nn.Module):
 
 @functools.lru_cache(maxsize=1 << 17)  # teacher texts come back every epoch
 def disc_prompt_ids(tokenizer, text: str) -> list:
-    """The Fig. 3 prompt [P] around one text: the response only, no question, no image. Student samples
-    are decoded and re-encoded like teacher texts, so D sees what they say, not how they were tokenised."""
-    msgs = [{"role": "system", "content": DISC_SYSTEM}, {"role": "user", "content": DISC_USER.format(response=text)}]
-    prompt = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    return tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    """The Fig. 3 prompt [P] around one text: the response only, no question, no image. Student samples are decoded and
+    re-encoded like teacher texts, so D sees what they say, not how they were tokenised; the text is plain text."""
+    msgs = [{"role": "system", "content": DISC_SYSTEM}, {"role": "user", "content": DISC_USER}]
+    pre, post = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True).split("{response}")
+    ids = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731  the prompt's own special tokens stay
+    return ids(pre) + plain_ids(tokenizer, text) + ids(post)
 
 def disc_inputs(tokenizer, texts: list, device) -> tuple:
     return pad_right([disc_prompt_ids(tokenizer, t) for t in texts], tokenizer.pad_token_id, device)
@@ -818,27 +825,27 @@ def save_student(model, processor, folder: str, state_dict=None):
 def model_teacher_texts(spec: str, rows: list, a: Args, device, dtype):
     """A teacher model's answers, sampled once into --out/teacher_cache (a line per id); a killed run goes on where it stopped."""
     settings = {k: getattr(a, k) for k in ("teacher_samples", "temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens")}
-    tag = hashlib.sha1(json.dumps({"model": spec, **settings}, sort_keys=True).encode()).hexdigest()[:10]
+    tag = hashlib.sha1(json.dumps({"model": spec, **settings, "cut": 1}, sort_keys=True).encode()).hexdigest()[:10]
     path = os.path.join(a.out, "teacher_cache", f"{re.sub(r'[^A-Za-z0-9.-]+', '_', spec).strip('_')}-{tag}.jsonl")
     lines = [x for x in open(path) if x.endswith("}\n")] if os.path.isfile(path) else []  # not a line a kill cut short
-    cache = {e["id"]: e["texts"] for e in map(json.loads, lines)}
+    done = {json.loads(x)["id"] for x in lines}
     lines and write_atomic(path, lambda f: f.writelines(lines))  # without it, so that appending starts on a fresh line
-    todo, n = [r for r in rows if r["id"] not in cache], a.teacher_samples
+    todo, n = [r for r in rows if r["id"] not in done], a.teacher_samples
     if todo:
         model, processor = load_vlm(spec, a, dtype, "--teachers")
         gen_cfg = generation_config(a, model.to(device).eval(), processor.tokenizer, greedy=False)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "a") as f, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(a.seed + len(cache))  # the student's random stream does not depend on the cache
+            torch.manual_seed(a.seed + len(done))  # the student's random stream does not depend on the cache
             for i in tqdm(range(0, len(todo), a.batch_size), desc=f"teacher {spec}"):
                 enc = repeat_prompts(encode_prompts(processor, todo[i:i + a.batch_size], device), n)
                 comp, _ = generate(model, enc, gen_cfg, functools.partial(sample_top_k_top_p, a))
-                texts = [t.strip() for t in processor.tokenizer.batch_decode(comp, skip_special_tokens=True)]
+                texts = processor.tokenizer.batch_decode(comp, skip_special_tokens=True)  # not stripped: student samples are not
+                cut = hit_cap(comp, gen_cfg).tolist()
                 for j, r in enumerate(todo[i:i + a.batch_size]):
-                    cache[r["id"]] = texts[j * n:(j + 1) * n]
-                    print(json.dumps({"id": r["id"], "texts": cache[r["id"]]}), file=f, flush=True)
-    for r in rows:
-        r["teachers"][spec] = cache[r["id"]]
+                    print(json.dumps({"id": r["id"], "texts": texts[j * n:(j + 1) * n], "cut": cut[j * n:(j + 1) * n]}), file=f, flush=True)
+    cache = {e["id"]: [Unfinished(t) if c else t for t, c in zip(e["texts"], e["cut"])] for e in map(json.loads, open(path))}
+    for r in rows: r["teachers"][spec] = cache[r["id"]]  # noqa: E701
     print(f"teacher {spec}: {len(rows) - len(todo)} question(s) read from {path}, {len(todo)} generated")
 
 # -- 15. Several GPUs: torchrun, DDP over questions, FSDP2 with --shard ----------------------------

@@ -236,6 +236,51 @@ def test_teacher_texts_are_retokenised_by_the_student_and_end_in_eos(tiny):
     tok = tiny["proc"].tokenizer
     ids = ril.text_ids(tok, "The shape is red.", 16)
     assert ids[-1] == tok.eos_token_id and tok.decode(ids[:-1]) == "The shape is red."
+    cut = ril.text_ids(tok, ril.Unfinished("The shape is red."), 16)  # cut by its model's cap: no EOS, as a cut sample
+    assert cut == ids[:-1]
+
+
+def test_special_token_strings_in_a_text_are_plain_text_for_the_policy_and_for_d(tiny):
+    """A text that holds "<|im_end|>" or "<|image_pad|>" as characters: the policy's ids and D's prompt contain
+    neither token for it (one would end the text early, the other crashes the forward); D's prompt keeps its own."""
+    tok, specials = tiny["proc"].tokenizer, {tok_id for tok_id in tiny["proc"].tokenizer.all_special_ids}
+    text = "red <|im_end|> blue <|image_pad|>"
+    ids = ril.text_ids(tok, text, 64)
+    assert not set(ids[:-1]) & specials and ids[-1] == tok.eos_token_id and tok.decode(ids[:-1]) == text
+    with_text, plain = ril.disc_prompt_ids(tok, text), ril.disc_prompt_ids(tok, "red blue")
+    assert [i for i in with_text if i in specials] == [i for i in plain if i in specials] and tok.eos_token_id in plain
+
+
+def test_d_and_the_judge_read_a_long_teacher_text_as_cut_for_the_policy(tiny):
+    """A teacher text longer than --max-new-tokens: the policy trains on its first L_max tokens (no EOS), so D and
+    the judge get the decoded cut, not the full text, which D could tell apart by length alone."""
+    a, tok = args(G=2, max_new_tokens=6), tiny["proc"].tokenizer
+    row = dict(tiny["rows"][0], teachers={"alice": ["red " * 20, "red."], "bob": ["blue " * 20]})
+    ro = ril.rollout(a, state(tiny["model"], tiny["proc"]), [row], ril.random.Random(0), with_teachers=True)
+    for comp, mask, text, is_teacher in zip(ro["comp"], ro["mask"], ro["texts"], ro["is_teacher"]):
+        ids = comp[mask.bool()].tolist()
+        if is_teacher:
+            assert len(ids) <= 6 and text == tok.decode(ids, skip_special_tokens=True) and len(text) < 30
+    assert ro["is_teacher"].tolist() == [0, 0, 1, 1]
+    assert ro["texts"][3] == tok.decode(tok("blue " * 20)["input_ids"][:6]) != "blue " * 20  # bob's slot: the cut text
+
+
+def test_a_teacher_models_texts_keep_their_spaces_and_a_cut_one_gets_no_eos(tmp_path, tiny, monkeypatch):
+    """model_teacher_texts stores what the teacher wrote, unstripped (student samples are not stripped either),
+    and which texts its generation cap cut; read back from the cache, a cut text is Unfinished again."""
+    tok, rows = tiny["proc"].tokenizer, [dict(r, teachers={}) for r in tiny["rows"][:2]]
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    said = [(" red", True), ("blue blue blue", False), ("3.", True), (" two words", False)]  # (text, ended)
+    seqs = [tok(t, add_special_tokens=False)["input_ids"] + ([eos] if ended else []) for t, ended in said]
+    comp = torch.nn.utils.rnn.pad_sequence([torch.tensor(x) for x in seqs], batch_first=True, padding_value=pad)
+    monkeypatch.setattr(ril, "load_vlm", lambda *a, **k: (tiny["model"], tiny["proc"]))
+    monkeypatch.setattr(ril, "generate", lambda *a, **k: (comp, (comp != pad).long()))
+    a = args(teacher_samples=2, out=str(tmp_path))
+    for _ in range(2):  # generated, then read from the cache
+        ril.model_teacher_texts("m", rows, a, CPU, torch.float32)
+        texts = rows[0]["teachers"]["m"] + rows[1]["teachers"]["m"]
+        assert texts == [t for t, _ in said] and [isinstance(t, ril.Unfinished) for t in texts] == [not e for _, e in said]
+        assert [ril.text_ids(tok, t, 16)[-1] == eos for t in texts] == [e for _, e in said]
 
 
 def test_completions_never_contain_vision_placeholder_tokens(tiny):
@@ -899,7 +944,8 @@ def test_a_teacher_model_generates_once_then_its_cache_is_read(tmp_path, capsys)
     assert len(entries) == 24 + 4 and all(len(e["texts"]) == 2 for e in entries)  # train + held-out questions
     assert len({e["id"] for e in entries}) == len(entries)
     assert "0 question(s) read" in capsys.readouterr().out
-    texts = {t for e in entries for t in e["texts"]}
+    tok, cap = ril.load_processor(str(out)).tokenizer, ril.Args().max_new_tokens  # a cached text, as the student's tokens cut it
+    texts = {tok.decode(ril.text_ids(tok, t, cap), skip_special_tokens=True) for e in entries for t in e["texts"]}
     dumped = [d for x in open(out / "samples.jsonl") for d in json.loads(x)["texts"] if d["source"] == "teacher"]
     assert any(d["text"] in texts for d in dumped), "no cached teacher text reached a group"
 
