@@ -514,10 +514,10 @@ class Args(Config):
     teacher_samples: int = 4  # answers per question from each teacher model
     judge: str = "match"  # r_ans: 'match' (whole-word answer match) or a text LLM prompted as the paper's Fig. 4 judge
     judge_max_new_tokens: int = 128  # tokens the judge model may write (an explanation, then <answer>0|1</answer>)
-    data: str = "toy"  # 'toy' (the built-in task) or a JSONL file (format in the header)
+    data: str = "toy"  # a built-in task, 'toy' or 'phrased' (see make_toy), or a JSONL file (format in the header)
     eval_data: str = ""  # held-out JSONL; empty = hold out --eval-size rows of --data
     eval_size: int = 120  # held-out questions (toy split, or rows of --data when --eval-data is empty)
-    toy_size: int = 600  # training questions of the toy task
+    toy_size: int = 600  # training questions of a built-in task
     out: str = "runs/ril"  # output folder: the trained student (save_pretrained), discriminator.pt, metrics.jsonl
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (amp on cuda, fp32 on cpu) | fp32 | amp (fp32 weights, bf16 autocast) | bf16
@@ -572,23 +572,31 @@ def check_args(a: Args):
 # -- 12. Data: the toy task and JSONL files --------------------------------------------------------
 COLORS = {"red": (220, 40, 40), "green": (30, 160, 60), "blue": (40, 70, 220), "yellow": (235, 200, 30)}
 SHAPES = ["circle", "square", "triangle"]
-TOY_QUESTIONS = {"color": "What color is the shape?", "shape": "What shape is in the image?", "count": "How many shapes are there?"}
-# Two teachers, always right, in two styles: imitation has something to learn, D something to see. Both put the answer first.
-TOY_TEACHERS = {"alice": {"color": ["{a}. That is the color of the shape.", "{a}. The shape has this color."],
-              "shape": ["{a}. That is the shape in the picture.", "{a}. The picture shows this shape."],
-              "count": ["{a}. That is how many shapes there are.", "{a}. I counted every shape."]},
-    "bob": {k: ["{a}, clearly.", "{a} is my answer."] for k in TOY_QUESTIONS}}
+QUESTIONS = {"toy": dict(color=["What color is the shape?"], shape=["What shape is in the image?"], count=["How many shapes are there?"]),
+             "phrased": {"color": ["Which color does the shape have?", "Name the color of the object."],  # two phrasings each
+                         "shape": ["Which shape do you see?", "Name the shape in the picture."],
+                         "count": ["Count the shapes in the picture.", "How many objects do you see?"]}}
+# Two always-right teachers per task in their own styles (imitation has something to learn, D something to see). toy: the
+# answer first; phrased: the answer last or mid-sentence, so imitating the style moves the answer.
+TEACHERS = {"toy": {"alice": {"color": ["{a}. That is the color of the shape.", "{a}. The shape has this color."],
+                              "shape": ["{a}. That is the shape in the picture.", "{a}. The picture shows this shape."],
+                              "count": ["{a}. That is how many shapes there are.", "{a}. I counted every shape."]},
+                    "bob": dict.fromkeys(QUESTIONS["toy"], ["{a}, clearly.", "{a} is my answer."])},
+            "phrased": {t: dict.fromkeys(QUESTIONS["toy"], styles) for t, styles in [
+                ("carol", ["Looking at the picture, the answer is {a}.", "After a careful look I'd say {a}."]),
+                ("dave", ["It is {a}, as far as I can see.", "My answer is {a}, judging by the picture."])]}}
 
 def draw_shape(d: ImageDraw.ImageDraw, shape: str, box, color):
     triangle = [((box[0] + box[2]) / 2, box[1]), (box[2], box[3]), (box[0], box[3])]
     {"circle": d.ellipse, "square": d.rectangle}.get(shape, lambda _, fill: d.polygon(triangle, fill=fill))(box, fill=color)
 
-def make_toy(n: int, seed: int) -> list:
-    """The built-in task: 56x56 images (4 image tokens after 2x2 merging), three question kinds."""
-    rng, rows = random.Random(seed), []
+def make_toy(n: int, seed: int, task: str = "toy") -> list:
+    """A built-in task: 56x56 images (4 image tokens after 2x2 merging), three question kinds: the colour of a shape, which
+    shape, how many. 'phrased' asks each in two other ways, on other images, and its teachers write the answer later."""
+    rng, rows = random.Random(seed if task == "toy" else f"{task}{seed}"), []
     for i in range(n):
         kind = ("color", "shape", "count")[i % 3]
-        d = ImageDraw.Draw(img := Image.new("RGB", (56, 56), (255, 255, 255)))
+        d = ImageDraw.Draw(img := Image.new("RGB", (56, 56), "white"))
         color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
         if kind == "count":  # 1-4 small shapes, one per 28x28 quadrant, so each image token sees one
             k = rng.randint(1, 4)
@@ -601,8 +609,9 @@ def make_toy(n: int, seed: int) -> list:
             ox, oy = (56 - s) // 2 + rng.randint(-2, 2), (56 - s) // 2 + rng.randint(-2, 2)
             draw_shape(d, shape, (ox, oy, ox + s, oy + s), COLORS[color])
             answer = color if kind == "color" else shape
-        rows.append(dict(id=f"toy{seed}-{i}", image=img, question=TOY_QUESTIONS[kind], answer=answer, where=f"toy row {i}",
-                         teachers={t: [p.format(a=answer) for p in styles[kind]] for t, styles in TOY_TEACHERS.items()}))
+        rows.append(dict(id=f"{task}{seed}-{i}", image=img, question=QUESTIONS[task][kind][i // 3 % len(QUESTIONS[task][kind])],
+                         answer=answer, where=f"{task} row {i}",
+                         teachers={t: [p.format(a=answer) for p in styles[kind]] for t, styles in TEACHERS[task].items()}))
     return rows
 
 def open_image(image) -> Image.Image:
@@ -645,8 +654,7 @@ def load_jsonl(path: str) -> list:
 
 def load_data(a: Args) -> tuple:
     """(train rows, held-out rows). Ids are unique over both files, so a file or rows given twice are refused."""
-    if a.data == "toy":
-        return make_toy(a.toy_size, a.seed), make_toy(a.eval_size, a.seed + 10_000)
+    if a.data in QUESTIONS: return make_toy(a.toy_size, a.seed, a.data), make_toy(a.eval_size, a.seed + 10_000, a.data)  # noqa: E701
     rows, held, seen = load_jsonl(a.data), load_jsonl(a.eval_data) if a.eval_data else None, {}
     for r in rows + (held or []):  # a row object only once: the same file given twice would evaluate on the training set
         seen.setdefault(r["id"], r) is r or fail(f"{r['where']}: id '{r['id']}' is also the id of {seen[r['id']]['where']}; ids "

@@ -208,6 +208,23 @@ def test_similarity_reward_is_one_when_d_says_teacher():
     assert torch.allclose(ril.similarity_reward(logits, args(sim_reward="continuous")), torch.tensor([0.9, 0.51, 0.49, 0.1]))
 
 
+def test_the_second_built_in_task_asks_other_ways_and_its_teachers_answer_later(tmp_path):
+    """--data phrased: other images, six other phrasings, teachers that never lead with the answer (so imitating
+    them moves the answer); every teacher text is right by the matcher; it trains end to end."""
+    toy, phrased = ril.make_toy(60, 0), ril.make_toy(60, 0, "phrased")
+    questions = {r["question"] for r in phrased}
+    assert len(questions) == 6 and not questions & {r["question"] for r in toy}
+    assert [r["image"].tobytes() for r in phrased[:6]] != [r["image"].tobytes() for r in toy[:6]]
+    judge = ril.MatchJudge(phrased)
+    for r in phrased:
+        texts = [t for ts in r["teachers"].values() for t in ts]
+        assert judge([r["question"]] * 4, [r["answer"]] * 4, texts) == [1.0] * 4
+        assert all(ril.normalize(t)[0] != ril.normalize(r["answer"])[0] for t in texts)
+    out = main_out(tmp_path, "--data", "phrased", "--steps", "1")
+    assert json.load(open(os.path.join(out, "args.json")))["data"] == "phrased"
+    assert "phrased" in open(os.path.join(out, "samples.jsonl")).readline()
+
+
 def test_answer_match_normalises_wants_whole_words_and_refuses_lists():
     c = ril.MatchJudge(ril.make_toy(30, 0)).candidates
     assert {("red",), ("circle",), ("3",)} <= c
@@ -1516,26 +1533,31 @@ def memory_table():
 PAPER_ROWS = [  # (row, flags): every row starts from the same SFT'd student of its seed, 200 RIL steps
     ("GRPO", ["--algo", "grpo"]),
     ("Dr.GRPO", ["--algo", "dr_grpo"]),
-    ("RIL, one teacher (alice)", ["--teachers", "alice"]),
+    ("RIL, one teacher (alice; carol)", ["--teachers", "FIRST"]),  # the first of the task's two: alice on toy, carol on phrased
     ("RIL, two teachers", []),
     ("RIL, frozen discriminator", ["--disc-lr", "0"]),
     ("RIL, continuous r_sim", ["--sim-reward", "continuous"]),
     ("RIL, beta = 0", ["--beta", "0"]),
 ]
 PAPER_SEEDS = [0, 1, 2]
+PAPER_TASKS = ["toy", "phrased"]
 
 
-def run_paper_table(root: str = os.path.join(HERE, "runs", "paper_table"), jobs: int = 2, flags: tuple = ()):
-    """Table 1, Table 2, Table 5b/5d and Fig. 6 of the paper in miniature, on the built-in task, 3 seeds.
-    Per seed: one SFT run (its student is the first row and the start of every other row), then each row
-    as its own process, two at a time with one thread each. Every row is scored the same way: greedy
-    answers on the 120 held-out questions; accuracy; teacher-likeness by one ruler per seed, the
-    discriminator pre-trained in that seed's two-teacher RIL run (the D that learned the SFT'd student vs
-    the teachers), so that rows without a discriminator of their own can be scored too; teacher match."""
+def run_paper_table(root: str = os.path.join(HERE, "runs", "paper_table"), jobs: int = 2, flags: tuple = (),
+                    tasks: list = PAPER_TASKS, rows: list = PAPER_ROWS, seeds: list = PAPER_SEEDS, sft_root: str = "") -> dict:
+    """Table 1, Table 2, Table 5b/5d and Fig. 6 of the paper in miniature, on each built-in task, 3 seeds.
+    Per task and seed: one SFT run (its student is the first row and the start of every other row), then each
+    row as its own process, two at a time with one thread each. Every row is scored the same way: greedy
+    answers on the 120 held-out questions; accuracy; teacher-likeness by one ruler per task and seed, the
+    discriminator pre-trained in its two-teacher RIL run (the D that learned the SFT'd student vs the teachers),
+    so that rows without a discriminator of their own can be scored too; teacher match. Returns the scores."""
     t0 = time.time()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     common = ["--keep-last", "10", "--overwrite", *flags]  # flags: a smaller budget, for a smoke run
-    a = ril.parse_args(list(flags))
+    ruler = "RIL, two teachers"  # its run is row 0, always made: its pre-trained D scores every row of its task and seed
+    rows = ([r for r in rows if r[0] == ruler] or [(ruler, [])]) + [r for r in rows if r[0] != ruler]
+    folder = lambda task, seed, i=None: os.path.join(i is None and sft_root or root, task, f"seed{seed}",  # noqa: E731
+                                                     "sft" if i is None else f"row{i}")
 
     def run_all(cmds):  # [(out, argv)], `jobs` at a time
         running, todo = [], list(cmds)
@@ -1553,43 +1575,48 @@ def run_paper_table(root: str = os.path.join(HERE, "runs", "paper_table"), jobs:
                     sys.exit(f"paper-table: the run in {out} failed; see {out}/run.log")
                 print(f"  done {os.path.relpath(out, root)} ({time.time() - t0:.0f}s)", flush=True)
 
-    sft = {seed: os.path.join(root, f"seed{seed}", "sft") for seed in PAPER_SEEDS}
-    run_all([(sft[seed], ["--seed", str(seed), "--algo", "dr_grpo", *common, "--steps", "0"]) for seed in PAPER_SEEDS])
-    run_all([(os.path.join(root, f"seed{seed}", f"row{i}"), ["--seed", str(seed), "--student", sft[seed], *common, "--sft-steps", "0", *row])
-             for seed in PAPER_SEEDS for i, (_, row) in enumerate(PAPER_ROWS)])
+    runs = [(t, seed) for t in tasks for seed in seeds]
+    first = {t: sorted(ril.load_data(ril.parse_args(["--data", t, "--toy-size", "1"]))[0][0]["teachers"])[0] for t in tasks}
+    run_all([] if sft_root else [(folder(t, seed), ["--data", t, "--seed", str(seed), "--algo", "dr_grpo", *common, "--steps", "0"])
+                                 for t, seed in runs])  # sft_root: the SFT'd students of an earlier table, for rows that change no SFT flag
+    run_all([(folder(t, seed, i), ["--data", t, "--seed", str(seed), "--student", folder(t, seed), *common, "--sft-steps", "0",
+                                         *[first[t] if x == "FIRST" else x for x in row]]) for t, seed in runs for i, (_, row) in enumerate(rows)])
 
-    scores = {}  # row -> list over seeds of (accuracy, teacher-likeness, teacher match, length)
-    for seed in PAPER_SEEDS:
-        train_rows, eval_rows = ril.make_toy(a.toy_size, seed), ril.make_toy(a.eval_size, seed + 10_000)
+    scores = {}  # (task, row) -> list over seeds of (accuracy, teacher-likeness, teacher match, length)
+    for task, seed in runs:
+        a = ril.parse_args(["--data", task, "--seed", str(seed), *flags])
+        train_rows, eval_rows = ril.load_data(a)
         judge = ril.MatchJudge(train_rows)
-        ruler_state = torch.load(os.path.join(root, f"seed{seed}", f"row{[r for r, _ in PAPER_ROWS].index('RIL, two teachers')}",
-                                              "checkpoints", "step_0000000.pt"), weights_only=True)["disc"]
-        for name, out in [("SFT'd student alone", sft[seed])] + [(r, os.path.join(root, f"seed{seed}", f"row{i}"))
-                                                               for i, (r, _) in enumerate(PAPER_ROWS)]:
+        ruler_state = torch.load(os.path.join(folder(task, seed, 0), "checkpoints", "step_0000000.pt"), weights_only=True)["disc"]
+        for name, out in [("SFT'd student alone", folder(task, seed))] + [(r, folder(task, seed, i)) for i, (r, _) in enumerate(rows)]:
             model = transformers.AutoModelForImageTextToText.from_pretrained(out)
             ruler = ril.Discriminator(model)
             ruler.load_state_dict(ruler_state)
-            m, _ = ril.evaluate(ril.Args(), ril.State(model, ril.load_processor(out), CPU, judge=judge, disc=ruler.eval()), eval_rows)
-            scores.setdefault(name, []).append((m["eval/acc"], m["eval/teacher_like"], m["eval/teacher_match"], m["eval/len"]))
+            m, _ = ril.evaluate(a, ril.State(model, ril.load_processor(out), CPU, judge=judge, disc=ruler.eval()), eval_rows)
+            scores.setdefault((task, name), []).append((m["eval/acc"], m["eval/teacher_like"], m["eval/teacher_match"], m["eval/len"]))
 
     def cell(xs, j, fmt="{:.3f}"):
         v = [x[j] for x in xs]
         mean = sum(v) / len(v)
-        sd = (sum((x - mean) ** 2 for x in v) / (len(v) - 1)) ** 0.5
+        sd = (sum((x - mean) ** 2 for x in v) / max(len(v) - 1, 1)) ** 0.5
         return f"{fmt.format(mean)} ± {fmt.format(sd)}"
 
-    lines = [f"Built-in task, {a.eval_size} held-out questions, seeds {PAPER_SEEDS}, {a.steps} RIL steps per row from the same SFT'd student; "
-             f"mean ± standard deviation over seeds. Teacher-likeness = mean(1 - D) under one ruler per seed (the "
-             f"discriminator pre-trained in that seed's two-teacher RIL run).", "",
-             "| row | accuracy | teacher-likeness | teacher match | length (tokens) |", "|---|---|---|---|---|"]
-    lines += [f"| {name} | {cell(xs, 0)} | {cell(xs, 1)} | {cell(xs, 2)} | {cell(xs, 3, '{:.1f}')} |" for name, xs in scores.items()]
-    lines += ["", "Per seed (accuracy / teacher-likeness):", "", "| row | " + " | ".join(f"seed {s}" for s in PAPER_SEEDS) + " |",
-              "|---|" + "---|" * len(PAPER_SEEDS)]
-    lines += [f"| {name} | " + " | ".join(f"{x[0]:.3f} / {x[1]:.3f}" for x in xs) + " |" for name, xs in scores.items()]
+    order = ["SFT'd student alone"] + [r for r, _ in PAPER_ROWS if r in dict(rows)]
+    lines = [f"{a.eval_size} held-out questions per task, seeds {seeds}, {a.steps} RIL steps per row from the same SFT'd student; "
+             f"mean ± standard deviation over seeds. Teacher-likeness = mean(1 - D) under one ruler per task and seed (the "
+             f"discriminator pre-trained in its two-teacher RIL run)."]
+    for task in tasks:
+        lines += ["", f"**--data {task}**", "", "| row | accuracy | teacher-likeness | teacher match | length (tokens) |", "|---|---|---|---|---|"]
+        lines += [f"| {n} | {cell(xs, 0)} | {cell(xs, 1)} | {cell(xs, 2)} | {cell(xs, 3, '{:.1f}')} |"
+                  for n in order for xs in [scores[(task, n)]]]
+    lines += ["", "Per seed (accuracy / teacher-likeness):", "", "| task | row | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+              "|---|---|" + "---|" * len(seeds)]
+    lines += [f"| {task} | {n} | " + " | ".join(f"{x[0]:.3f} / {x[1]:.3f}" for x in scores[(task, n)]) + " |" for task in tasks for n in order]
     lines += ["", f"{time.time() - t0:.0f} s in all, {jobs} runs at a time with one thread each."]
     with open(os.path.join(root, "table.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines) + f"\n\nwritten to {os.path.join(root, 'table.md')}")
+    return scores
 
 
 if __name__ == "__main__" and "--plot" in sys.argv:
