@@ -1538,6 +1538,7 @@ PAPER_ROWS = [  # (row, flags): every row starts from the same SFT'd student of 
     ("RIL, frozen discriminator", ["--disc-lr", "0"]),
     ("RIL, continuous r_sim", ["--sim-reward", "continuous"]),
     ("RIL, beta = 0", ["--beta", "0"]),
+    ("RIL, beta = 0.1", ["--beta", "0.1"]),  # a stronger pull to the SFT'd student than the paper's 0.01
 ]
 PAPER_SEEDS = [0, 1, 2]
 PAPER_TASKS = ["toy", "phrased"]
