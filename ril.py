@@ -387,7 +387,7 @@ def sft_warmup(a: Config, s: State, rows: list):
         texts = [sample_teacher_texts(r, s.teachers, 1, rng)[0] if rng.random() < a.sft_teacher_frac else r["answer"] for r in batch]
         comp, mask = pad_right([text_ids(tok, t, a.max_new_tokens) for t in texts], tok.pad_token_id, s.device)
         logp = token_logprobs(s.model, encode_prompts(s.processor, batch, s.device), comp, mask, 1.0)
-        loss = -((logp * mask).sum(1) / mask.sum(1)).mean()  # [R] per target: long teacher texts cannot drown answers
+        loss = -((logp * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()  # [R] per target: long texts must not drown answers
         loss.backward()
         clip_and_step(opt, s.model.parameters(), loss, a.max_grad_norm)
         sched.step()

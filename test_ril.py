@@ -2,7 +2,9 @@
 can fail. Run with `make test` (HF_HUB_OFFLINE=1: nothing is downloaded; the tests build and save
 their own tiny checkpoints and load them through the real from_pretrained path)."""
 import json
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -255,6 +257,15 @@ def test_teacher_texts_are_retokenised_by_the_student_and_end_in_eos(tiny):
     assert ids[-1] == tok.eos_token_id and tok.decode(ids[:-1]) == "The shape is red."
     cut = ril.text_ids(tok, ril.Unfinished("The shape is red."), 16)  # cut by its model's cap: no EOS, as a cut sample
     assert cut == ids[:-1]
+
+
+def test_an_sft_target_cut_to_nothing_adds_no_nan(tiny, capsys):
+    """SFT averages each target's token loss; a teacher text its model's cap cut to nothing has no tokens at all."""
+    empty, red = {"alice": [ril.Unfinished("")], "bob": [ril.Unfinished("")]}, {"alice": ["red."], "bob": ["red."]}
+    rows = [dict(r, teachers=t) for r, t in zip(tiny["rows"][:2], [empty, red])]
+    ril.sft_warmup(args(sft_steps=1, sft_batch_size=2, sft_teacher_frac=1.0), state(ril.copy.deepcopy(tiny["model"]), tiny["proc"]), rows)
+    loss = float(re.search(r"final loss (\S+)", capsys.readouterr().out).group(1))
+    assert math.isfinite(loss) and loss > 0
 
 
 def test_special_token_strings_in_a_text_are_plain_text_for_the_policy_and_for_d(tiny):
