@@ -37,6 +37,7 @@ class Config:
     mu: int = 1  # policy iterations per batch [P] App. C, Table 5a
     sim_threshold: float = 0.5  # r_sim = 1[D < threshold] [P] §3.3
     sim_reward: str = "binary"  # binary [P] | continuous (1 - D, the Fig. 6 ablation)
+    baseline: str = "student"  # advantage baseline: student = mean of the G samples | group = mean of all 2G [P] Eq. 2 (README)
     temperature: float = 1.0  # sampling temperature [P] App. C
     top_p: float = 0.95  # [P] App. C
     top_k: int = 50  # [P] App. C
@@ -280,8 +281,7 @@ def clip_and_step(opt, params, loss: torch.Tensor, max_norm: float) -> tuple:
     norm = nn.utils.clip_grad_norm_(params, max_norm)
     norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2 returns a sharded norm
     ok = bool(torch.isfinite(loss) and torch.isfinite(norm))
-    if ok:
-        opt.step()
+    if ok: opt.step()  # noqa: E701
     opt.zero_grad(set_to_none=True)
     return norm, float(not ok)
 
@@ -308,11 +308,12 @@ def similarity_reward(d_logits: torch.Tensor, a: Config) -> torch.Tensor:
     return (d < a.sim_threshold).float() if a.sim_reward == "binary" else 1 - d
 
 # -- 6. Advantages and the clipped objective (Eq. 2, Dr.GRPO form) ---------------------------------
-def group_advantages(rewards: torch.Tensor, group: int, scale_std: bool) -> torch.Tensor:
-    """A_i = R_i - mean of its group [P] Eq. 2, no std division (Dr.GRPO): rewards [2, 0, 1, 1] in one group
-    -> [1, -1, 0, 0]. scale_std=True is the GRPO baseline's A_i / (std + 1e-4)."""
+def group_advantages(rewards: torch.Tensor, group: int, scale_std: bool, base: int = 0) -> torch.Tensor:
+    """A_i = R_i - mean of its group [P] Eq. 2, no std division (Dr.GRPO): [2, 0, 1, 1] -> [1, -1, 0, 0]. base = k: minus the
+    mean of its first k (the G samples; teacher texts follow): 2 right answers, 2 teacher texts [1, 1, 2, 2] -> [0, 0, 1, 1],
+    not [-.5, -.5, .5, .5], which pushes the right answers down. scale_std=True: GRPO's A_i / (std + 1e-4)."""
     r = rewards.view(-1, group)  # (B, group)
-    adv = r - r.mean(1, keepdim=True)
+    adv = r - r[:, :base or group].mean(1, keepdim=True)
     return (adv / (r.std(1, keepdim=True) + 1e-4) if scale_std else adv).view(-1)
 
 def policy_loss(logp, old_logp, ref_logp, adv, mask, a: Config, n_seqs: int = 0) -> tuple:
@@ -423,9 +424,9 @@ def ril_step(a: Config, s: State, batch: list, step: int) -> tuple:
         r_sim = similarity_reward(d_logits, a)
     else:
         d_logits, r_sim = torch.zeros_like(r_ans), torch.zeros_like(r_ans)
-    # 6: R = r_sim + r_ans, unweighted [P] §3.3, and group-centred advantages (Eq. 2)
+    # 6: R = r_sim + r_ans, unweighted [P] §3.3; A = R - mean of the G samples (--baseline group: of all 2G, as Eq. 2)
     rewards = r_sim + r_ans
-    adv = group_advantages(rewards, group, scale_std=(a.algo == "grpo"))
+    adv = group_advantages(rewards, group, scale_std=(a.algo == "grpo"), base=a.G if ril and a.baseline == "student" else 0)
     # 7: the clipped update over every text of every group, teacher texts included (Eq. 2)
     metrics.update(policy_update(a, s, repeat_prompts(ro["enc"], group), ro["comp"], ro["mask"], adv))
     st = ro["is_teacher"] == 0  # the student's own samples
@@ -535,7 +536,8 @@ LIMITS = ("G>=2 eps>0 beta>=0 mu>=1 sim_threshold>0 sim_threshold<1 temperature>
           "max_grad_norm>0 sft_teacher_frac>=0 sft_teacher_frac<=1 keep_last>=1 max_bad_steps>=1 batch_size>=1 sft_batch_size>=1 "
           "max_new_tokens>=1 eval_size>=1 teacher_samples>=1 judge_max_new_tokens>=1 toy_size>=1 steps>=0 sft_steps>=0 lr>=0 disc_lr>=0 "
           "sft_lr>=0 disc_pretrain_steps>=0 disc_pretrain_lr>=0 micro_batch>=0 save_every>=0 eval_every>=0")
-CHOICES = dict(algo="ril dr_grpo grpo", dtype="auto fp32 amp bf16", sim_reward="binary continuous", device="auto cpu cuda")
+CHOICES = dict(algo="ril dr_grpo grpo", dtype="auto fp32 amp bf16", sim_reward="binary continuous", device="auto cpu cuda",
+               baseline="student group")
 
 def parse_args(argv=None) -> Args:
     """Config and Args as flags; the comment after each field is its --help."""

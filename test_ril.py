@@ -71,6 +71,24 @@ def test_advantages_are_group_mean_centred_and_not_std_scaled():
     assert torch.allclose(ril.group_advantages(3 * r, 4, scale_std=False), 3 * adv)
 
 
+def test_ril_advantages_subtract_the_mean_of_the_students_own_samples_unless_baseline_is_group(tiny):
+    # two right answers and two teacher texts: the 2G mean of Eq. 2 pushes the right answers down, the samples' mean does not
+    assert ril.group_advantages(torch.tensor([1.0, 1.0, 2.0, 2.0]), 4, scale_std=False, base=2).tolist() == [0, 0, 1, 1]
+    assert ril.group_advantages(torch.tensor([1.0, 1.0, 2.0, 2.0]), 4, scale_std=False).tolist() == [-0.5, -0.5, 0.5, 0.5]
+    got = {}
+    for baseline in ("student", "group"):  # lr 0 and a frozen D: both runs score the same texts alike
+        a = args(baseline=baseline, batch_size=2, beta=0.0, lr=0.0, disc_lr=0.0)
+        model = ril.copy.deepcopy(tiny["model"])
+        s = state(model, tiny["proc"], judge=ril.MatchJudge(tiny["rows"]), disc=ril.Discriminator(model),
+                  opt=torch.optim.AdamW(model.parameters(), lr=0.0))
+        texts = ril.ril_step(a, s, tiny["rows"][:2], 0)[1]["texts"]
+        R = [t["r_sim"] + t["r_ans"] for t in texts]
+        base = R[:a.G] if baseline == "student" else R  # the G samples open each group, its G teacher texts follow
+        assert [t["adv"] for t in texts] == pytest.approx([r - sum(base) / len(base) for r in R])
+        got[baseline] = [t["adv"] for t in texts]
+    assert got["student"] != pytest.approx(got["group"])  # the random student's samples score below the teacher texts
+
+
 def test_grpo_advantages_are_std_scaled():
     r = torch.tensor([2.0, 0.0, 1.0, 1.0])
     adv = ril.group_advantages(r, 4, scale_std=True)
@@ -1546,6 +1564,7 @@ PAPER_ROWS = [  # (row, flags): every row starts from the same SFT'd student of 
     ("Dr.GRPO", ["--algo", "dr_grpo"]),
     ("RIL, one teacher (alice; carol)", ["--teachers", "FIRST"]),  # the first of the task's two: alice on toy, carol on phrased
     ("RIL, two teachers", []),
+    ("RIL, Eq. 2's 2G baseline", ["--baseline", "group"]),  # the paper's advantage: the teacher texts join the group mean
     ("RIL, frozen discriminator", ["--disc-lr", "0"]),
     ("RIL, continuous r_sim", ["--sim-reward", "continuous"]),
     ("RIL, beta = 0", ["--beta", "0"]),
