@@ -1650,6 +1650,32 @@ def run_paper_table(root: str = os.path.join(HERE, "runs", "paper_table"), jobs:
     return scores
 
 
+def frame_accuracy(out: str, task: str, seed: int) -> dict:
+    """How well a saved student answers inside each sentence frame of its task's teachers ("It is {a}", ...), the bare
+    answer first: per held-out question, the candidate answer of its kind (those in the training rows) with the highest
+    log pi(frame + answer | image, question) against the true one. Greedy answers in a frame cannot be better than this."""
+    a = ril.parse_args(["--data", task, "--seed", str(seed)])
+    train_rows, eval_rows = ril.load_data(a)
+    kind = {q: k for k, qs in ril.QUESTIONS[task].items() for q in qs}
+    cands = {k: sorted({r["answer"] for r in train_rows if kind[r["question"]] == k}) for k in ril.QUESTIONS[task]}
+    frames = ["{a}"] + sorted({p.split("{a}")[0] + "{a}" for t in ril.TEACHERS[task].values() for ps in t.values() for p in ps})
+    model, proc = transformers.AutoModelForImageTextToText.from_pretrained(out).eval(), ril.load_processor(out)
+    acc = {}
+    for frame in frames:
+        right = 0
+        for r in eval_rows:
+            c = cands[kind[r["question"]]]
+            comp, mask = ril.pad_right([ril.plain_ids(proc.tokenizer, frame.format(a=x)) for x in c], proc.tokenizer.pad_token_id, CPU)
+            with torch.no_grad():
+                lp = ril.token_logprobs(model, ril.repeat_prompts(ril.encode_prompts(proc, [r], CPU), len(c)), comp, mask, 1.0)
+            right += c[int((lp * mask).sum(1).argmax())] == r["answer"]
+        acc[frame] = right / len(eval_rows)
+    return acc
+
+
+if __name__ == "__main__" and "--frames" in sys.argv:  # python test_ril.py --frames OUT TASK SEED
+    out, task, seed = sys.argv[sys.argv.index("--frames") + 1:][:3]
+    print(" | ".join(f"{f}: {x:.3f}" for f, x in frame_accuracy(out, task, int(seed)).items()))
 if __name__ == "__main__" and "--plot" in sys.argv:
     print(f"wrote {plot_metrics(sys.argv[sys.argv.index('--plot') + 1])}")
 if __name__ == "__main__" and "--bench" in sys.argv:
