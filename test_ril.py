@@ -76,7 +76,7 @@ def test_ril_advantages_subtract_the_mean_of_the_students_own_samples_unless_bas
     assert ril.group_advantages(torch.tensor([1.0, 1.0, 2.0, 2.0]), 4, scale_std=False, base=2).tolist() == [0, 0, 1, 1]
     assert ril.group_advantages(torch.tensor([1.0, 1.0, 2.0, 2.0]), 4, scale_std=False).tolist() == [-0.5, -0.5, 0.5, 0.5]
     got = {}
-    for baseline in ("student", "group"):  # lr 0 and a frozen D: both runs score the same texts alike
+    for baseline in ("student", "group"):  # lr 0 and a frozen D: the step changes nothing
         a = args(baseline=baseline, batch_size=2, beta=0.0, lr=0.0, disc_lr=0.0)
         model = ril.copy.deepcopy(tiny["model"])
         s = state(model, tiny["proc"], judge=ril.MatchJudge(tiny["rows"]), disc=ril.Discriminator(model),
