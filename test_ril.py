@@ -1650,7 +1650,7 @@ def run_paper_table(root: str = os.path.join(HERE, "runs", "paper_table"), jobs:
     return scores
 
 
-def frame_accuracy(out: str, task: str, seed: int) -> dict:
+def frame_accuracy(out: str, task: str, seed: int, step: int = -1) -> dict:
     """How well a saved student answers inside each sentence frame of its task's teachers ("It is {a}", ...), the bare
     answer first: per held-out question, the candidate answer of its kind (those in the training rows) with the highest
     log pi(frame + answer | image, question) against the true one. Greedy answers in a frame cannot be better than this."""
@@ -1660,7 +1660,14 @@ def frame_accuracy(out: str, task: str, seed: int) -> dict:
     cands = {k: sorted({r["answer"] for r in train_rows if kind[r["question"]] == k}) for k in ril.QUESTIONS[task]}
     frames = ["{a}"] + sorted({p.split("{a}")[0] + "{a}" for t in ril.TEACHERS[task].values() for ps in t.values() for p in ps})
     model, proc = transformers.AutoModelForImageTextToText.from_pretrained(out).eval(), ril.load_processor(out)
-    acc = {}
+    if step >= 0:  # the student of a checkpoint of that run instead of its final one
+        model.load_state_dict(torch.load(os.path.join(out, "checkpoints", f"step_{step:07d}.pt"), weights_only=False)["student"])
+    greedy = ril.generation_config(a, model, proc.tokenizer, greedy=True)
+    texts = [t for i in range(0, len(eval_rows), 40) for t in proc.tokenizer.batch_decode(ril.generate(
+        model, ril.encode_prompts(proc, eval_rows[i:i + 40], CPU), greedy)[0], skip_special_tokens=True)]
+    right = ril.MatchJudge(train_rows)([r["question"] for r in eval_rows], [r["answer"] for r in eval_rows], texts)
+    acc = {"greedy accuracy": sum(right) / len(texts),
+           "greedy answers that are one word": sum(len(ril.normalize(t)) == 1 for t in texts) / len(texts)}
     for frame in frames:
         right = 0
         for r in eval_rows:
@@ -1673,9 +1680,9 @@ def frame_accuracy(out: str, task: str, seed: int) -> dict:
     return acc
 
 
-if __name__ == "__main__" and "--frames" in sys.argv:  # python test_ril.py --frames OUT TASK SEED
-    out, task, seed = sys.argv[sys.argv.index("--frames") + 1:][:3]
-    print(" | ".join(f"{f}: {x:.3f}" for f, x in frame_accuracy(out, task, int(seed)).items()))
+if __name__ == "__main__" and "--frames" in sys.argv:  # python test_ril.py --frames OUT TASK SEED [STEP]
+    out, task, seed, *step = sys.argv[sys.argv.index("--frames") + 1:][:4]
+    print(" | ".join(f"{f}: {x:.3f}" for f, x in frame_accuracy(out, task, int(seed), int((step or [-1])[0])).items()))
 if __name__ == "__main__" and "--plot" in sys.argv:
     print(f"wrote {plot_metrics(sys.argv[sys.argv.index('--plot') + 1])}")
 if __name__ == "__main__" and "--bench" in sys.argv:
