@@ -1653,7 +1653,8 @@ def run_paper_table(root: str = os.path.join(HERE, "runs", "paper_table"), jobs:
 def frame_accuracy(out: str, task: str, seed: int, step: int = -1) -> dict:
     """How well a saved student answers inside each sentence frame of its task's teachers ("It is {a}", ...), the bare
     answer first: per held-out question, the candidate answer of its kind (those in the training rows) with the highest
-    log pi(frame + answer | image, question) against the true one. Greedy answers in a frame cannot be better than this."""
+    log pi(frame + answer | image, question) against the true one. Greedy answers in a frame cannot be better than this.
+    First the run's greedy accuracy and its share of one-word (bare) answers; step >= 0 scores that checkpoint instead."""
     a = ril.parse_args(["--data", task, "--seed", str(seed)])
     train_rows, eval_rows = ril.load_data(a)
     kind = {q: k for k, qs in ril.QUESTIONS[task].items() for q in qs}
@@ -1665,8 +1666,8 @@ def frame_accuracy(out: str, task: str, seed: int, step: int = -1) -> dict:
     greedy = ril.generation_config(a, model, proc.tokenizer, greedy=True)
     texts = [t for i in range(0, len(eval_rows), 40) for t in proc.tokenizer.batch_decode(ril.generate(
         model, ril.encode_prompts(proc, eval_rows[i:i + 40], CPU), greedy)[0], skip_special_tokens=True)]
-    right = ril.MatchJudge(train_rows)([r["question"] for r in eval_rows], [r["answer"] for r in eval_rows], texts)
-    acc = {"greedy accuracy": sum(right) / len(texts),
+    judged = ril.MatchJudge(train_rows)([r["question"] for r in eval_rows], [r["answer"] for r in eval_rows], texts)
+    acc = {"greedy accuracy": sum(judged) / len(texts),
            "greedy answers that are one word": sum(len(ril.normalize(t)) == 1 for t in texts) / len(texts)}
     for frame in frames:
         right = 0
