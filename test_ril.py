@@ -1663,11 +1663,8 @@ def frame_accuracy(out: str, task: str, seed: int, step: int = -1) -> dict:
     model, proc = transformers.AutoModelForImageTextToText.from_pretrained(out).eval(), ril.load_processor(out)
     if step >= 0:  # the student of a checkpoint of that run instead of its final one
         model.load_state_dict(torch.load(os.path.join(out, "checkpoints", f"step_{step:07d}.pt"), weights_only=False)["student"])
-    greedy = ril.generation_config(a, model, proc.tokenizer, greedy=True)
-    texts = [t for i in range(0, len(eval_rows), 40) for t in proc.tokenizer.batch_decode(ril.generate(
-        model, ril.encode_prompts(proc, eval_rows[i:i + 40], CPU), greedy)[0], skip_special_tokens=True)]
-    judged = ril.MatchJudge(train_rows)([r["question"] for r in eval_rows], [r["answer"] for r in eval_rows], texts)
-    acc = {"greedy accuracy": sum(judged) / len(texts),
+    scores, texts = ril.evaluate(a, ril.State(model, proc, judge=ril.MatchJudge(train_rows)), eval_rows)  # ril.py's own scoring
+    acc = {"greedy accuracy": scores["eval/acc"],
            "greedy answers that are one word": sum(len(ril.normalize(t)) == 1 for t in texts) / len(texts)}
     for frame in frames:
         right = 0
