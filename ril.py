@@ -38,6 +38,7 @@ class Config:
     sim_threshold: float = 0.5  # r_sim = 1[D < threshold] [P] §3.3
     sim_reward: str = "binary"  # binary [P] | continuous (1 - D, the Fig. 6 ablation)
     baseline: str = "student"  # advantage baseline: student = mean of the G samples | group = mean of all 2G [P] Eq. 2 (README)
+    teacher_ratio: str = "one"  # teacher texts' ratio: one = pi_theta / 1, as LUFFY (README) | old = pi_theta / pi_old [P] Eq. 2
     temperature: float = 1.0  # sampling temperature [P] App. C
     top_p: float = 0.95  # [P] App. C
     top_k: int = 50  # [P] App. C
@@ -251,8 +252,7 @@ class Discriminator(nn.Module):
         k = min(k, int(attention_mask.sum(1).min()) - 1)  # each row keeps at least its last token
         k = k if k >= 8 and self.share_prefix else 0
         cache = self.backbone(input_ids=input_ids[:1, :k], use_cache=True).past_key_values if k else None
-        if k:
-            cache.batch_repeat_interleave(len(input_ids))
+        if k: cache.batch_repeat_interleave(len(input_ids))  # noqa: E701
         h = self.backbone(input_ids=input_ids[:, k:], attention_mask=attention_mask, past_key_values=cache,
                           use_cache=False).last_hidden_state  # (N, T - k, d)
         last = attention_mask.sum(1) - 1 - k  # (N,) the last real token
@@ -320,7 +320,7 @@ def policy_loss(logp, old_logp, ref_logp, adv, mask, a: Config, n_seqs: int = 0)
     """Eq. 2 [P] at token level, as Dr.GRPO writes it [R]. Returns (loss, sums for the caller's averages).
 
         loss = -1/(N * L_max) * sum_{i,t} mask_it * [ min(rho_it A_i, clip(rho_it, 1-eps, 1+eps) A_i) - beta * KL_it ]
-        rho_it = pi_theta(o_it | q, o_i,<t) / pi_old(o_it | ...)      logp, old_logp  (n, T)
+        rho_it = pi_theta(o_it | q, o_i,<t) / pi_old(o_it | ...)      logp, old_logp  (n, T); 0 = log 1 (a teacher text)
         KL_it  = pi_ref/pi_theta - log(pi_ref/pi_theta) - 1 (k3)     ref_logp        (n, T)
         A_i    = R_i - mean of its group (Eq. 2)                     adv             (n,)
         N = sequences in the step (n_seqs; the rows may be one micro-batch), L_max = --max-new-tokens.
@@ -344,9 +344,9 @@ def policy_loss(logp, old_logp, ref_logp, adv, mask, a: Config, n_seqs: int = 0)
     clipped = (((ratio > 1 + a.eps) & (A > 0)) | ((ratio < 1 - a.eps) & (A < 0))).float()  # clips that bind, as TRL counts
     return loss, {"clipped": (clipped * mask).sum().detach(), "kl": (kl * mask).sum().detach(), "tokens": mask.sum()}
 
-def policy_update(a: Config, s: State, enc: dict, comp: torch.Tensor, mask: torch.Tensor, adv: torch.Tensor) -> dict:
-    """mu optimiser steps of Eq. 2 on one batch of groups. enc: N prompts (one per text), comp and mask:
-    (N, T) completions, adv: (N,). Micro-batches accumulate gradients that add up to the full batch's."""
+def policy_update(a: Config, s: State, enc: dict, comp: torch.Tensor, mask: torch.Tensor, adv: torch.Tensor, teacher=None) -> dict:
+    """mu optimiser steps of Eq. 2 on one batch of groups. enc: N prompts (one per text), comp and mask: (N, T) completions,
+    adv and teacher: (N,), 1 for a teacher text. Micro-batches accumulate gradients that add up to the full batch's."""
     s.model.train()
     N = len(comp)
     def logprobs(model):  # noqa: E306
@@ -360,8 +360,9 @@ def policy_update(a: Config, s: State, enc: dict, comp: torch.Tensor, mask: torc
         loss, sums = 0.0, {}
         for i, j in chunks(N, a.micro_batch):
             logp = token_logprobs(s.model, select_prompts(enc, list(range(i, j))), comp[i:j], mask[i:j], a.temperature)  # (n, T)
-            part, st = policy_loss(logp, logp.detach() if old_logp is None else old_logp[i:j],
-                                   None if ref_logp is None else ref_logp[i:j], adv[i:j], mask[i:j], a, n_seqs=N)
+            old = logp.detach() if old_logp is None else old_logp[i:j]
+            if teacher is not None and a.teacher_ratio == "one": old = old.masked_fill(teacher[i:j, None] > 0, 0.0)  # noqa: E701
+            part, st = policy_loss(logp, old, None if ref_logp is None else ref_logp[i:j], adv[i:j], mask[i:j], a, n_seqs=N)
             part.backward()
             loss, sums = loss + part.detach(), {k: sums.get(k, 0) + v for k, v in st.items()}
         grad_norm, bad = clip_and_step(s.opt, s.model.parameters(), loss, a.max_grad_norm)
@@ -427,8 +428,8 @@ def ril_step(a: Config, s: State, batch: list, step: int) -> tuple:
     # 6: R = r_sim + r_ans, unweighted [P] §3.3; A = R - mean of the G samples (--baseline group: of all 2G, as Eq. 2)
     rewards = r_sim + r_ans
     adv = group_advantages(rewards, group, scale_std=(a.algo == "grpo"), base=a.G if ril and a.baseline == "student" else 0)
-    # 7: the clipped update over every text of every group, teacher texts included (Eq. 2)
-    metrics.update(policy_update(a, s, repeat_prompts(ro["enc"], group), ro["comp"], ro["mask"], adv))
+    # 7: the clipped update over every text of every group, teacher texts included (Eq. 2) with ratio pi_theta / 1 (README)
+    metrics.update(policy_update(a, s, repeat_prompts(ro["enc"], group), ro["comp"], ro["mask"], adv, ro["is_teacher"]))
     st = ro["is_teacher"] == 0  # the student's own samples
     metrics.update({"reward/sim": r_sim[st].mean().item(), "reward/ans": r_ans[st].mean().item(),
                     "reward/total": rewards[st].mean().item(), "len/mean": ro["mask"][st].sum(1).float().mean().item()})
@@ -482,8 +483,7 @@ def train(a: Config, s: State, rows: list, eval_rows: list, run) -> tuple:
     if before is None:
         # [R] Every algo starts from the same SFT'd student, so the Table 1 rows compare the RL stage alone.
         sft_warmup(a, s, rows)
-        if s.ref is not None:
-            s.ref.load_state_dict(unwrap(s.model).state_dict())
+        if s.ref is not None: s.ref.load_state_dict(unwrap(s.model).state_dict())  # noqa: E701
         if s.disc is not None:
             unwrap(s.disc).backbone.load_state_dict(language_model(unwrap(s.model)).state_dict())
             pretrain_disc(a, s, rows)
@@ -537,7 +537,7 @@ LIMITS = ("G>=2 eps>0 beta>=0 mu>=1 sim_threshold>0 sim_threshold<1 temperature>
           "max_new_tokens>=1 eval_size>=1 teacher_samples>=1 judge_max_new_tokens>=1 toy_size>=1 steps>=0 sft_steps>=0 lr>=0 disc_lr>=0 "
           "sft_lr>=0 disc_pretrain_steps>=0 disc_pretrain_lr>=0 micro_batch>=0 save_every>=0 eval_every>=0")
 CHOICES = dict(algo="ril dr_grpo grpo", dtype="auto fp32 amp bf16", sim_reward="binary continuous", device="auto cpu cuda",
-               baseline="student group")
+               baseline="student group", teacher_ratio="one old")
 
 def parse_args(argv=None) -> Args:
     """Config and Args as flags; the comment after each field is its --help."""

@@ -163,6 +163,26 @@ def test_teacher_text_with_positive_advantage_gains_log_probability(tiny):
     assert after[0] > before[0] and after[1] < before[1]
 
 
+@pytest.mark.parametrize("ratio", ["one", "old"])
+def test_teacher_ratio_one_weighs_each_teacher_token_by_the_students_probability_of_it(tiny, ratio):
+    # gradient of the step = d/dtheta of -1/(N L_max) sum_it w_it logp_it, w = A p_it on a teacher text under "one", else A
+    proc, rows = tiny["proc"], tiny["rows"][:1]
+    texts = [rows[0]["teachers"]["alice"][0], rows[0]["teachers"]["bob"][0]]  # a teacher text, then one standing for a sample
+    a = args(teacher_ratio=ratio, beta=0.0, max_grad_norm=1e9)
+    comp, mask = ril.pad_right([ril.text_ids(proc.tokenizer, t, a.max_new_tokens) for t in texts], proc.tokenizer.pad_token_id, CPU)
+    enc, adv, teacher = ril.repeat_prompts(ril.encode_prompts(proc, rows, CPU), 2), torch.tensor([1.0, -0.5]), torch.tensor([1, 0])
+    model, expected = ril.copy.deepcopy(tiny["model"]), ril.copy.deepcopy(tiny["model"]).train()
+    logp = ril.token_logprobs(expected, enc, comp, mask, a.temperature)
+    weight = adv[:, None] * (logp.detach().exp() if ratio == "one" else torch.ones_like(logp)) ** teacher[:, None]
+    (-(weight * logp * mask).sum() / (2 * a.max_new_tokens)).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    ril.policy_update(a, state(model, proc, opt=torch.optim.SGD(model.parameters(), lr=1.0)), enc, comp, mask, adv, teacher)
+    steps = [b - p.detach() for b, p in zip(before, model.parameters())]  # SGD at lr 1: the step is the gradient
+    assert all(torch.allclose(s, e.grad if e.grad is not None else torch.zeros_like(s), atol=1e-6)
+               for s, e in zip(steps, expected.parameters()))
+    assert (weight[0] < adv[0]).all() == (ratio == "one")  # a teacher token counts p < 1 times its advantage
+
+
 # ---------------------------------------------------------------- discriminator and rewards
 def test_one_discriminator_update_lowers_its_bce_on_a_fixed_batch(tiny):
     disc = ril.Discriminator(tiny["model"])
@@ -1565,10 +1585,11 @@ PAPER_ROWS = [  # (row, flags): every row starts from the same SFT'd student of 
     ("RIL, one teacher (alice; carol)", ["--teachers", "FIRST"]),  # the first of the task's two: alice on toy, carol on phrased
     ("RIL, two teachers", []),
     ("RIL, Eq. 2's 2G baseline", ["--baseline", "group"]),  # the paper's advantage: the teacher texts join the group mean
+    ("RIL, Eq. 2's ratio for teacher texts", ["--teacher-ratio", "old"]),  # the paper's pi_theta / pi_old, 1 at mu = 1
+    ("RIL, Eq. 2 as written", ["--baseline", "group", "--teacher-ratio", "old"]),  # neither deviation
     ("RIL, frozen discriminator", ["--disc-lr", "0"]),
     ("RIL, continuous r_sim", ["--sim-reward", "continuous"]),
     ("RIL, beta = 0", ["--beta", "0"]),
-    ("RIL, beta = 0.1", ["--beta", "0.1"]),  # a stronger pull to the SFT'd student than the paper's 0.01
 ]
 PAPER_SEEDS = [0, 1, 2]
 PAPER_TASKS = ["toy", "phrased"]
