@@ -326,8 +326,8 @@ def policy_loss(logp, old_logp, ref_logp, adv, mask, a: Config, n_seqs: int = 0)
         N = sequences in the step (n_seqs; the rows may be one micro-batch), L_max = --max-new-tokens.
 
     N * L_max is a constant, not |o_i|: a long answer's tokens weigh what a short answer's do (as in TRL's
-    loss_type="dr_grpo"; GRPO averages each answer over its own tokens). With mu = 1 the ratio is exactly
-    1 and the loss *value* ~0 (centred advantages) while its gradient is not: watch policy/grad_norm."""
+    loss_type="dr_grpo"; GRPO averages each answer over its own tokens). With mu = 1 a sample's ratio is exactly
+    1: the loss *value* says little (~0 for the baselines), its gradient is the update: watch policy/grad_norm."""
     mask, n_seqs = mask.float(), n_seqs or len(mask)
     ratio = torch.exp((logp - old_logp).clamp(-20, 20))  # clamped, so exp cannot overflow
     A = adv[:, None]
