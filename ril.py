@@ -16,7 +16,7 @@ Data: JSONL, one question per line, image paths relative to the file's folder:
     {"id": "q1", "image": "img/q1.png", "question": "...", "answer": "...", "teachers": {"a": ["text", ...]}}
 Labels in comments: [P] the paper says so; [R] our reading where the paper is silent.
 """
-import copy, functools, random, re, unicodedata  # noqa: E401
+import contextlib, copy, functools, random, re, unicodedata  # noqa: E401
 from dataclasses import dataclass
 
 import torch
@@ -172,10 +172,11 @@ def sample_top_k_top_p(a: Config, input_ids, scores: torch.Tensor) -> torch.Tens
     return torch.full_like(scores, -float("inf")).scatter_(-1, pick, 0.0)
 
 @torch.no_grad()
-def generate(model, enc: dict, gen_cfg, sampler=None) -> tuple:
-    """Completion ids (N, T), pad after the first EOS, and their mask (synced_gpus: a sharded forward is collective)."""
+def generate(model, enc: dict, gen_cfg, sampler=None, synced: bool = False) -> tuple:
+    """Completion ids (N, T), pad after the first EOS, and their mask. synced: the student under --shard, whose every
+    forward is collective, so each rank decodes until all are done (synced_gpus)."""
     comp = model.generate(**enc, generation_config=gen_cfg, logits_processor=[sampler] if sampler else None,
-                          synced_gpus=RANKS.sharded)[:, enc["input_ids"].shape[1]:]  # (N, T)
+                          synced_gpus=synced)[:, enc["input_ids"].shape[1]:]  # (N, T)
     mask = completion_mask(comp, gen_cfg.eos_token_id)
     return comp.masked_fill(mask == 0, gen_cfg.pad_token_id), mask
 
@@ -186,7 +187,7 @@ def rollout(a: Config, s: State, batch: list, rng: random.Random, with_teachers:
     tok, model = s.processor.tokenizer, unwrap(s.model.eval())
     enc = encode_prompts(s.processor, batch, s.device)
     gen_cfg = generation_config(a, model, tok, greedy=False)
-    comp, mask = generate(model, repeat_prompts(enc, a.G), gen_cfg, functools.partial(sample_top_k_top_p, a))  # (B * G, T)
+    comp, mask = generate(model, repeat_prompts(enc, a.G), gen_cfg, functools.partial(sample_top_k_top_p, a), RANKS.sharded)
     samples = list(zip([c[m.bool()].tolist() for c, m in zip(comp, mask)], tok.batch_decode(comp, skip_special_tokens=True)))
     items, is_teacher, answers, questions = [], [], [], []
     for b, row in enumerate(batch):
@@ -215,12 +216,13 @@ def token_logprobs(model, enc: dict, comp: torch.Tensor, comp_mask: torch.Tensor
     head = unwrap(model).get_output_embeddings()
     project, y, n = head.forward, comp.flatten(), max(1, chunk // len(head.weight))  # n tokens a chunk
     def logp(h, y):  # noqa: E306  one chunk: (n, d) hidden states and (n,) targets -> (n,) log-probs
-        logits = project(h).float() / temperature
+        with torch.autocast(h.device.type, enabled=False):  # under amp too the head runs in its weights' dtype, not bf16
+            logits = project(h.to(head.weight.dtype)).float() / temperature
         return logits.gather(-1, y[:, None]).squeeze(-1) - logits.logsumexp(-1)
     head.forward = lambda h: torch.cat([checkpoint(logp, h.flatten(0, 1)[i:j], y[i:j], use_reentrant=False)
                                         for i, j in chunks(len(y), n)]).view_as(comp)  # the model's "logits" are now (N, T)
     try:  # the hidden states that predict o_1 .. o_T, through the stand-in head
-        return model(input_ids=ids, attention_mask=attention, **extra,
+        return model(input_ids=ids, attention_mask=attention, **extra, use_cache=False,  # nothing is decoded: keep no keys
                      logits_to_keep=torch.arange(ids.shape[1] - T - 1, ids.shape[1] - 1, device=ids.device)).logits
     finally:
         del head.forward  # the head's own forward again
@@ -285,6 +287,15 @@ def clip_and_step(opt, params, loss: torch.Tensor, max_norm: float) -> tuple:
     opt.zero_grad(set_to_none=True)
     return norm, float(not ok)
 
+def grad_sync(model, last: bool):
+    """Under torchrun, gradients are averaged over ranks once a step, in the last micro-batch's backward (DDP: forward and
+    backward inside no_sync; FSDP2: a flag). One process: nothing to do."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(last)
+    if last or not hasattr(model, "no_sync"):
+        return contextlib.nullcontext()
+    return model.no_sync()
+
 def disc_update(disc, opt, tokenizer, texts: list, is_teacher: torch.Tensor, a: Config, device) -> tuple:
     """One step of Eq. 1, max log D(student) + log(1 - D(teacher)): BCE, student 1, teacher 0. Returns (metrics, logits)."""
     disc.train()
@@ -293,9 +304,10 @@ def disc_update(disc, opt, tokenizer, texts: list, is_teacher: torch.Tensor, a: 
     logits, loss = torch.empty(n, device=device), 0.0
     for i, j in chunks(n, a.micro_batch):  # gradient accumulation: the parts add up to the mean BCE
         idx = order[i:j]
-        part_logits = disc(*disc_inputs(tokenizer, [texts[k] for k in idx], device))
-        part = nn.functional.binary_cross_entropy_with_logits(part_logits, labels[idx]) * ((j - i) / n)
-        part.backward()
+        with grad_sync(disc, last=j == n):
+            part_logits = disc(*disc_inputs(tokenizer, [texts[k] for k in idx], device))
+            part = nn.functional.binary_cross_entropy_with_logits(part_logits, labels[idx]) * ((j - i) / n)
+            part.backward()
         loss, logits[idx] = loss + part.detach(), part_logits.detach()
     _, skipped = clip_and_step(opt, disc.parameters(), loss, a.max_grad_norm)
     right = ((logits > 0).float() == labels).float()
@@ -359,11 +371,12 @@ def policy_update(a: Config, s: State, enc: dict, comp: torch.Tensor, mask: torc
     for _ in range(a.mu):  # clip_and_step leaves every gradient None
         loss, sums = 0.0, {}
         for i, j in chunks(N, a.micro_batch):
-            logp = token_logprobs(s.model, select_prompts(enc, list(range(i, j))), comp[i:j], mask[i:j], a.temperature)  # (n, T)
-            old = logp.detach() if old_logp is None else old_logp[i:j]
-            if teacher is not None and a.teacher_ratio == "one": old = old.masked_fill(teacher[i:j, None] > 0, 0.0)  # noqa: E701
-            part, st = policy_loss(logp, old, None if ref_logp is None else ref_logp[i:j], adv[i:j], mask[i:j], a, n_seqs=N)
-            part.backward()
+            with grad_sync(s.model, last=j == N):
+                logp = token_logprobs(s.model, select_prompts(enc, list(range(i, j))), comp[i:j], mask[i:j], a.temperature)
+                old = logp.detach() if old_logp is None else old_logp[i:j]
+                if teacher is not None and a.teacher_ratio == "one": old = old.masked_fill(teacher[i:j, None] > 0, 0.0)  # noqa
+                part, st = policy_loss(logp, old, None if ref_logp is None else ref_logp[i:j], adv[i:j], mask[i:j], a, n_seqs=N)
+                part.backward()
             loss, sums = loss + part.detach(), {k: sums.get(k, 0) + v for k, v in st.items()}
         grad_norm, bad = clip_and_step(s.opt, s.model.parameters(), loss, a.max_grad_norm)
         skipped = max(skipped, bad)
@@ -458,7 +471,7 @@ def evaluate(a: Config, s: State, rows: list, bs: int = 32) -> tuple:
     model, tok = unwrap(s.model.eval()), s.processor.tokenizer
     gen_cfg, mine, texts, lengths = generation_config(a, model, tok, greedy=True), RANKS.share(rows), [], []
     for i in range(0, len(mine), bs):
-        comp, mask = generate(model, encode_prompts(s.processor, mine[i:i + bs], s.device), gen_cfg)
+        comp, mask = generate(model, encode_prompts(s.processor, mine[i:i + bs], s.device), gen_cfg, synced=RANKS.sharded)
         texts += tok.batch_decode(comp, skip_special_tokens=True)
         lengths += mask.sum(1).tolist()
     match = [float(any(normalize(o) == normalize(t) for ts in r["teachers"].values() for t in ts)) for o, r in zip(texts, mine)]
@@ -499,7 +512,7 @@ def train(a: Config, s: State, rows: list, eval_rows: list, run) -> tuple:
     return before, evaluate(a, s, eval_rows)
 
 # ======== MACHINERY, skip it on a first read: command line, data checks, models, judges, torchrun, checkpoints ========
-import argparse, contextlib, glob, hashlib, inspect, json, math, operator, os, shutil, signal, sys, tempfile, time  # noqa: E401,E402
+import argparse, glob, hashlib, inspect, json, math, operator, os, shutil, signal, sys, tempfile, time  # noqa: E401,E402
 from dataclasses import asdict, fields  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from PIL import ImageDraw, ImageOps  # noqa: E402
@@ -713,6 +726,7 @@ JUDGE_USER = ("<question>{question}</question>\n<ground truth>{answer}</ground t
 class ModelJudge:
     """r_ans by a frozen text LLM [P] §3.1, Fig. 4 (the paper: Qwen2.5-32B); a reply without <answer>0|1</answer> scores 0."""
     def __init__(self, spec: str, a: Args, device, dtype):
+        check_fits(spec, dtype, device, "--judge", transformers.AutoModelForCausalLM, a.trust_remote_code)
         try:
             self.tok = transformers.AutoTokenizer.from_pretrained(spec, padding_side="left", trust_remote_code=a.trust_remote_code)
             self.model = transformers.AutoModelForCausalLM.from_pretrained(spec, dtype=dtype, use_safetensors=True,
@@ -792,6 +806,20 @@ def load_processor(path: str, trust_remote_code: bool = False):
             return proc
     return ImageOnlyQwen2VLProcessor.from_pretrained(path)
 
+def check_fits(spec: str, dtype, device, flag: str, auto_class, trust_remote_code: bool):
+    """On a GPU, a teacher or judge whose weights exceed the free memory is refused in one line before it loads (its size
+    from its config, on the meta device). A config that does not load is left to the loader's own error."""
+    if device.type != "cuda":
+        return
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        config = transformers.AutoConfig.from_pretrained(ALIASES.get(spec, spec), trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            need = sum(p.numel() for p in auto_class.from_config(config).parameters()) * torch.finfo(dtype).bits // 8
+        free = torch.cuda.mem_get_info(device)[0]
+        if need > free:
+            fail(f"{flag} {spec}: its weights need {need / 2**30:.1f} GiB, {device} has {free / 2**30:.1f} GiB free; give it "
+                 f"a GPU of its own (e.g. an inference server) and pass its answers in the rows' \"teachers\" field")
+
 def load_vlm(name: str, a: Args, dtype, flag: str) -> tuple:
     """Any AutoModelForImageTextToText with a chat template, and its processor; safetensors only (a pickle can run code)."""
     path = ALIASES.get(name, name)
@@ -818,7 +846,26 @@ def load_student(a: Args, corpus: list, device, dtype) -> tuple:
     vision = [p.requires_grad_(not a.freeze_vision) for n, p in model.named_parameters() if set(n.split(".")) & set(VISION_TOWERS)]
     a.freeze_vision and not vision and fail(f"--freeze-vision: {type(model).__name__} has no module named {' or '.join(VISION_TOWERS)}")
     a.grad_checkpointing and model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    return model.to(device=device, dtype=dtype), processor
+    return cast_parameters(model.to(device), dtype), processor
+
+def cast_parameters(model, dtype):
+    """Parameters to dtype, buffers as they are: model.to(dtype) would also round RoPE's fp32 inv_freq, which
+    from_pretrained(dtype=...) keeps in fp32 (in bf16, Qwen2-VL-2B's angles are 0.46 rad off at position 400)."""
+    for p in model.parameters():
+        p.data = p.data.to(dtype)
+    return model
+
+def autocast_calls(model, mode: str):
+    """--dtype amp: every forward and generate call of `model` runs in bf16 autocast, the backward and the optimiser step
+    outside it (torch's AMP recipe). One autocast around a whole run would not do: it caches a bf16 copy of each weight
+    until it exits, so every gradient would be taken at the first weights."""
+    if mode != "amp" or model is None:
+        return model
+    device_type = next(model.parameters()).device.type
+    for name in ("forward", "generate"):
+        if hasattr(model, name):
+            setattr(model, name, torch.autocast(device_type, dtype=torch.bfloat16)(getattr(model, name)))
+    return model
 
 def save_student(model, processor, folder: str, state_dict=None):
     """save_pretrained into a temporary folder, then moved into place file by file, so a kill never leaves half a weight file."""
@@ -832,16 +879,29 @@ def save_student(model, processor, folder: str, state_dict=None):
     for f in os.listdir(tmp): os.replace(os.path.join(tmp, f), os.path.join(folder, f))  # noqa: E701
     os.rmdir(tmp)
 
-def model_teacher_texts(spec: str, rows: list, a: Args, device, dtype):
-    """A teacher model's answers, sampled once into --out/teacher_cache (a line per id); a killed run goes on where it stopped."""
+def teacher_cache(spec: str, a: Args) -> str:
+    """The cache file of a teacher model's answers, named by the model and every setting that shapes them."""
     settings = {k: getattr(a, k) for k in ("teacher_samples", "temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens")}
     tag = hashlib.sha1(json.dumps({"model": spec, **settings, "cut": 1}, sort_keys=True).encode()).hexdigest()[:10]
-    path = os.path.join(a.out, "teacher_cache", f"{re.sub(r'[^A-Za-z0-9.-]+', '_', spec).strip('_')}-{tag}.jsonl")
-    lines = [x for x in open(path) if x.endswith("}\n")] if os.path.isfile(path) else []  # not a line a kill cut short
+    return os.path.join(a.out, "teacher_cache", f"{re.sub(r'[^A-Za-z0-9.-]+', '_', spec).strip('_')}-{tag}.jsonl")
+
+def cached_lines(path: str) -> list:
+    return [x for x in open(path) if x.endswith("}\n")] if os.path.isfile(path) else []  # not a line a kill cut short
+
+def model_teacher_texts(spec: str, rows: list, a: Args, device, dtype):
+    """A teacher model's answers, sampled once into --out/teacher_cache (a line per id); a killed run goes on where it stopped.
+    Under torchrun rank 0 generates and the other ranks wait for its lines, with no collective that could time out."""
+    path = teacher_cache(spec, a)
+    lines = cached_lines(path)
     done = {json.loads(x)["id"] for x in lines}
-    lines and write_atomic(path, lambda f: f.writelines(lines))  # without it, so that appending starts on a fresh line
+    while RANKS.rank > 0 and not done >= {r["id"] for r in rows}:
+        time.sleep(5)
+        done = {json.loads(x)["id"] for x in cached_lines(path)}
+    if RANKS.rank == 0 and lines:  # without a cut line, so that appending starts on a fresh line
+        write_atomic(path, lambda f: f.writelines(lines))
     todo, n = [r for r in rows if r["id"] not in done], a.teacher_samples
     if todo:
+        check_fits(spec, dtype, device, "--teachers", transformers.AutoModelForImageTextToText, a.trust_remote_code)
         model, processor = load_vlm(spec, a, dtype, "--teachers")
         gen_cfg = generation_config(a, model.to(device).eval(), processor.tokenizer, greedy=False)
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -854,7 +914,7 @@ def model_teacher_texts(spec: str, rows: list, a: Args, device, dtype):
                 cut = hit_cap(comp, gen_cfg).tolist()
                 for j, r in enumerate(todo[i:i + a.batch_size]):
                     print(json.dumps({"id": r["id"], "texts": texts[j * n:(j + 1) * n], "cut": cut[j * n:(j + 1) * n]}), file=f, flush=True)
-    cache = {e["id"]: [Unfinished(t) if c else t for t, c in zip(e["texts"], e["cut"])] for e in map(json.loads, open(path))}
+    cache = {e["id"]: [Unfinished(t) if c else t for t, c in zip(e["texts"], e["cut"])] for e in map(json.loads, cached_lines(path))}
     for r in rows: r["teachers"][spec] = cache[r["id"]]  # noqa: E701
     print(f"teacher {spec}: {len(rows) - len(todo)} question(s) read from {path}, {len(todo)} generated")
 
@@ -886,12 +946,15 @@ def init_distributed(a: Args, device) -> torch.device:
     sys.stdout = sys.stdout if RANKS.rank == 0 else open(os.devnull, "w")
     return device
 
-def parallelize(model, device):
-    """DDP: copies, averaged gradients. FSDP2 (--shard): units are each block, the vision tower (generate runs it alone), the root."""
+def parallelize(model, device, mode: str = "fp32"):
+    """DDP: copies, averaged gradients. FSDP2 (--shard): units are each block, the vision tower (generate runs it alone), the
+    root; under amp they gather bf16 weights and reduce fp32 gradients."""
     if RANKS.world == 1 or model is None: return model  # noqa: E701
     if not RANKS.sharded:
         return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    fully_shard = functools.partial(fully_shard, mp_policy=bf16 if mode == "amp" else MixedPrecisionPolicy())
     for name, mod in reversed(list(model.named_modules())):  # children before the module that holds them
         leaf = name.split(".")[-1]
         for unit in mod if isinstance(mod, nn.ModuleList) and leaf in ("layers", "blocks") else [mod] if leaf in VISION_TOWERS else []:
@@ -925,7 +988,7 @@ def resume_state(a: Args) -> tuple:
     """The run's own arguments and newest loadable checkpoint, with this command's --out (the folder is the run) and --steps."""
     for path in reversed(checkpoints(a.out)):
         try:
-            state = torch.load(path, weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # each rank; GPU or not
         except Exception as e:  # a truncated or corrupt file: fall back to the one before
             print(f"warning: {path} does not load ({str(e)[:80]}); trying the previous checkpoint", file=sys.stderr)
             continue
@@ -941,27 +1004,32 @@ class Run:
         self.a, self.mode, self.eval_rows, self.resumed, self.stop, self.last = a, mode, eval_rows, resumed, [], None
         self.paths, self.t, self.bad, self.ran = {k: os.path.join(a.out, f"{k}.jsonl") for k in ("metrics", "samples")}, time.time(), 0, 0
     def wrap(self, s: State):
-        """The reference in bf16 under amp (it is never trained), D's memory flags, then DDP or FSDP2."""
-        if s.ref is not None and self.mode == "amp": s.ref.to(dtype=torch.bfloat16)  # noqa: E701
+        """The reference's parameters in bf16 under amp (it is never trained), autocast calls, D's memory flags, then DDP or FSDP2."""
+        if s.ref is not None and self.mode == "amp":
+            cast_parameters(s.ref, torch.bfloat16)
+        for model in (s.model, s.ref, s.disc):
+            autocast_calls(model, self.mode)
         if s.disc is not None and (self.a.grad_checkpointing or RANKS.sharded):
             s.disc.share_prefix = False  # both need one plain call per layer in a forward
             if self.a.grad_checkpointing:
                 s.disc.backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        s.ref = parallelize(s.ref, s.device) if RANKS.sharded else s.ref
-        s.disc, s.model = parallelize(s.disc, s.device), parallelize(s.model, s.device)
+        s.ref = parallelize(s.ref, s.device, self.mode) if RANKS.sharded else s.ref
+        s.disc, s.model = parallelize(s.disc, s.device, self.mode), parallelize(s.model, s.device, self.mode)
         if RANKS.sharded:  # one full forward before the first generate, so that every FSDP2 unit is set up
             with torch.no_grad(): s.model(**encode_prompts(s.processor, self.eval_rows[:1], s.device))  # noqa: E701
     def resume(self, s: State) -> tuple:
         """(first step, held-out results before RIL) from the checkpoint resume_state found; (1, None) for a fresh run."""
         if self.resumed is None: return 1, None  # noqa: E701
-        path, state = self.resumed
+        (path, state), self.resumed = self.resumed, None  # the loaded tensors go once they are in the models
         load_full_state(s.model, s.opt, state["student"], state["opt"])
         s.disc is None or load_full_state(s.disc, s.d_opt, state["disc"], state["d_opt"])
-        s.ref is None or load_full_state(s.ref, None, torch.load(os.path.join(self.a.out, "checkpoints", "reference.pt")), None)
+        s.ref is None or load_full_state(s.ref, None, torch.load(
+            os.path.join(self.a.out, "checkpoints", "reference.pt"), map_location="cpu", weights_only=True, mmap=True), None)
         rng = state["rng"][RANKS.rank]  # each rank's own random streams
         random.setstate(rng["python"])
         torch.set_rng_state(rng["torch"])
-        rng["cuda"] and torch.cuda.set_rng_state_all(rng["cuda"])
+        if s.device.type == "cuda":  # this rank's own GPU
+            torch.cuda.set_rng_state(rng["cuda"], s.device)
         for log in self.paths.values() if RANKS.rank == 0 and os.path.isfile(self.paths["metrics"]) else []:
             lines = [x for x in open(log) if x.endswith("\n") and json.loads(x)["step"] <= state["step"]]  # later steps run again
             write_atomic(log, lambda f: f.writelines(lines))
@@ -989,7 +1057,7 @@ class Run:
         """Models, optimisers, every rank's RNG and the pre-RIL evaluation; batch_at replays the data order from the step."""
         (student, opt), (disc, d_opt) = full_state(s.model, s.opt), full_state(s.disc, s.d_opt) if s.disc else (None, None)
         rng = RANKS.gather([{"python": random.getstate(), "torch": torch.get_rng_state(),
-                             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}])
+                             "cuda": torch.cuda.get_rng_state(s.device) if s.device.type == "cuda" else None}])
         self.last = os.path.join(self.a.out, "checkpoints", f"step_{step:07d}.pt")
         if RANKS.rank == 0:
             state = dict(step=step, student=student, opt=opt, disc=disc, d_opt=d_opt, rng=rng, before=self.before, args=asdict(self.a))
@@ -1030,6 +1098,8 @@ def setup(a: Args, device, mode: str) -> tuple:
     teachers, teacher_models = resolve_teachers(a, rows)
     a.resume or a.overwrite or not checkpoints(a.out) or fail(f"{a.out}: holds checkpoints of an earlier run; pass --resume to "
                                                               f"continue it, --overwrite to start again, or another --out")
+    for spec in teacher_models:  # before the student, so that a teacher has the GPU to itself
+        model_teacher_texts(spec, rows + eval_rows, a, device, frozen)
     corpus = [x for r in rows + eval_rows for x in [r["question"], r["answer"]] + [t for ts in r["teachers"].values() for t in ts]]
     model, processor = load_student(a, corpus + [DISC_SYSTEM, DISC_USER, "user assistant system"], device, trained)
     judge = MatchJudge(rows) if a.judge == "match" else ModelJudge(a.judge, a, device, frozen)
@@ -1045,10 +1115,6 @@ def setup(a: Args, device, mode: str) -> tuple:
     print(f"student {a.student}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params on {device} ({mode}); algo {a.algo}; "
           f"{len(rows)} train / {len(eval_rows)} held-out questions; teachers {teachers or '-'}"
           + (f"; {RANKS.world} ranks, {'FSDP2' if RANKS.sharded else 'DDP'}" if RANKS.world > 1 else ""))
-    for turn in (0, 1):  # teacher models answer once into --out/teacher_cache (rank 0); the other ranks then read it
-        for spec in teacher_models if (RANKS.rank == 0) == (turn == 0) else []:
-            model_teacher_texts(spec, rows + eval_rows, a, device, frozen)
-        RANKS.world > 1 and turn == 0 and dist.barrier()
     return State(model, processor, device, tuple(teachers), judge), rows, eval_rows
 
 def report(a: Args, s: State, run: Run, before: tuple, after: tuple, eval_rows: list):
@@ -1074,20 +1140,19 @@ def report(a: Args, s: State, run: Run, before: tuple, after: tuple, eval_rows: 
 def main(argv=None):
     a = parse_args(argv)
     check_args(a)
-    (a, resumed), t0, run = resume_state(a) if a.resume else (a, None), time.time(), None
+    (a, resumed), t0, run, handlers = resume_state(a) if a.resume else (a, None), time.time(), None, {}
     device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else "cpu" if a.device == "auto" else a.device)
     # [R] amp: fp32 weights and AdamW moments, bf16 matmuls (the paper does not say); bf16 weights lose updates under 1/256 of a weight
     mode = a.dtype if a.dtype != "auto" else ("amp" if device.type == "cuda" else "fp32")
     device = init_distributed(a, device)
     try:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mode == "amp"):
-            s, rows, eval_rows = setup(a, device, mode)
-            run = Run(a, mode, eval_rows, resumed)
-            handlers = {sig: signal.signal(sig, run.on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-            report(a, s, run, *train(a, s, rows, eval_rows, run), eval_rows)
+        s, rows, eval_rows = setup(a, device, mode)
+        run, resumed = Run(a, mode, eval_rows, resumed), None  # Run.resume drops the checkpoint once it is loaded
+        handlers = {sig: signal.signal(sig, run.on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        report(a, s, run, *train(a, s, rows, eval_rows, run), eval_rows)
         print(f"\nsaved student + processor to {a.out} ({time.time() - t0:.0f}s total)")
     finally:
-        for sig, h in handlers.items() if run else []: signal.signal(sig, h)  # noqa: E701
+        for sig, h in handlers.items(): signal.signal(sig, h)  # noqa: E701
         RANKS.world > 1 and dist.is_initialized() and dist.destroy_process_group()
 
 if __name__ == "__main__":
