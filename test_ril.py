@@ -89,6 +89,101 @@ def test_ril_advantages_subtract_the_mean_of_the_students_own_samples_unless_bas
     assert got["student"] != pytest.approx(got["group"])  # the random student's samples score below the teacher texts
 
 
+class _FixedJudge:
+    """r_ans by position in the step's texts, whatever they say; records what it was asked."""
+    unparsed = None
+
+    def __init__(self, verdicts):
+        self.verdicts, self.seen = verdicts, []
+
+    def __call__(self, questions, answers, texts):
+        self.seen.append((questions, answers, texts))
+        return list(self.verdicts[:len(texts)])
+
+
+@pytest.mark.parametrize("baseline", ["student", "group"])
+def test_ril_step_rewards_r_sim_plus_r_ans_when_d_and_the_judge_split_every_group(tiny, monkeypatch, baseline):
+    """D's verdicts and the judge's differ inside each group, among the G samples and among the G teacher texts, so
+    neither r_sim nor r_ans cancels in R - baseline. The advantages the update gets are r_sim + r_ans minus the mean of
+    the group's samples (--baseline group: of all 2G), number for number; D is trained on, and D, the judge and the policy
+    read, the same 2G texts per question: the G samples, then its G teacher texts, each with its own question's prompt."""
+    G, B, tok = 4, 2, tiny["proc"].tokenizer
+    rows = tiny["rows"][:B]  # a colour question and a shape question, on different images
+    r_ans = torch.tensor([1, 0, 0, 1, 1, 0, 1, 1, 0, 1, 0, 0, 1, 1, 0, 0], dtype=torch.float)
+    d_logits = torch.tensor([2.0, -1.0, 0.5, -3.0, -2.0, -0.5, 1.0, 3.0, -1.5, -2.0, 2.5, 1.0, 0.5, -1.0, -2.5, -4.0])
+    r_sim = (d_logits < 0).float()  # D < 0.5: "a teacher wrote it"; samples' and teacher texts' means differ too
+    seen = {}
+
+    def fake_disc_update(disc, opt, tok, texts, is_teacher, *rest, **kw):
+        seen["order"] = seen.get("order", []) + ["update D"]
+        seen["d_update"] = (list(texts), is_teacher.clone())
+        return {"disc/loss": 0.0}, torch.zeros(len(texts))
+
+    def fake_disc_logits(disc, tok, texts, *rest, **kw):
+        seen["order"] = seen.get("order", []) + ["r_sim by D"]
+        seen["d_texts"] = list(texts)
+        return d_logits.clone()
+
+    def fake_policy_update(a, s, enc, comp, mask, adv, teacher=None, *rest, **kw):
+        seen["update"] = dict(enc=enc, comp=comp, mask=mask, adv=adv.clone(), teacher=teacher.clone())
+        return {}
+
+    monkeypatch.setattr(ril, "disc_update", fake_disc_update)
+    monkeypatch.setattr(ril, "disc_logits", fake_disc_logits)
+    monkeypatch.setattr(ril, "policy_update", fake_policy_update)
+    judge = _FixedJudge(r_ans.tolist())
+    a = args(G=G, batch_size=B, baseline=baseline, disc_lr=1e-3, max_new_tokens=6)
+    metrics, dump = ril.ril_step(a, state(tiny["model"], tiny["proc"], judge=judge, disc=torch.nn.Module()), rows, 1)
+
+    up = seen["update"]
+    teacher = up["teacher"].bool()
+    assert up["teacher"].tolist() == ([0] * G + [1] * G) * B  # each group: its G samples, then its G teacher texts
+    R = (r_sim + r_ans).view(B, 2 * G)
+    base = R[:, :G] if baseline == "student" else R
+    want = (R - base.mean(1, keepdim=True)).view(-1)
+    assert up["adv"].tolist() == pytest.approx(want.tolist(), abs=1e-6)
+    ans = r_ans.view(B, 2 * G)  # the test's own check that r_sim does not cancel: r_ans alone gives other advantages
+    assert not torch.allclose(want, (ans - (ans[:, :G] if baseline == "student" else ans).mean(1, keepdim=True)).view(-1))
+    # D, the judge and the policy read the same texts, and D learns them with the labels the policy's split has
+    [(questions, answers, texts)] = judge.seen
+    assert seen["order"] == ["update D", "r_sim by D"]  # r_sim by the just-updated D
+    assert seen["d_texts"] == texts and seen["d_update"][0] == texts and torch.equal(seen["d_update"][1].bool(), teacher)
+    assert questions == [r["question"] for r in rows for _ in range(2 * G)] and answers == [r["answer"] for r in rows for _ in range(2 * G)]
+    for i, (ids, m) in enumerate(zip(up["comp"], up["mask"])):
+        ids = ids[m.bool()].tolist()
+        assert texts[i] == tok.decode(ids, skip_special_tokens=True)
+        if teacher[i]:  # a teacher text of its own question, in the student's tokens
+            assert ids in [ril.text_ids(tok, t, a.max_new_tokens) for ts in rows[i // (2 * G)]["teachers"].values() for t in ts]
+    direct = ril.encode_prompts(tiny["proc"], [r for r in rows for _ in range(2 * G)], CPU)  # every text with its question's prompt
+    assert set(up["enc"]) == set(direct) and all(torch.equal(up["enc"][k], direct[k]) for k in direct)
+    # the logged means split samples from teacher texts the same way
+    st = ~teacher
+    for key, want_mean in [("reward/sim", r_sim[st]), ("reward/ans", r_ans[st]), ("reward/total", (r_sim + r_ans)[st]),
+                           ("reward/sim_teacher", r_sim[teacher]), ("reward/ans_teacher", r_ans[teacher]),
+                           ("disc/p_student", torch.sigmoid(d_logits[st]))]:
+        assert metrics[key] == pytest.approx(want_mean.mean().item(), abs=1e-6), key
+    assert [(t["source"], t["r_sim"], t["r_ans"]) for t in dump["texts"]] == [
+        ("teacher" if teacher[i] else "student", r_sim[i].item(), r_ans[i].item()) for i in range(2 * G)]
+    assert [t["adv"] for t in dump["texts"]] == pytest.approx(want[:2 * G].tolist(), abs=1e-6)
+
+
+def test_baseline_steps_reward_r_ans_alone_minus_the_group_mean(tiny, monkeypatch):
+    """Dr.GRPO and GRPO: G samples a question, no teacher texts, no D; A = r_ans - the group's mean (GRPO: over its std)."""
+    G, B = 4, 2
+    r_ans = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0])
+    for algo in ("dr_grpo", "grpo"):
+        seen = {}
+        monkeypatch.setattr(ril, "policy_update", lambda a, s, enc, comp, mask, adv, teacher=None, *rest, **kw:
+                            seen.update(adv=adv, teacher=teacher) or {})
+        s = state(tiny["model"], tiny["proc"], judge=_FixedJudge(r_ans.tolist()))
+        metrics, _ = ril.ril_step(args(algo=algo, G=G, batch_size=B, max_new_tokens=6), s, tiny["rows"][:B], 1)
+        r = r_ans.view(B, G)
+        want = r - r.mean(1, keepdim=True)
+        want = want / (r.std(1, keepdim=True) + 1e-4) if algo == "grpo" else want
+        assert seen["adv"].tolist() == pytest.approx(want.view(-1).tolist(), abs=1e-4) and not seen["teacher"].any(), algo
+        assert metrics["reward/ans"] == pytest.approx(0.625) and metrics["reward/sim"] == 0, algo
+
+
 def test_grpo_advantages_are_std_scaled():
     r = torch.tensor([2.0, 0.0, 1.0, 1.0])
     adv = ril.group_advantages(r, 4, scale_std=True)
@@ -148,6 +243,59 @@ def test_k3_kl_is_zero_at_the_reference_and_positive_elsewhere():
     assert same["kl"] == 0.0 and diff["kl"] > 0
 
 
+def test_the_kl_term_costs_beta_times_k3_and_its_gradient_pulls_log_probs_back_to_the_reference():
+    """A = 0, so the clipped term is 0 and the loss is the KL term alone: + beta * sum k3 / (N L_max), never negative,
+    linear in beta; d loss / d logp = beta (1 - pi_ref / pi_theta) / (N L_max), so a descent step lowers log pi where it is
+    above log pi_ref, raises it where it is below, and the KL to the reference falls."""
+    logp = torch.tensor([[-1.0, -2.0, -0.5, -3.0], [-0.2, -4.0, -1.0, -1.0]])
+    ref = torch.tensor([[-1.5, -1.0, -0.5, -9.0], [-1.0, -3.0, -2.0, -1.0]])  # log pi above, below, at log pi_ref; padding
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
+    k3 = (torch.exp(ref - logp) - (ref - logp) - 1) * mask
+    for algo, weight in (("ril", torch.full((2, 1), 1 / (2 * 4))), ("grpo", 1 / (2 * mask.sum(1, keepdim=True)))):
+        for beta in (0.5, 0.125):
+            lp = logp.clone().requires_grad_(True)
+            loss, stats = ril.policy_loss(lp, lp.detach(), ref, torch.zeros(2), mask, args(algo=algo, beta=beta, max_new_tokens=4))
+            assert loss.item() == pytest.approx(beta * (k3 * weight).sum().item(), rel=1e-5) and loss > 0, (algo, beta)
+            assert stats["kl"].item() == pytest.approx(k3.sum().item(), rel=1e-5)
+            loss.backward()
+            assert torch.allclose(lp.grad, beta * (1 - torch.exp(ref - logp)) * mask * weight, atol=1e-7), (algo, beta)
+            above, below = (logp > ref) & mask.bool(), (logp < ref) & mask.bool()
+            assert (lp.grad[above] > 0).all() and (lp.grad[below] < 0).all() and (lp.grad[(logp == ref) | ~mask.bool()] == 0).all()
+            with torch.no_grad():  # one descent step moves log pi towards log pi_ref
+                _, after = ril.policy_loss(lp - lp.grad, lp, ref, torch.zeros(2), mask, args(algo=algo, beta=beta, max_new_tokens=4))
+            assert after["kl"] < stats["kl"]
+
+
+def test_policy_loss_is_eq2_number_for_number_with_clipping_kl_padding_and_a_micro_batch():
+    """The whole per-token objective at once, against a plain restatement: min(rho A, clip(rho) A) - beta k3, masked, over
+    N L_max (Dr.GRPO, N the step's sequences, here twice the rows: a micro-batch) or per answer (GRPO); the value, every
+    token's gradient and the counts of clipped tokens and of KL. Ratios and advantages of both signs, some clipped."""
+    g = torch.Generator().manual_seed(0)
+    N, T, eps, beta = 5, 6, 0.3, 0.3  # eps not the default, so that a fixed 0.2 shows
+    logp = -3 * torch.rand(N, T, generator=g)
+    old = logp + 0.4 * torch.randn(N, T, generator=g)  # ratios well inside and outside [0.7, 1.3]
+    ref = logp + 0.7 * torch.randn(N, T, generator=g)
+    adv = torch.tensor([1.0, -0.5, 2.0, -1.5, 0.25])
+    mask = torch.tensor([[1] * n + [0] * (T - n) for n in (6, 3, 1, 5, 4)])
+    for algo in ("dr_grpo", "ril", "grpo"):
+        a = args(algo=algo, eps=eps, beta=beta, max_new_tokens=T)
+        lp = logp.clone().requires_grad_(True)
+        loss, stats = ril.policy_loss(lp, old, ref, adv, mask, a, n_seqs=2 * N)
+        loss.backward()
+        want_lp = logp.clone().requires_grad_(True)
+        rho, A = torch.exp(want_lp - old), adv[:, None]
+        obj = torch.minimum(rho * A, torch.clamp(rho, 1 - eps, 1 + eps) * A) - beta * (torch.exp(ref - want_lp) - (ref - want_lp) - 1)
+        obj = obj * mask
+        want = -(obj.sum(1) / mask.sum(1)).sum() / (2 * N) if algo == "grpo" else -obj.sum() / (2 * N * T)
+        want.backward()
+        assert loss.item() == pytest.approx(want.item(), rel=1e-5), algo
+        assert torch.allclose(lp.grad, want_lp.grad, atol=1e-7), algo
+        r = torch.exp(logp - old)
+        binding = (((r > 1 + eps) & (A > 0)) | ((r < 1 - eps) & (A < 0))) & mask.bool()
+        assert 0 < stats["clipped"].item() == binding.sum().item() < mask.sum().item()
+        assert stats["tokens"].item() == mask.sum().item()
+
+
 def test_teacher_text_with_positive_advantage_gains_log_probability(tiny):
     model, proc, a = ril.copy.deepcopy(tiny["model"]), tiny["proc"], args(lr=1e-3, beta=0.0)
     rows = tiny["rows"][:1]
@@ -181,6 +329,44 @@ def test_teacher_ratio_one_weighs_each_teacher_token_by_the_students_probability
     assert all(torch.allclose(s, e.grad if e.grad is not None else torch.zeros_like(s), atol=1e-6)
                for s, e in zip(steps, expected.parameters()))
     assert (weight[0] < adv[0]).all() == (ratio == "one")  # a teacher token counts p < 1 times its advantage
+
+
+def test_mu_policy_iterations_take_their_ratio_against_the_policy_that_sampled(tiny):
+    """--mu 2: two optimiser steps on one batch; the second one's ratio is pi_theta (already moved once) over pi_old, the
+    policy before the first step, not over itself (which would make every ratio 1 and the clip a no-op); a teacher
+    text's ratio stays pi_theta / 1 in every iteration. Checked against the two steps done by hand, with SGD at lr 1."""
+    proc, rows = tiny["proc"], tiny["rows"][:1]
+    texts = [rows[0]["teachers"]["alice"][0], rows[0]["teachers"]["bob"][0], rows[0]["answer"]]
+    a = args(mu=2, beta=0.0, max_grad_norm=1e9, eps=0.05)
+    comp, mask = ril.pad_right([ril.text_ids(proc.tokenizer, t, a.max_new_tokens) for t in texts], proc.tokenizer.pad_token_id, CPU)
+    enc, adv, teacher = ril.repeat_prompts(ril.encode_prompts(proc, rows, CPU), 3), torch.tensor([1.0, 2.0, -1.5]), torch.tensor([1, 0, 0])
+    model, by_hand = ril.copy.deepcopy(tiny["model"]), ril.copy.deepcopy(tiny["model"]).train()
+    opt = torch.optim.SGD(by_hand.parameters(), lr=1.0)
+    with torch.no_grad():
+        old = ril.token_logprobs(by_hand, enc, comp, mask, 1.0).masked_fill(teacher[:, None] > 0, 0.0)
+    ratios = []
+    for _ in range(2):
+        logp = ril.token_logprobs(by_hand, enc, comp, mask, 1.0)
+        ratios.append(torch.exp(logp.detach() - old)[1:][mask[1:].bool()])
+        (-(torch.min(torch.exp(logp - old) * adv[:, None], torch.exp(logp - old).clamp(1 - a.eps, 1 + a.eps) * adv[:, None]) * mask).sum()
+         / (3 * a.max_new_tokens)).backward()
+        opt.step()
+        opt.zero_grad()
+    assert torch.allclose(ratios[0], torch.ones_like(ratios[0])) and (ratios[1] - 1).abs().max() > a.eps  # the clip binds in step 2
+    ril.policy_update(a, state(model, proc, opt=torch.optim.SGD(model.parameters(), lr=1.0)), enc, comp, mask, adv, teacher)
+    assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(model.parameters(), by_hand.parameters()))
+
+
+def test_clip_and_step_bounds_the_gradient_norm_and_skips_a_step_that_is_not_finite():
+    w = torch.nn.Parameter(torch.zeros(4))
+    opt = torch.optim.SGD([w], lr=1.0)
+    (w * torch.tensor([3.0, 4.0, 0.0, 0.0])).sum().backward()  # gradient norm 5
+    norm, skipped = ril.clip_and_step(opt, [w], torch.tensor(1.0), max_norm=0.5)
+    assert norm.item() == pytest.approx(5.0) and skipped == 0.0 and w.grad is None
+    assert w.detach().tolist() == pytest.approx([-0.3, -0.4, 0.0, 0.0])  # the step has norm max_norm
+    (w * torch.tensor([1.0, 0.0, 0.0, 0.0])).sum().backward()
+    _, skipped = ril.clip_and_step(opt, [w], torch.tensor(float("nan")), max_norm=0.5)
+    assert skipped == 1.0 and w.detach().tolist() == pytest.approx([-0.3, -0.4, 0.0, 0.0]) and w.grad is None
 
 
 # ---------------------------------------------------------------- discriminator and rewards
@@ -218,6 +404,38 @@ def test_discriminator_starts_from_the_student_weights_and_ignores_padding(tiny)
     assert torch.allclose(batch[0], alone[0], atol=1e-5)
 
 
+class _NoRun:
+    """train()'s `run` with nothing to wrap, resume, save or log."""
+    def wrap(self, s): pass  # noqa: E704
+    def resume(self, s): return 1, None  # noqa: E704
+    def begin(self, s, before): pass  # noqa: E704
+    def end_step(self, s, step, m, dump): pass  # noqa: E704
+
+
+def test_the_reference_and_d_take_the_sft_students_weights_before_d_pretraining(tiny, monkeypatch):
+    """pi_ref and D's backbone are the student *after* Stage 0 [P] Alg. 2, §3.1, not the student before it, when D's
+    pre-training begins: a reference from before SFT would pull the policy back to a random model."""
+    model, rows = ril.copy.deepcopy(tiny["model"]), tiny["rows"]
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    seen = {}
+
+    def pretrain(a, s, rows):
+        seen["student"] = {k: v.clone() for k, v in ril.unwrap(s.model).state_dict().items()}
+        seen["ref"] = {k: v.clone() for k, v in s.ref.state_dict().items()}
+        seen["backbone"] = {k: v.clone() for k, v in s.disc.backbone.state_dict().items()}
+        seen["trainable_ref"] = [p for p in s.ref.parameters() if p.requires_grad]
+
+    monkeypatch.setattr(ril, "pretrain_disc", pretrain)
+    monkeypatch.setattr(ril, "evaluate", lambda *a, **kw: ({}, []))
+    a = args(sft_steps=1, sft_batch_size=4, steps=0)
+    ril.train(a, state(model, tiny["proc"], judge=ril.MatchJudge(rows)), rows, tiny["held"], _NoRun())
+    sft = seen["student"]
+    assert any(not torch.equal(sft[k], start[k]) for k in sft), "SFT changed nothing"
+    assert all(torch.equal(seen["ref"][k], sft[k]) for k in sft) and not seen["trainable_ref"]
+    lm = {k[len("model.language_model."):]: v for k, v in sft.items() if k.startswith("model.language_model.")}
+    assert lm and set(seen["backbone"]) == set(lm) and all(torch.equal(seen["backbone"][k], lm[k]) for k in lm)
+
+
 def test_discriminator_shares_the_prompt_prefix_without_changing_its_output(tiny):
     """D runs the tokens every text shares (the Fig. 3 prompt) once. Its logits and gradients equal
     those of running every row in full, for texts of different lengths, one that starts with
@@ -245,6 +463,7 @@ def test_discriminator_shares_the_prompt_prefix_without_changing_its_output(tiny
 def test_similarity_reward_is_one_when_d_says_teacher():
     logits = torch.logit(torch.tensor([0.1, 0.49, 0.51, 0.9]))
     assert ril.similarity_reward(logits, args()).tolist() == [1.0, 1.0, 0.0, 0.0]
+    assert ril.similarity_reward(logits, args(sim_threshold=0.3)).tolist() == [1.0, 0.0, 0.0, 0.0]  # --sim-threshold is D's cut
     assert torch.allclose(ril.similarity_reward(logits, args(sim_reward="continuous")), torch.tensor([0.9, 0.51, 0.49, 0.1]))
 
 
@@ -278,6 +497,33 @@ def test_answer_match_normalises_wants_whole_words_and_refuses_lists():
     # every toy teacher text is judged correct
     for r in ril.make_toy(30, 0):
         assert all(ril.answer_match(t, r["answer"], c) == 1.0 for ts in r["teachers"].values() for t in ts)
+
+
+# ---------------------------------------------------------------- held-out evaluation
+def test_evaluate_scores_each_greedy_answer_against_its_own_row(tiny, monkeypatch):
+    """Fixed greedy answers (generate stubbed) to rows with several teacher texts each: teacher match is 1 when the answer
+    equals any one teacher text word for word (after normalize), of either teacher, and 0 when it equals none; accuracy
+    is the judge's, length the answer's tokens with EOS, teacher-likeness the mean of 1 - D; answers come back in row order."""
+    tok = tiny["proc"].tokenizer
+    said = ["The shape is red.", "I think blue.", "3", "Four."]
+    rows = [dict(tiny["rows"][i], answer=ans, teachers=t) for i, (ans, t) in enumerate([
+        ("red", {"alice": ["It is red.", "the shape is RED"], "bob": ["Red."]}),  # one of alice's two texts
+        ("green", {"alice": ["Blue.", "It is blue."], "bob": ["I think blue!"]}),  # bob's only text; a wrong answer
+        ("2", {"alice": ["There are 3 shapes."], "bob": ["three shapes"]}),  # none
+        ("4", {"alice": ["4"], "bob": ["four", "4 shapes"]})])]  # two of three
+    comp, mask = ril.pad_right([ril.text_ids(tok, t, 16) for t in said], tok.pad_token_id, CPU)
+    calls = []
+    monkeypatch.setattr(ril, "generate", lambda model, enc, *rest, **kw: calls.append(len(enc["input_ids"])) or (comp, mask))
+    d = torch.tensor([-2.0, 0.0, 1.0, 3.0])
+    seen = []
+    monkeypatch.setattr(ril, "disc_logits", lambda disc, tok, texts, *rest, **kw: seen.append(list(texts)) or d.clone())
+    s = state(tiny["model"], tiny["proc"], judge=ril.MatchJudge(tiny["rows"]), disc=torch.nn.Module())
+    metrics, answers = ril.evaluate(args(), s, rows)
+    assert calls == [4] and answers == said and seen == [said]
+    assert metrics["eval/teacher_match"] == pytest.approx(3 / 4)
+    assert metrics["eval/acc"] == pytest.approx(2 / 4)  # red and 4 are right; blue for green and 3 for 2 are not
+    assert metrics["eval/len"] == pytest.approx(mask.sum().item() / 4)
+    assert metrics["eval/teacher_like"] == pytest.approx((1 - torch.sigmoid(d)).mean().item())
 
 
 # ---------------------------------------------------------------- masks, tokens, log-probs
@@ -393,7 +639,7 @@ def test_the_top_k_sampler_draws_from_the_distribution_of_hf_sampling(monkeypatc
 def test_truncated_means_no_eos_even_at_the_last_position(tiny, monkeypatch):
     eos, pad = tiny["proc"].tokenizer.eos_token_id, tiny["proc"].tokenizer.pad_token_id
     fake = torch.tensor([[7, 8, eos], [7, 8, 9], [7, eos, pad], [7, 8, 9]])  # ends on EOS / cap / early EOS / cap
-    monkeypatch.setattr(ril, "generate", lambda model, enc, cfg, sampler: (fake, ril.completion_mask(fake, [eos])))
+    monkeypatch.setattr(ril, "generate", lambda model, enc, cfg, *rest, **kw: (fake, ril.completion_mask(fake, [eos])))
     ro = ril.rollout(args(G=4), state(tiny["model"], tiny["proc"]), tiny["rows"][:1], ril.random.Random(0), with_teachers=False)
     assert ro["truncated"] == 0.5
 
@@ -443,11 +689,69 @@ def test_repeat_prompts_keeps_each_image_with_its_prompt(tiny):
         assert torch.equal(rep[k], direct[k]), k
 
 
+def _rows_with_images_of_three_sizes(tiny) -> list:
+    """Three questions whose images give 16, 48 and 32 patches (56x56, 112x84, 56x112): no block offset is i * one size."""
+    sizes = [(56, 56), (112, 84), (56, 112)]
+    return [dict(r, image=r["image"].resize(wh)) for r, wh in zip(tiny["rows"][3:6], sizes)]
+
+
+def test_prompts_with_images_of_different_sizes_keep_their_own_pixel_blocks(tiny):
+    """select_prompts and repeat_prompts on a batch whose images differ in size: each prompt keeps its own block of
+    pixel_values rows, as encoding the chosen prompts directly gives, in any order and with repeats."""
+    proc, rows = tiny["proc"], _rows_with_images_of_three_sizes(tiny)
+    enc = ril.encode_prompts(proc, rows, CPU)
+    patches = enc["image_grid_thw"].prod(-1).tolist()
+    assert len(set(patches)) == 3 and len(enc["pixel_values"]) == sum(patches)
+    for idx in ([2, 0, 1], [1, 2, 2, 0, 1], [0, 0, 0, 1, 1, 1, 2, 2, 2]):
+        picked, direct = ril.select_prompts(enc, idx), ril.encode_prompts(proc, [rows[i] for i in idx], CPU)
+        assert set(picked) == set(direct) and all(torch.equal(picked[k], direct[k]) for k in direct), idx
+    rep, direct = ril.repeat_prompts(enc, 3), ril.encode_prompts(proc, [r for r in rows for _ in range(3)], CPU)
+    assert all(torch.equal(rep[k], direct[k]) for k in direct)
+
+
+def test_a_forward_pass_over_images_of_different_sizes_sees_each_prompts_own_image(tiny):
+    """The log-probs of a text after a prompt are the same in a batch of prompts with images of three sizes, in
+    micro-batches of that batch (select_prompts per micro-batch, as policy_update takes them) and with the prompt
+    encoded alone; and they depend on the image (so a prompt given another's pixels would show)."""
+    model, proc, rows = tiny["model"], tiny["proc"], _rows_with_images_of_three_sizes(tiny)
+    enc = ril.repeat_prompts(ril.encode_prompts(proc, rows, CPU), 2)  # 6 prompts: 0, 0, 1, 1, 2, 2
+    comp, mask = ril.pad_right([ril.text_ids(proc.tokenizer, t, 8) for t in ["red.", "It is a circle.", "3", "blue", "4 shapes", "red."]],
+                               proc.tokenizer.pad_token_id, CPU)
+    with torch.no_grad():
+        full = ril.token_logprobs(model, enc, comp, mask, 1.0)
+        parts = torch.cat([ril.token_logprobs(model, ril.select_prompts(enc, list(range(i, j))), comp[i:j], mask[i:j], 1.0)
+                           for i, j in ril.chunks(6, 4)])  # [0, 4) and [4, 6): blocks of 16+16+48+48 and 32+32 rows
+        alone = torch.cat([ril.token_logprobs(model, ril.encode_prompts(proc, [rows[i // 2]], CPU), comp[i:i + 1], mask[i:i + 1], 1.0)
+                           for i in range(6)])
+        swapped = ril.token_logprobs(model, ril.encode_prompts(proc, [dict(rows[0], image=rows[2]["image"])], CPU), comp[:1], mask[:1], 1.0)
+    m = mask.bool()
+    assert (full - parts)[m].abs().max() < 1e-5 and (full - alone)[m].abs().max() < 1e-5
+    assert (swapped - alone[:1])[m[:1]].abs().max() > 1e-4
+
+
 def test_batches_are_a_pure_function_of_the_step():
+    """The same (seed, step) gives the same questions in a fresh process (epoch_order's cache cleared) whatever the global
+    random and torch states are, as a resumed run needs; every epoch is a new shuffle, and another seed another order."""
     rows = list(range(10))
     assert ril.batch_at(rows, 3, 4, 0) == ril.batch_at(rows, 3, 4, 0)
     epoch = [x for s in range(5) for x in ril.batch_at(rows, s, 2, 0)]
     assert sorted(epoch) == rows  # one epoch sees every question once
+    saved = ril.random.getstate(), torch.get_rng_state()
+    try:
+        runs = []
+        for disturb in (1, 2):  # as a resumed process: nothing cached, the global streams elsewhere
+            ril.epoch_order.cache_clear()
+            ril.random.seed(disturb)
+            torch.manual_seed(disturb)
+            runs.append([ril.batch_at(rows, s, 4, 7) for s in range(10)])  # 4 epochs of 10
+        assert runs[0] == runs[1]
+    finally:
+        ril.random.setstate(saved[0])
+        torch.set_rng_state(saved[1])
+        ril.epoch_order.cache_clear()
+    epochs = [ril.batch_at(rows, s, 10, 7) for s in range(3)]
+    assert all(sorted(e) == rows for e in epochs) and len({tuple(e) for e in epochs + [rows]}) == 4  # shuffled, anew each epoch
+    assert ril.batch_at(rows, 0, 10, 7) != ril.batch_at(rows, 0, 10, 8)
 
 
 def test_teacher_slots_alternate_between_teachers():
