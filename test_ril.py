@@ -149,7 +149,7 @@ def test_ril_step_rewards_r_sim_plus_r_ans_when_d_and_the_judge_split_every_grou
     assert seen["order"] == ["update D", "r_sim by D"]  # r_sim by the just-updated D
     assert seen["d_texts"] == texts and seen["d_update"][0] == texts and torch.equal(seen["d_update"][1].bool(), teacher)
     assert questions == [r["question"] for r in rows for _ in range(2 * G)] and answers == [r["answer"] for r in rows for _ in range(2 * G)]
-    for i, (ids, m) in enumerate(zip(up["comp"], up["mask"])):
+    for i, (ids, m) in enumerate(zip(up["comp"], up["mask"], strict=True)):
         ids = ids[m.bool()].tolist()
         assert texts[i] == tok.decode(ids, skip_special_tokens=True)
         if teacher[i]:  # a teacher text of its own question, in the student's tokens
@@ -173,7 +173,7 @@ def test_baseline_steps_reward_r_ans_alone_minus_the_group_mean(tiny, monkeypatc
     r_ans = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0])
     for algo in ("dr_grpo", "grpo"):
         seen = {}
-        monkeypatch.setattr(ril, "policy_update", lambda a, s, enc, comp, mask, adv, teacher=None, *rest, **kw:
+        monkeypatch.setattr(ril, "policy_update", lambda a, s, enc, comp, mask, adv, teacher=None, *rest, seen=seen, **kw:
                             seen.update(adv=adv, teacher=teacher) or {})
         s = state(tiny["model"], tiny["proc"], judge=_FixedJudge(r_ans.tolist()))
         metrics, _ = ril.ril_step(args(algo=algo, G=G, batch_size=B, max_new_tokens=6), s, tiny["rows"][:B], 1)
@@ -354,7 +354,7 @@ def test_mu_policy_iterations_take_their_ratio_against_the_policy_that_sampled(t
         opt.zero_grad()
     assert torch.allclose(ratios[0], torch.ones_like(ratios[0])) and (ratios[1] - 1).abs().max() > a.eps  # the clip binds in step 2
     ril.policy_update(a, state(model, proc, opt=torch.optim.SGD(model.parameters(), lr=1.0)), enc, comp, mask, adv, teacher)
-    assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(model.parameters(), by_hand.parameters()))
+    assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(model.parameters(), by_hand.parameters(), strict=True))
 
 
 def test_clip_and_step_bounds_the_gradient_norm_and_skips_a_step_that_is_not_finite():
@@ -692,7 +692,7 @@ def test_repeat_prompts_keeps_each_image_with_its_prompt(tiny):
 def _rows_with_images_of_three_sizes(tiny) -> list:
     """Three questions whose images give 16, 48 and 32 patches (56x56, 112x84, 56x112): no block offset is i * one size."""
     sizes = [(56, 56), (112, 84), (56, 112)]
-    return [dict(r, image=r["image"].resize(wh)) for r, wh in zip(tiny["rows"][3:6], sizes)]
+    return [dict(r, image=r["image"].resize(wh)) for r, wh in zip(tiny["rows"][3:6], sizes, strict=True)]
 
 
 def test_prompts_with_images_of_different_sizes_keep_their_own_pixel_blocks(tiny):
