@@ -2041,3 +2041,127 @@ if __name__ == "__main__" and "--ranks-agree" in sys.argv:  # under torchrun, by
 
     ril.report = report
     ril.main(sys.argv[sys.argv.index("--ranks-agree") + 2:])
+
+
+# ---------------------------------------------------------------- the GPU path, checked on the CPU (bf16 autocast and casts behave alike)
+def _sft_loss(capsys, tmp_path, dtype: str) -> float:
+    ril.main(["--algo", "dr_grpo", "--toy-size", "48", "--eval-size", "4", "--sft-steps", "30", "--sft-batch-size", "8",
+              "--steps", "0", "--dtype", dtype, "--out", str(tmp_path / dtype)])
+    return float(re.search(r"final loss ([\d.]+)", capsys.readouterr().out).group(1))
+
+
+def test_amp_trains_like_fp32(capsys, tmp_path):
+    """--dtype amp: autocast wraps each forward, never the optimiser step, so every step's gradient is taken at the
+    current weights. One autocast around the run kept bf16 copies of the first weights: fp32 2.201, amp 5.552 here."""
+    fp32, amp = _sft_loss(capsys, tmp_path, "fp32"), _sft_loss(capsys, tmp_path, "amp")
+    assert fp32 < 3.0, fp32  # SFT learns
+    assert abs(amp - fp32) < 0.1 * fp32 + 0.05, (fp32, amp)
+
+
+def test_parameters_change_dtype_and_buffers_keep_theirs(tiny):
+    """bf16 parameters leave RoPE's fp32 inv_freq as it is (from_pretrained(dtype=bf16) keeps it in fp32 too):
+    the student under --dtype bf16 and the reference under amp."""
+    model, proc = ril.load_student(args(), corpus(tiny["rows"]), CPU, torch.bfloat16)
+    buffers = {n: b for n, b in model.named_buffers() if "inv_freq" in n}
+    assert buffers and all(b.dtype == torch.float32 for b in buffers.values())
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    ref = ril.copy.deepcopy(tiny["model"])
+    run = ril.Run(args(), "amp", tiny["held"])
+    run.wrap(state(ril.copy.deepcopy(tiny["model"]), tiny["proc"], ref=ref))
+    assert all(p.dtype == torch.bfloat16 for p in ref.parameters())
+    assert all(b.dtype == torch.float32 for n, b in ref.named_buffers() if "inv_freq" in n)
+
+
+def test_training_logprobs_keep_no_key_value_cache(tiny, monkeypatch):
+    model, seen = tiny["model"], []
+    real = model.forward
+    monkeypatch.setattr(model, "forward", lambda *x, **kw: seen.append(kw.get("use_cache")) or real(*x, **kw))
+    enc = ril.encode_prompts(tiny["proc"], tiny["rows"][:2], CPU)
+    tok = tiny["proc"].tokenizer
+    comp, mask = ril.pad_right([ril.text_ids(tok, t, 8) for t in ("red", "two shapes")], tok.pad_token_id, CPU)
+    with torch.no_grad():
+        ril.token_logprobs(model, enc, comp, mask, 1.0)
+    assert seen == [False]
+
+
+def test_a_checkpoint_written_on_a_gpu_resumes_on_a_cpu(tmp_path, monkeypatch, two_steps):
+    """Checkpoints load to the CPU (map_location), whatever device wrote them: here every tensor is tagged cuda:0,
+    as on a GPU machine, and this machine has no CUDA."""
+    out = copy_of(two_steps, tmp_path)
+    files = ril.checkpoints(out) + [os.path.join(out, "checkpoints", "reference.pt")]
+    with monkeypatch.context() as m:
+        m.setattr(torch.serialization, "_package_registry",
+                  [(-1, lambda obj: "cuda:0", lambda obj, loc: None)] + list(torch.serialization._package_registry))
+        for f in files:
+            obj = torch.load(f, weights_only=True)
+            torch.save(obj, f)
+    with pytest.raises(RuntimeError):  # the files now name a GPU
+        torch.load(files[0], weights_only=True)
+    ril.main(["--out", out, "--resume", "--steps", "3"])
+    assert ril.checkpoints(out)[-1].endswith("step_0000003.pt")
+
+
+def test_gradients_are_reduced_once_per_step_not_once_per_micro_batch(tiny, tmp_path):
+    """Under DDP each micro-batch's backward but the last runs in no_sync: one all-reduce per bucket a step."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        calls = []
+
+        def count(_, bucket):
+            calls.append(1)
+            fut = torch.futures.Future()
+            fut.set_result(bucket.buffer())
+            return fut
+        model = torch.nn.parallel.DistributedDataParallel(ril.copy.deepcopy(tiny["model"]))
+        model.register_comm_hook(None, count)
+        a = args(micro_batch=2)
+        ro = ril.rollout(a, state(tiny["model"], tiny["proc"]), tiny["rows"][:2], ril.random.Random(0), True)
+        enc = ril.repeat_prompts(ro["enc"], 2 * a.G)
+        s = state(model, tiny["proc"], opt=torch.optim.SGD(model.parameters(), lr=0.0))
+        ril.policy_update(a, s, enc, ro["comp"], ro["mask"], torch.linspace(-1, 1, len(ro["comp"])))
+        per_step = len(calls)
+        calls.clear()
+        ril.policy_update(args(), s, enc, ro["comp"], ro["mask"], torch.linspace(-1, 1, len(ro["comp"])))
+        assert per_step == len(calls) >= 1  # 8 micro-batches reduce as often as one batch
+
+        disc = torch.nn.parallel.DistributedDataParallel(ril.Discriminator(tiny["model"]))
+        disc.register_comm_hook(None, count)
+        calls.clear()
+        ril.disc_update(disc, torch.optim.SGD(disc.parameters(), lr=0.0), tiny["proc"].tokenizer, ro["texts"], ro["is_teacher"],
+                        a, CPU)
+        assert 1 <= len(calls) <= 2  # buckets of one backward, not one per micro-batch (8)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_under_torchrun_other_ranks_wait_for_rank_0s_teacher_cache_and_never_generate(tmp_path, monkeypatch):
+    rows = ril.make_toy(3, 0)
+    a = args(out=str(tmp_path), teacher_samples=1)
+    monkeypatch.setattr(ril, "RANKS", type("Rank1", (ril.Ranks,), {"rank": 1, "world": 2})())
+    monkeypatch.setattr(ril, "load_vlm", lambda *x, **kw: pytest.fail("rank 1 loaded the teacher"))
+    calls = []
+
+    def rank0_writes(_):  # rank 0 appends its lines while rank 1 waits
+        calls.append(1)
+        with open(ril.teacher_cache("m/t", a), "a") as f:
+            for r in rows[1:]:
+                print(json.dumps({"id": r["id"], "texts": [f"t{r['id']}"], "cut": [False]}), file=f)
+    monkeypatch.setattr(ril.time, "sleep", rank0_writes)
+    os.makedirs(tmp_path / "teacher_cache")
+    with open(ril.teacher_cache("m/t", a), "w") as f:
+        print(json.dumps({"id": rows[0]["id"], "texts": ["first"], "cut": [False]}), file=f)
+    ril.model_teacher_texts("m/t", rows, a, CPU, torch.float32)
+    assert calls and [r["teachers"]["m/t"] for r in rows] == [["first"]] + [[f"t{r['id']}"] for r in rows[1:]]
+
+
+def test_a_model_too_large_for_the_free_gpu_memory_is_refused_before_it_loads(tmp_path, capsys, monkeypatch):
+    judge = _tiny_judge(tmp_path / "judge")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1000, 10**10))
+    with pytest.raises(SystemExit) as e:
+        ril.check_fits(judge, torch.bfloat16, torch.device("cuda", 0), "--judge", transformers.AutoModelForCausalLM, False)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--judge {judge}: its weights need" in err and "GiB free" in err
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10**10, 10**10))
+    ril.check_fits(judge, torch.bfloat16, torch.device("cuda", 0), "--judge", transformers.AutoModelForCausalLM, False)
