@@ -1,6 +1,11 @@
 """Tests for ril.py. Each test states a property of the paper or of a correct VLM RL loop, and each
 can fail. Run with `make test` (HF_HUB_OFFLINE=1: nothing is downloaded; the tests build and save
-their own tiny checkpoints and load them through the real from_pretrained path)."""
+their own tiny checkpoints and load them through the real from_pretrained path). The tools (plot,
+bench, paper table) are in tools/; the plot tool has a test here."""
+
+import dataclasses
+import doctest
+import importlib.util
 import json
 import math
 import os
@@ -10,12 +15,13 @@ import subprocess
 import sys
 import time
 
+# before transformers is imported: huggingface_hub reads HF_HUB_OFFLINE once, when it is imported
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import transformers  # noqa: E402
+import pytest
+import torch
+import transformers
 
-import ril  # noqa: E402
+import ril
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CPU = torch.device("cpu")
@@ -42,6 +48,7 @@ def two_steps(tmp_path_factory) -> str:
 
 def copy_of(run: str, tmp_path) -> str:
     import shutil
+
     return shutil.copytree(run, str(tmp_path / "run"))
 
 
@@ -72,18 +79,29 @@ def test_advantages_are_group_mean_centred_and_not_std_scaled():
 
 
 def test_ril_advantages_subtract_the_mean_of_the_students_own_samples_unless_baseline_is_group(tiny):
-    # two right answers and two teacher texts: the 2G mean of Eq. 2 pushes the right answers down, the samples' mean does not
+    # two right answers and two teacher texts: the 2G mean of Eq. 2 pushes the right answers down, the samples' mean
+    # does not
     assert ril.group_advantages(torch.tensor([1.0, 1.0, 2.0, 2.0]), 4, scale_std=False, base=2).tolist() == [0, 0, 1, 1]
-    assert ril.group_advantages(torch.tensor([1.0, 1.0, 2.0, 2.0]), 4, scale_std=False).tolist() == [-0.5, -0.5, 0.5, 0.5]
+    assert ril.group_advantages(torch.tensor([1.0, 1.0, 2.0, 2.0]), 4, scale_std=False).tolist() == [
+        -0.5,
+        -0.5,
+        0.5,
+        0.5,
+    ]
     got = {}
     for baseline in ("student", "group"):  # lr 0 and a frozen D: the step changes nothing
         a = args(baseline=baseline, batch_size=2, beta=0.0, lr=0.0, disc_lr=0.0)
         model = ril.copy.deepcopy(tiny["model"])
-        s = state(model, tiny["proc"], judge=ril.MatchJudge(tiny["rows"]), disc=ril.Discriminator(model),
-                  opt=torch.optim.AdamW(model.parameters(), lr=0.0))
+        s = state(
+            model,
+            tiny["proc"],
+            judge=ril.MatchJudge(tiny["rows"]),
+            disc=ril.Discriminator(model),
+            opt=torch.optim.AdamW(model.parameters(), lr=0.0),
+        )
         texts = ril.ril_step(a, s, tiny["rows"][:2], 0)[1]["texts"]
         R = [t["r_sim"] + t["r_ans"] for t in texts]
-        base = R[:a.G] if baseline == "student" else R  # the G samples open each group, its G teacher texts follow
+        base = R[: a.G] if baseline == "student" else R  # the G samples open each group, its G teacher texts follow
         assert [t["adv"] for t in texts] == pytest.approx([r - sum(base) / len(base) for r in R])
         got[baseline] = [t["adv"] for t in texts]
     assert got["student"] != pytest.approx(got["group"])  # the random student's samples score below the teacher texts
@@ -91,6 +109,7 @@ def test_ril_advantages_subtract_the_mean_of_the_students_own_samples_unless_bas
 
 class _FixedJudge:
     """r_ans by position in the step's texts, whatever they say; records what it was asked."""
+
     unparsed = None
 
     def __init__(self, verdicts):
@@ -98,15 +117,16 @@ class _FixedJudge:
 
     def __call__(self, questions, answers, texts):
         self.seen.append((questions, answers, texts))
-        return list(self.verdicts[:len(texts)])
+        return list(self.verdicts[: len(texts)])
 
 
 @pytest.mark.parametrize("baseline", ["student", "group"])
 def test_ril_step_rewards_r_sim_plus_r_ans_when_d_and_the_judge_split_every_group(tiny, monkeypatch, baseline):
     """D's verdicts and the judge's differ inside each group, among the G samples and among the G teacher texts, so
     neither r_sim nor r_ans cancels in R - baseline. The advantages the update gets are r_sim + r_ans minus the mean of
-    the group's samples (--baseline group: of all 2G), number for number; D is trained on, and D, the judge and the policy
-    read, the same 2G texts per question: the G samples, then its G teacher texts, each with its own question's prompt."""
+    the group's samples (--baseline group: of all 2G), number for number; D is trained on, and D, the judge and the
+    policy read, the same 2G texts per question: the G samples, then its G teacher texts, each with its own question's
+    prompt."""
     G, B, tok = 4, 2, tiny["proc"].tokenizer
     rows = tiny["rows"][:B]  # a colour question and a shape question, on different images
     r_ans = torch.tensor([1, 0, 0, 1, 1, 0, 1, 1, 0, 1, 0, 0, 1, 1, 0, 0], dtype=torch.float)
@@ -143,44 +163,67 @@ def test_ril_step_rewards_r_sim_plus_r_ans_when_d_and_the_judge_split_every_grou
     want = (R - base.mean(1, keepdim=True)).view(-1)
     assert up["adv"].tolist() == pytest.approx(want.tolist(), abs=1e-6)
     ans = r_ans.view(B, 2 * G)  # the test's own check that r_sim does not cancel: r_ans alone gives other advantages
-    assert not torch.allclose(want, (ans - (ans[:, :G] if baseline == "student" else ans).mean(1, keepdim=True)).view(-1))
+    assert not torch.allclose(
+        want, (ans - (ans[:, :G] if baseline == "student" else ans).mean(1, keepdim=True)).view(-1)
+    )
     # D, the judge and the policy read the same texts, and D learns them with the labels the policy's split has
     [(questions, answers, texts)] = judge.seen
     assert seen["order"] == ["update D", "r_sim by D"]  # r_sim by the just-updated D
-    assert seen["d_texts"] == texts and seen["d_update"][0] == texts and torch.equal(seen["d_update"][1].bool(), teacher)
-    assert questions == [r["question"] for r in rows for _ in range(2 * G)] and answers == [r["answer"] for r in rows for _ in range(2 * G)]
+    assert (
+        seen["d_texts"] == texts and seen["d_update"][0] == texts and torch.equal(seen["d_update"][1].bool(), teacher)
+    )
+    assert questions == [r["question"] for r in rows for _ in range(2 * G)] and answers == [
+        r["answer"] for r in rows for _ in range(2 * G)
+    ]
     for i, (ids, m) in enumerate(zip(up["comp"], up["mask"], strict=True)):
         ids = ids[m.bool()].tolist()
         assert texts[i] == tok.decode(ids, skip_special_tokens=True)
         if teacher[i]:  # a teacher text of its own question, in the student's tokens
-            assert ids in [ril.text_ids(tok, t, a.max_new_tokens) for ts in rows[i // (2 * G)]["teachers"].values() for t in ts]
-    direct = ril.encode_prompts(tiny["proc"], [r for r in rows for _ in range(2 * G)], CPU)  # every text with its question's prompt
+            assert ids in [
+                ril.text_ids(tok, t, a.max_new_tokens) for ts in rows[i // (2 * G)]["teachers"].values() for t in ts
+            ]
+    # every text with its question's prompt
+    direct = ril.encode_prompts(tiny["proc"], [r for r in rows for _ in range(2 * G)], CPU)
     assert set(up["enc"]) == set(direct) and all(torch.equal(up["enc"][k], direct[k]) for k in direct)
     # the logged means split samples from teacher texts the same way
     st = ~teacher
-    for key, want_mean in [("reward/sim", r_sim[st]), ("reward/ans", r_ans[st]), ("reward/total", (r_sim + r_ans)[st]),
-                           ("reward/sim_teacher", r_sim[teacher]), ("reward/ans_teacher", r_ans[teacher]),
-                           ("disc/p_student", torch.sigmoid(d_logits[st]))]:
+    for key, want_mean in [
+        ("reward/sim", r_sim[st]),
+        ("reward/ans", r_ans[st]),
+        ("reward/total", (r_sim + r_ans)[st]),
+        ("reward/sim_teacher", r_sim[teacher]),
+        ("reward/ans_teacher", r_ans[teacher]),
+        ("disc/p_student", torch.sigmoid(d_logits[st])),
+    ]:
         assert metrics[key] == pytest.approx(want_mean.mean().item(), abs=1e-6), key
     assert [(t["source"], t["r_sim"], t["r_ans"]) for t in dump["texts"]] == [
-        ("teacher" if teacher[i] else "student", r_sim[i].item(), r_ans[i].item()) for i in range(2 * G)]
-    assert [t["adv"] for t in dump["texts"]] == pytest.approx(want[:2 * G].tolist(), abs=1e-6)
+        ("teacher" if teacher[i] else "student", r_sim[i].item(), r_ans[i].item()) for i in range(2 * G)
+    ]
+    assert [t["adv"] for t in dump["texts"]] == pytest.approx(want[: 2 * G].tolist(), abs=1e-6)
 
 
 def test_baseline_steps_reward_r_ans_alone_minus_the_group_mean(tiny, monkeypatch):
-    """Dr.GRPO and GRPO: G samples a question, no teacher texts, no D; A = r_ans - the group's mean (GRPO: over its std)."""
+    """Dr.GRPO and GRPO: G samples a question, no teacher texts, no D; A = r_ans - the group's mean (GRPO: over its
+    std)."""
     G, B = 4, 2
     r_ans = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.0])
     for algo in ("dr_grpo", "grpo"):
         seen = {}
-        monkeypatch.setattr(ril, "policy_update", lambda a, s, enc, comp, mask, adv, teacher=None, *rest, seen=seen, **kw:
-                            seen.update(adv=adv, teacher=teacher) or {})
+        monkeypatch.setattr(
+            ril,
+            "policy_update",
+            lambda a, s, enc, comp, mask, adv, teacher=None, *rest, seen=seen, **kw: (
+                seen.update(adv=adv, teacher=teacher) or {}
+            ),
+        )
         s = state(tiny["model"], tiny["proc"], judge=_FixedJudge(r_ans.tolist()))
         metrics, _ = ril.ril_step(args(algo=algo, G=G, batch_size=B, max_new_tokens=6), s, tiny["rows"][:B], 1)
         r = r_ans.view(B, G)
         want = r - r.mean(1, keepdim=True)
         want = want / (r.std(1, keepdim=True) + 1e-4) if algo == "grpo" else want
-        assert seen["adv"].tolist() == pytest.approx(want.view(-1).tolist(), abs=1e-4) and not seen["teacher"].any(), algo
+        assert seen["adv"].tolist() == pytest.approx(want.view(-1).tolist(), abs=1e-4) and not seen["teacher"].any(), (
+            algo
+        )
         assert metrics["reward/ans"] == pytest.approx(0.625) and metrics["reward/sim"] == 0, algo
 
 
@@ -225,9 +268,16 @@ def test_clipping_bounds_the_ratio():
     loss.backward()
     assert torch.equal(logp.grad, torch.zeros(2, 1))
     assert stats["clipped"] / stats["tokens"] == 1.0
-    # a ratio outside the range with the other sign of advantage is not clipped (min takes the unclipped term): not counted
-    _, stats = ril.policy_loss(torch.log(torch.tensor([[1.5], [0.5], [1.0]])), torch.zeros(3, 1), None,
-                               torch.tensor([-1.0, 1.0, 0.0]), torch.ones(3, 1), a)
+    # a ratio outside the range with the other sign of advantage is not clipped (min takes the unclipped term): not
+    # counted
+    _, stats = ril.policy_loss(
+        torch.log(torch.tensor([[1.5], [0.5], [1.0]])),
+        torch.zeros(3, 1),
+        None,
+        torch.tensor([-1.0, 1.0, 0.0]),
+        torch.ones(3, 1),
+        a,
+    )
     assert stats["clipped"] == 0
     # inside the range the gradient flows
     logp2 = torch.log(torch.tensor([[1.1]])).requires_grad_(True)
@@ -245,31 +295,41 @@ def test_k3_kl_is_zero_at_the_reference_and_positive_elsewhere():
 
 def test_the_kl_term_costs_beta_times_k3_and_its_gradient_pulls_log_probs_back_to_the_reference():
     """A = 0, so the clipped term is 0 and the loss is the KL term alone: + beta * sum k3 / (N L_max), never negative,
-    linear in beta; d loss / d logp = beta (1 - pi_ref / pi_theta) / (N L_max), so a descent step lowers log pi where it is
-    above log pi_ref, raises it where it is below, and the KL to the reference falls."""
+    linear in beta; d loss / d logp = beta (1 - pi_ref / pi_theta) / (N L_max), so a descent step lowers log pi where it
+    is above log pi_ref, raises it where it is below, and the KL to the reference falls."""
     logp = torch.tensor([[-1.0, -2.0, -0.5, -3.0], [-0.2, -4.0, -1.0, -1.0]])
-    ref = torch.tensor([[-1.5, -1.0, -0.5, -9.0], [-1.0, -3.0, -2.0, -1.0]])  # log pi above, below, at log pi_ref; padding
+    # log pi above, below, at log pi_ref; padding
+    ref = torch.tensor([[-1.5, -1.0, -0.5, -9.0], [-1.0, -3.0, -2.0, -1.0]])
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])
     k3 = (torch.exp(ref - logp) - (ref - logp) - 1) * mask
     for algo, weight in (("ril", torch.full((2, 1), 1 / (2 * 4))), ("grpo", 1 / (2 * mask.sum(1, keepdim=True)))):
         for beta in (0.5, 0.125):
             lp = logp.clone().requires_grad_(True)
-            loss, stats = ril.policy_loss(lp, lp.detach(), ref, torch.zeros(2), mask, args(algo=algo, beta=beta, max_new_tokens=4))
+            loss, stats = ril.policy_loss(
+                lp, lp.detach(), ref, torch.zeros(2), mask, args(algo=algo, beta=beta, max_new_tokens=4)
+            )
             assert loss.item() == pytest.approx(beta * (k3 * weight).sum().item(), rel=1e-5) and loss > 0, (algo, beta)
             assert stats["kl"].item() == pytest.approx(k3.sum().item(), rel=1e-5)
             loss.backward()
             assert torch.allclose(lp.grad, beta * (1 - torch.exp(ref - logp)) * mask * weight, atol=1e-7), (algo, beta)
             above, below = (logp > ref) & mask.bool(), (logp < ref) & mask.bool()
-            assert (lp.grad[above] > 0).all() and (lp.grad[below] < 0).all() and (lp.grad[(logp == ref) | ~mask.bool()] == 0).all()
+            assert (
+                (lp.grad[above] > 0).all()
+                and (lp.grad[below] < 0).all()
+                and (lp.grad[(logp == ref) | ~mask.bool()] == 0).all()
+            )
             with torch.no_grad():  # one descent step moves log pi towards log pi_ref
-                _, after = ril.policy_loss(lp - lp.grad, lp, ref, torch.zeros(2), mask, args(algo=algo, beta=beta, max_new_tokens=4))
+                _, after = ril.policy_loss(
+                    lp - lp.grad, lp, ref, torch.zeros(2), mask, args(algo=algo, beta=beta, max_new_tokens=4)
+                )
             assert after["kl"] < stats["kl"]
 
 
 def test_policy_loss_is_eq2_number_for_number_with_clipping_kl_padding_and_a_micro_batch():
-    """The whole per-token objective at once, against a plain restatement: min(rho A, clip(rho) A) - beta k3, masked, over
-    N L_max (Dr.GRPO, N the step's sequences, here twice the rows: a micro-batch) or per answer (GRPO); the value, every
-    token's gradient and the counts of clipped tokens and of KL. Ratios and advantages of both signs, some clipped."""
+    """The whole per-token objective at once, against a plain restatement: min(rho A, clip(rho) A) - beta k3, masked,
+    over N L_max (Dr.GRPO, N the step's sequences, here twice the rows: a micro-batch) or per answer (GRPO); the value,
+    every token's gradient and the counts of clipped tokens and of KL. Ratios and advantages of both signs, some
+    clipped."""
     g = torch.Generator().manual_seed(0)
     N, T, eps, beta = 5, 6, 0.3, 0.3  # eps not the default, so that a fixed 0.2 shows
     logp = -3 * torch.rand(N, T, generator=g)
@@ -284,7 +344,9 @@ def test_policy_loss_is_eq2_number_for_number_with_clipping_kl_padding_and_a_mic
         loss.backward()
         want_lp = logp.clone().requires_grad_(True)
         rho, A = torch.exp(want_lp - old), adv[:, None]
-        obj = torch.minimum(rho * A, torch.clamp(rho, 1 - eps, 1 + eps) * A) - beta * (torch.exp(ref - want_lp) - (ref - want_lp) - 1)
+        obj = torch.minimum(rho * A, torch.clamp(rho, 1 - eps, 1 + eps) * A) - beta * (
+            torch.exp(ref - want_lp) - (ref - want_lp) - 1
+        )
         obj = obj * mask
         want = -(obj.sum(1) / mask.sum(1)).sum() / (2 * N) if algo == "grpo" else -obj.sum() / (2 * N * T)
         want.backward()
@@ -300,7 +362,9 @@ def test_teacher_text_with_positive_advantage_gains_log_probability(tiny):
     model, proc, a = ril.copy.deepcopy(tiny["model"]), tiny["proc"], args(lr=1e-3, beta=0.0)
     rows = tiny["rows"][:1]
     texts = [rows[0]["teachers"]["alice"][0], rows[0]["teachers"]["bob"][0]]  # a group of 2: teacher text, other
-    comp, mask = ril.pad_right([ril.text_ids(proc.tokenizer, t, a.max_new_tokens) for t in texts], proc.tokenizer.pad_token_id, CPU)
+    comp, mask = ril.pad_right(
+        [ril.text_ids(proc.tokenizer, t, a.max_new_tokens) for t in texts], proc.tokenizer.pad_token_id, CPU
+    )
     enc = ril.repeat_prompts(ril.encode_prompts(proc, rows, CPU), 2)
     adv = ril.group_advantages(torch.tensor([2.0, 0.0]), 2, scale_std=False)  # teacher text: +1
     with torch.no_grad():
@@ -313,33 +377,53 @@ def test_teacher_text_with_positive_advantage_gains_log_probability(tiny):
 
 @pytest.mark.parametrize("ratio", ["one", "old"])
 def test_teacher_ratio_one_weighs_each_teacher_token_by_the_students_probability_of_it(tiny, ratio):
-    # gradient of the step = d/dtheta of -1/(N L_max) sum_it w_it logp_it, w = A p_it on a teacher text under "one", else A
+    # gradient of the step = d/dtheta of -1/(N L_max) sum_it w_it logp_it, w = A p_it on a teacher text under "one",
+    # else A
     proc, rows = tiny["proc"], tiny["rows"][:1]
-    texts = [rows[0]["teachers"]["alice"][0], rows[0]["teachers"]["bob"][0]]  # a teacher text, then one standing for a sample
+    # a teacher text, then one standing for a sample
+    texts = [rows[0]["teachers"]["alice"][0], rows[0]["teachers"]["bob"][0]]
     a = args(teacher_ratio=ratio, beta=0.0, max_grad_norm=1e9)
-    comp, mask = ril.pad_right([ril.text_ids(proc.tokenizer, t, a.max_new_tokens) for t in texts], proc.tokenizer.pad_token_id, CPU)
-    enc, adv, teacher = ril.repeat_prompts(ril.encode_prompts(proc, rows, CPU), 2), torch.tensor([1.0, -0.5]), torch.tensor([1, 0])
+    comp, mask = ril.pad_right(
+        [ril.text_ids(proc.tokenizer, t, a.max_new_tokens) for t in texts], proc.tokenizer.pad_token_id, CPU
+    )
+    enc, adv, teacher = (
+        ril.repeat_prompts(ril.encode_prompts(proc, rows, CPU), 2),
+        torch.tensor([1.0, -0.5]),
+        torch.tensor([1, 0]),
+    )
     model, expected = ril.copy.deepcopy(tiny["model"]), ril.copy.deepcopy(tiny["model"]).train()
     logp = ril.token_logprobs(expected, enc, comp, mask, a.temperature)
     weight = adv[:, None] * (logp.detach().exp() if ratio == "one" else torch.ones_like(logp)) ** teacher[:, None]
     (-(weight * logp * mask).sum() / (2 * a.max_new_tokens)).backward()
     before = [p.detach().clone() for p in model.parameters()]
-    ril.policy_update(a, state(model, proc, opt=torch.optim.SGD(model.parameters(), lr=1.0)), enc, comp, mask, adv, teacher)
-    steps = [b - p.detach() for b, p in zip(before, model.parameters())]  # SGD at lr 1: the step is the gradient
-    assert all(torch.allclose(s, e.grad if e.grad is not None else torch.zeros_like(s), atol=1e-6)
-               for s, e in zip(steps, expected.parameters()))
+    ril.policy_update(
+        a, state(model, proc, opt=torch.optim.SGD(model.parameters(), lr=1.0)), enc, comp, mask, adv, teacher
+    )
+    steps = [
+        b - p.detach() for b, p in zip(before, model.parameters(), strict=True)
+    ]  # SGD at lr 1: the step is the gradient
+    assert all(
+        torch.allclose(s, e.grad if e.grad is not None else torch.zeros_like(s), atol=1e-6)
+        for s, e in zip(steps, expected.parameters(), strict=True)
+    )
     assert (weight[0] < adv[0]).all() == (ratio == "one")  # a teacher token counts p < 1 times its advantage
 
 
 def test_mu_policy_iterations_take_their_ratio_against_the_policy_that_sampled(tiny):
-    """--mu 2: two optimiser steps on one batch; the second one's ratio is pi_theta (already moved once) over pi_old, the
-    policy before the first step, not over itself (which would make every ratio 1 and the clip a no-op); a teacher
+    """--mu 2: two optimiser steps on one batch; the second one's ratio is pi_theta (already moved once) over pi_old,
+    the policy before the first step, not over itself (which would make every ratio 1 and the clip a no-op); a teacher
     text's ratio stays pi_theta / 1 in every iteration. Checked against the two steps done by hand, with SGD at lr 1."""
     proc, rows = tiny["proc"], tiny["rows"][:1]
     texts = [rows[0]["teachers"]["alice"][0], rows[0]["teachers"]["bob"][0], rows[0]["answer"]]
     a = args(mu=2, beta=0.0, max_grad_norm=1e9, eps=0.05)
-    comp, mask = ril.pad_right([ril.text_ids(proc.tokenizer, t, a.max_new_tokens) for t in texts], proc.tokenizer.pad_token_id, CPU)
-    enc, adv, teacher = ril.repeat_prompts(ril.encode_prompts(proc, rows, CPU), 3), torch.tensor([1.0, 2.0, -1.5]), torch.tensor([1, 0, 0])
+    comp, mask = ril.pad_right(
+        [ril.text_ids(proc.tokenizer, t, a.max_new_tokens) for t in texts], proc.tokenizer.pad_token_id, CPU
+    )
+    enc, adv, teacher = (
+        ril.repeat_prompts(ril.encode_prompts(proc, rows, CPU), 3),
+        torch.tensor([1.0, 2.0, -1.5]),
+        torch.tensor([1, 0, 0]),
+    )
     model, by_hand = ril.copy.deepcopy(tiny["model"]), ril.copy.deepcopy(tiny["model"]).train()
     opt = torch.optim.SGD(by_hand.parameters(), lr=1.0)
     with torch.no_grad():
@@ -348,12 +432,23 @@ def test_mu_policy_iterations_take_their_ratio_against_the_policy_that_sampled(t
     for _ in range(2):
         logp = ril.token_logprobs(by_hand, enc, comp, mask, 1.0)
         ratios.append(torch.exp(logp.detach() - old)[1:][mask[1:].bool()])
-        (-(torch.min(torch.exp(logp - old) * adv[:, None], torch.exp(logp - old).clamp(1 - a.eps, 1 + a.eps) * adv[:, None]) * mask).sum()
-         / (3 * a.max_new_tokens)).backward()
+        (
+            -(
+                torch.min(
+                    torch.exp(logp - old) * adv[:, None],
+                    torch.exp(logp - old).clamp(1 - a.eps, 1 + a.eps) * adv[:, None],
+                )
+                * mask
+            ).sum()
+            / (3 * a.max_new_tokens)
+        ).backward()
         opt.step()
         opt.zero_grad()
-    assert torch.allclose(ratios[0], torch.ones_like(ratios[0])) and (ratios[1] - 1).abs().max() > a.eps  # the clip binds in step 2
-    ril.policy_update(a, state(model, proc, opt=torch.optim.SGD(model.parameters(), lr=1.0)), enc, comp, mask, adv, teacher)
+    # the clip binds in step 2
+    assert torch.allclose(ratios[0], torch.ones_like(ratios[0])) and (ratios[1] - 1).abs().max() > a.eps
+    ril.policy_update(
+        a, state(model, proc, opt=torch.optim.SGD(model.parameters(), lr=1.0)), enc, comp, mask, adv, teacher
+    )
     assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(model.parameters(), by_hand.parameters(), strict=True))
 
 
@@ -378,7 +473,9 @@ def test_one_discriminator_update_lowers_its_bce_on_a_fixed_batch(tiny):
 
     def bce():
         with torch.no_grad():
-            return torch.nn.functional.binary_cross_entropy_with_logits(ril.disc_logits(disc, tok, student + teacher, CPU), labels)
+            return torch.nn.functional.binary_cross_entropy_with_logits(
+                ril.disc_logits(disc, tok, student + teacher, CPU), labels
+            )
 
     def margin():  # mean logit on student texts minus mean logit on teacher texts
         with torch.no_grad():
@@ -388,8 +485,11 @@ def test_one_discriminator_update_lowers_its_bce_on_a_fixed_batch(tiny):
     before, m0 = bce(), margin()
     # a plain gradient step (Adam's first step is sign descent, which can overshoot on a random tiny model)
     is_teacher = torch.tensor([0, 0, 0, 1, 1, 1])
-    _, logits = ril.disc_update(disc, torch.optim.SGD(disc.parameters(), lr=1e-2), tok, student + teacher, is_teacher, args(), CPU)
-    assert torch.allclose(torch.nn.functional.binary_cross_entropy_with_logits(logits, labels), before)  # pre-step scores
+    _, logits = ril.disc_update(
+        disc, torch.optim.SGD(disc.parameters(), lr=1e-2), tok, student + teacher, is_teacher, args(), CPU
+    )
+    # pre-step scores
+    assert torch.allclose(torch.nn.functional.binary_cross_entropy_with_logits(logits, labels), before)
     assert bce() < before
     assert margin() > m0  # student = 1, teacher = 0: student texts move up, teacher texts down
 
@@ -406,10 +506,18 @@ def test_discriminator_starts_from_the_student_weights_and_ignores_padding(tiny)
 
 class _NoRun:
     """train()'s `run` with nothing to wrap, resume, save or log."""
-    def wrap(self, s): pass  # noqa: E704
-    def resume(self, s): return 1, None  # noqa: E704
-    def begin(self, s, before): pass  # noqa: E704
-    def end_step(self, s, step, m, dump): pass  # noqa: E704
+
+    def wrap(self, s):
+        pass
+
+    def resume(self, s):
+        return 1, None
+
+    def begin(self, s, before):
+        pass
+
+    def end_step(self, s, step, m, dump):
+        pass
 
 
 def test_the_reference_and_d_take_the_sft_students_weights_before_d_pretraining(tiny, monkeypatch):
@@ -432,7 +540,7 @@ def test_the_reference_and_d_take_the_sft_students_weights_before_d_pretraining(
     sft = seen["student"]
     assert any(not torch.equal(sft[k], start[k]) for k in sft), "SFT changed nothing"
     assert all(torch.equal(seen["ref"][k], sft[k]) for k in sft) and not seen["trainable_ref"]
-    lm = {k[len("model.language_model."):]: v for k, v in sft.items() if k.startswith("model.language_model.")}
+    lm = {k[len("model.language_model.") :]: v for k, v in sft.items() if k.startswith("model.language_model.")}
     assert lm and set(seen["backbone"]) == set(lm) and all(torch.equal(seen["backbone"][k], lm[k]) for k in lm)
 
 
@@ -463,8 +571,11 @@ def test_discriminator_shares_the_prompt_prefix_without_changing_its_output(tiny
 def test_similarity_reward_is_one_when_d_says_teacher():
     logits = torch.logit(torch.tensor([0.1, 0.49, 0.51, 0.9]))
     assert ril.similarity_reward(logits, args()).tolist() == [1.0, 1.0, 0.0, 0.0]
-    assert ril.similarity_reward(logits, args(sim_threshold=0.3)).tolist() == [1.0, 0.0, 0.0, 0.0]  # --sim-threshold is D's cut
-    assert torch.allclose(ril.similarity_reward(logits, args(sim_reward="continuous")), torch.tensor([0.9, 0.51, 0.49, 0.1]))
+    # --sim-threshold is D's cut
+    assert ril.similarity_reward(logits, args(sim_threshold=0.3)).tolist() == [1.0, 0.0, 0.0, 0.0]
+    assert torch.allclose(
+        ril.similarity_reward(logits, args(sim_reward="continuous")), torch.tensor([0.9, 0.51, 0.49, 0.1])
+    )
 
 
 def test_the_second_built_in_task_asks_other_ways_and_its_teachers_answer_later(tmp_path):
@@ -501,19 +612,30 @@ def test_answer_match_normalises_wants_whole_words_and_refuses_lists():
 
 # ---------------------------------------------------------------- held-out evaluation
 def test_evaluate_scores_each_greedy_answer_against_its_own_row(tiny, monkeypatch):
-    """Fixed greedy answers (generate stubbed) to rows with several teacher texts each: teacher match is 1 when the answer
-    equals any one teacher text word for word (after normalize), of either teacher, and 0 when it equals none; accuracy
-    is the judge's, length the answer's tokens with EOS, teacher-likeness the mean of 1 - D; answers come back in row order."""
+    """Fixed greedy answers (generate stubbed) to rows with several teacher texts each: teacher match is 1 when the
+    answer equals any one teacher text word for word (after normalize), of either teacher, and 0 when it equals none;
+    accuracy is the judge's, length the answer's tokens with EOS, teacher-likeness the mean of 1 - D; answers come back
+    in row order."""
     tok = tiny["proc"].tokenizer
     said = ["The shape is red.", "I think blue.", "3", "Four."]
-    rows = [dict(tiny["rows"][i], answer=ans, teachers=t) for i, (ans, t) in enumerate([
-        ("red", {"alice": ["It is red.", "the shape is RED"], "bob": ["Red."]}),  # one of alice's two texts
-        ("green", {"alice": ["Blue.", "It is blue."], "bob": ["I think blue!"]}),  # bob's only text; a wrong answer
-        ("2", {"alice": ["There are 3 shapes."], "bob": ["three shapes"]}),  # none
-        ("4", {"alice": ["4"], "bob": ["four", "4 shapes"]})])]  # two of three
+    # two of three
+    rows = [
+        dict(tiny["rows"][i], answer=ans, teachers=t)
+        for i, (ans, t) in enumerate(
+            [
+                ("red", {"alice": ["It is red.", "the shape is RED"], "bob": ["Red."]}),  # one of alice's two texts
+                # bob's only text; a wrong answer
+                ("green", {"alice": ["Blue.", "It is blue."], "bob": ["I think blue!"]}),
+                ("2", {"alice": ["There are 3 shapes."], "bob": ["three shapes"]}),  # none
+                ("4", {"alice": ["4"], "bob": ["four", "4 shapes"]}),
+            ]
+        )
+    ]
     comp, mask = ril.pad_right([ril.text_ids(tok, t, 16) for t in said], tok.pad_token_id, CPU)
     calls = []
-    monkeypatch.setattr(ril, "generate", lambda model, enc, *rest, **kw: calls.append(len(enc["input_ids"])) or (comp, mask))
+    monkeypatch.setattr(
+        ril, "generate", lambda model, enc, *rest, **kw: calls.append(len(enc["input_ids"])) or (comp, mask)
+    )
     d = torch.tensor([-2.0, 0.0, 1.0, 3.0])
     seen = []
     monkeypatch.setattr(ril, "disc_logits", lambda disc, tok, texts, *rest, **kw: seen.append(list(texts)) or d.clone())
@@ -546,8 +668,12 @@ def test_teacher_texts_are_retokenised_by_the_student_and_end_in_eos(tiny):
 def test_an_sft_target_cut_to_nothing_adds_no_nan(tiny, capsys):
     """SFT averages each target's token loss; a teacher text its model's cap cut to nothing has no tokens at all."""
     empty, red = {"alice": [ril.Unfinished("")], "bob": [ril.Unfinished("")]}, {"alice": ["red."], "bob": ["red."]}
-    rows = [dict(r, teachers=t) for r, t in zip(tiny["rows"][:2], [empty, red])]
-    ril.sft_warmup(args(sft_steps=1, sft_batch_size=2, sft_teacher_frac=1.0), state(ril.copy.deepcopy(tiny["model"]), tiny["proc"]), rows)
+    rows = [dict(r, teachers=t) for r, t in zip(tiny["rows"][:2], [empty, red], strict=True)]
+    ril.sft_warmup(
+        args(sft_steps=1, sft_batch_size=2, sft_teacher_frac=1.0),
+        state(ril.copy.deepcopy(tiny["model"]), tiny["proc"]),
+        rows,
+    )
     loss = float(re.search(r"final loss (\S+)", capsys.readouterr().out).group(1))
     assert math.isfinite(loss) and loss > 0
 
@@ -569,7 +695,7 @@ def test_d_and_the_judge_read_a_long_teacher_text_as_cut_for_the_policy(tiny):
     a, tok = args(G=2, max_new_tokens=6), tiny["proc"].tokenizer
     row = dict(tiny["rows"][0], teachers={"alice": ["red " * 20, "red."], "bob": ["blue " * 20]})
     ro = ril.rollout(a, state(tiny["model"], tiny["proc"]), [row], ril.random.Random(0), with_teachers=True)
-    for comp, mask, text, is_teacher in zip(ro["comp"], ro["mask"], ro["texts"], ro["is_teacher"]):
+    for comp, mask, text, is_teacher in zip(ro["comp"], ro["mask"], ro["texts"], ro["is_teacher"], strict=True):
         ids = comp[mask.bool()].tolist()
         if is_teacher:
             assert len(ids) <= 6 and text == tok.decode(ids, skip_special_tokens=True) and len(text) < 30
@@ -591,7 +717,9 @@ def test_a_teacher_models_texts_keep_their_spaces_and_a_cut_one_gets_no_eos(tmp_
     for _ in range(2):  # generated, then read from the cache
         ril.model_teacher_texts("m", rows, a, CPU, torch.float32)
         texts = rows[0]["teachers"]["m"] + rows[1]["teachers"]["m"]
-        assert texts == [t for t, _ in said] and [isinstance(t, ril.Unfinished) for t in texts] == [not e for _, e in said]
+        assert texts == [t for t, _ in said] and [isinstance(t, ril.Unfinished) for t in texts] == [
+            not e for _, e in said
+        ]
         assert [ril.text_ids(tok, t, 16)[-1] == eos for t in texts] == [e for _, e in said]
 
 
@@ -599,29 +727,39 @@ def test_completions_never_contain_vision_placeholder_tokens(tiny):
     model, proc = ril.copy.deepcopy(tiny["model"]), tiny["proc"]
     image_pad = model.config.image_token_id
     with torch.no_grad():  # make <|image_pad|> the policy's favourite token
-        model.lm_head.weight[image_pad] = model.lm_head.weight[image_pad] * 0 + 5 * model.model.language_model.norm(
-            model.model.language_model.embed_tokens.weight.mean(0, keepdim=True))[0]
+        model.lm_head.weight[image_pad] = (
+            model.lm_head.weight[image_pad] * 0
+            + 5
+            * model.model.language_model.norm(model.model.language_model.embed_tokens.weight.mean(0, keepdim=True))[0]
+        )
     enc = ril.repeat_prompts(ril.encode_prompts(proc, tiny["rows"][:2], CPU), 4)
     cfg = ril.generation_config(args(), model, proc.tokenizer, greedy=False)
     vision = cfg.suppress_tokens
     assert image_pad in vision and model.config.vision_start_token_id in vision
-    raw = model.generate(**enc, generation_config=transformers.GenerationConfig(**{**cfg.to_dict(), "suppress_tokens": None}))
-    assert (raw[:, enc["input_ids"].shape[1]:] == image_pad).any(), "the biased model should want image tokens"
+    raw = model.generate(
+        **enc, generation_config=transformers.GenerationConfig(**{**cfg.to_dict(), "suppress_tokens": None})
+    )
+    assert (raw[:, enc["input_ids"].shape[1] :] == image_pad).any(), "the biased model should want image tokens"
     comp, _ = ril.generate(model, enc, cfg)
     assert not torch.isin(comp, torch.tensor(vision)).any()
 
 
 def test_the_top_k_sampler_draws_from_the_distribution_of_hf_sampling(monkeypatch):
-    """sample_top_k_top_p draws among the top k alone. The probabilities it draws from, put back at their token ids, equal
-    those of HF's temperature, top-k and top-p warpers followed by a softmax over the whole vocabulary (within 1e-6), for
-    flat and sharp logits with a suppressed token; the scores it returns make greedy search take exactly the draw; and
-    20,000 draws match HF's probabilities."""
+    """sample_top_k_top_p draws among the top k alone. The probabilities it draws from, put back at their token ids,
+    equal those of HF's temperature, top-k and top-p warpers followed by a softmax over the whole vocabulary (within
+    1e-6), for flat and sharp logits with a suppressed token; the scores it returns make greedy search take exactly the
+    draw; and 20,000 draws match HF's probabilities."""
     a = args(temperature=0.7, top_k=50, top_p=0.95)
     g = torch.Generator().manual_seed(0)
     scores = torch.cat([torch.randn(2, 3000, generator=g) * scale for scale in (0.3, 3.0, 12.0)])  # flat to sharp
     scores[:, 7] = -float("inf")  # a suppressed token
-    warpers = transformers.LogitsProcessorList([transformers.TemperatureLogitsWarper(0.7), transformers.TopKLogitsWarper(50),
-                                                transformers.TopPLogitsWarper(0.95)])
+    warpers = transformers.LogitsProcessorList(
+        [
+            transformers.TemperatureLogitsWarper(0.7),
+            transformers.TopKLogitsWarper(50),
+            transformers.TopPLogitsWarper(0.95),
+        ]
+    )
     want = warpers(None, scores.clone()).softmax(-1)  # what HF's do_sample draws from
     drawn_from, real = [], torch.multinomial
     monkeypatch.setattr(torch, "multinomial", lambda p, n, **kw: drawn_from.append(p) or real(p, n, **kw))
@@ -640,7 +778,9 @@ def test_truncated_means_no_eos_even_at_the_last_position(tiny, monkeypatch):
     eos, pad = tiny["proc"].tokenizer.eos_token_id, tiny["proc"].tokenizer.pad_token_id
     fake = torch.tensor([[7, 8, eos], [7, 8, 9], [7, eos, pad], [7, 8, 9]])  # ends on EOS / cap / early EOS / cap
     monkeypatch.setattr(ril, "generate", lambda model, enc, cfg, *rest, **kw: (fake, ril.completion_mask(fake, [eos])))
-    ro = ril.rollout(args(G=4), state(tiny["model"], tiny["proc"]), tiny["rows"][:1], ril.random.Random(0), with_teachers=False)
+    ro = ril.rollout(
+        args(G=4), state(tiny["model"], tiny["proc"]), tiny["rows"][:1], ril.random.Random(0), with_teachers=False
+    )
     assert ro["truncated"] == 0.5
 
 
@@ -650,19 +790,43 @@ def test_training_logprobs_match_generate(tiny):
     enc = ril.repeat_prompts(ril.encode_prompts(proc, tiny["rows"][:3], CPU), 2)
     cfg = ril.generation_config(a, model, proc.tokenizer, greedy=False)
     with torch.no_grad():
-        out = model.generate(**enc, generation_config=cfg, return_dict_in_generate=True, output_logits=True,
-                             logits_processor=[ril.functools.partial(ril.sample_top_k_top_p, a)])  # sampled, as in a rollout
-        comp, logits = out.sequences[:, enc["input_ids"].shape[1]:], torch.stack(out.logits, 1)
+        # sampled, as in a rollout
+        out = model.generate(
+            **enc,
+            generation_config=cfg,
+            return_dict_in_generate=True,
+            output_logits=True,
+            logits_processor=[ril.functools.partial(ril.sample_top_k_top_p, a)],
+        )
+        comp, logits = out.sequences[:, enc["input_ids"].shape[1] :], torch.stack(out.logits, 1)
         mask = ril.completion_mask(comp, cfg.eos_token_id)
         lp = ril.token_logprobs(model, enc, comp, mask, a.temperature)
     ref = torch.log_softmax(logits.float(), -1).gather(-1, comp[..., None]).squeeze(-1)
     assert (lp - ref)[mask.bool()].abs().max() < 1e-4
 
 
+def plain_token_logprobs(model, enc, comp, comp_mask, temperature):
+    """token_logprobs computed plainly, the oracle of the test below: every position's full-vocabulary logits at once,
+    then the log-softmax."""
+    T = comp.shape[1]
+    extra = {
+        k: torch.cat([v, torch.zeros_like(comp)], 1) if "token_type_ids" in k else v
+        for k, v in enc.items()
+        if k not in ("input_ids", "attention_mask")
+    }
+    ids, attention = torch.cat([enc["input_ids"], comp], 1), torch.cat([enc["attention_mask"], comp_mask], 1)
+    logits = (
+        model(input_ids=ids, attention_mask=attention, logits_to_keep=T + 1, **extra).logits[:, :-1].float()
+        / temperature
+    )
+    return logits.gather(-1, comp[..., None]).squeeze(-1) - logits.logsumexp(-1)
+
+
 def test_chunked_logprobs_and_gradients_equal_the_full_logits_computation(tiny):
     """token_logprobs never holds the (N, T, V) logits: the LM head and log-softmax run a chunk of tokens at a time and
     again in the backward pass. Against the plain computation (all logits, then log-softmax), for chunks that split
-    sequences mid-way and one chunk for all: the same log-probs and gradients within 1e-5, and the head's own forward back."""
+    sequences mid-way and one chunk for all: the same log-probs and gradients within 1e-5, and the head's own forward
+    back."""
     model, proc = tiny["model"], tiny["proc"]
     enc = ril.repeat_prompts(ril.encode_prompts(proc, tiny["rows"][:3], CPU), 2)
     comp = torch.randint(10, len(proc.tokenizer) - 8, (6, 7), generator=torch.Generator().manual_seed(0))
@@ -676,7 +840,7 @@ def test_chunked_logprobs_and_gradients_equal_the_full_logits_computation(tiny):
         got = ril.token_logprobs(model, enc, comp, mask, 0.7, chunk=chunk)
         grads = torch.autograd.grad((got * weights).sum(), list(model.parameters()))
         assert (got - want).abs().max() < 1e-5, chunk
-        assert max((g - w).abs().max().item() for g, w in zip(grads, want_grads)) < 1e-5, chunk
+        assert max((g - w).abs().max().item() for g, w in zip(grads, want_grads, strict=True)) < 1e-5, chunk
     assert "forward" not in model.get_output_embeddings().__dict__
     assert model(**enc).logits.shape[-1] == model.config.get_text_config().vocab_size  # the head gives logits again
 
@@ -690,7 +854,8 @@ def test_repeat_prompts_keeps_each_image_with_its_prompt(tiny):
 
 
 def _rows_with_images_of_three_sizes(tiny) -> list:
-    """Three questions whose images give 16, 48 and 32 patches (56x56, 112x84, 56x112): no block offset is i * one size."""
+    """Three questions whose images give 16, 48 and 32 patches (56x56, 112x84, 56x112): no block offset is i * one
+    size."""
     sizes = [(56, 56), (112, 84), (56, 112)]
     return [dict(r, image=r["image"].resize(wh)) for r, wh in zip(tiny["rows"][3:6], sizes, strict=True)]
 
@@ -715,23 +880,40 @@ def test_a_forward_pass_over_images_of_different_sizes_sees_each_prompts_own_ima
     encoded alone; and they depend on the image (so a prompt given another's pixels would show)."""
     model, proc, rows = tiny["model"], tiny["proc"], _rows_with_images_of_three_sizes(tiny)
     enc = ril.repeat_prompts(ril.encode_prompts(proc, rows, CPU), 2)  # 6 prompts: 0, 0, 1, 1, 2, 2
-    comp, mask = ril.pad_right([ril.text_ids(proc.tokenizer, t, 8) for t in ["red.", "It is a circle.", "3", "blue", "4 shapes", "red."]],
-                               proc.tokenizer.pad_token_id, CPU)
+    comp, mask = ril.pad_right(
+        [ril.text_ids(proc.tokenizer, t, 8) for t in ["red.", "It is a circle.", "3", "blue", "4 shapes", "red."]],
+        proc.tokenizer.pad_token_id,
+        CPU,
+    )
     with torch.no_grad():
         full = ril.token_logprobs(model, enc, comp, mask, 1.0)
-        parts = torch.cat([ril.token_logprobs(model, ril.select_prompts(enc, list(range(i, j))), comp[i:j], mask[i:j], 1.0)
-                           for i, j in ril.chunks(6, 4)])  # [0, 4) and [4, 6): blocks of 16+16+48+48 and 32+32 rows
-        alone = torch.cat([ril.token_logprobs(model, ril.encode_prompts(proc, [rows[i // 2]], CPU), comp[i:i + 1], mask[i:i + 1], 1.0)
-                           for i in range(6)])
-        swapped = ril.token_logprobs(model, ril.encode_prompts(proc, [dict(rows[0], image=rows[2]["image"])], CPU), comp[:1], mask[:1], 1.0)
+        # [0, 4) and [4, 6): blocks of 16+16+48+48 and 32+32 rows
+        parts = torch.cat(
+            [
+                ril.token_logprobs(model, ril.select_prompts(enc, list(range(i, j))), comp[i:j], mask[i:j], 1.0)
+                for i, j in ril.chunks(6, 4)
+            ]
+        )
+        alone = torch.cat(
+            [
+                ril.token_logprobs(
+                    model, ril.encode_prompts(proc, [rows[i // 2]], CPU), comp[i : i + 1], mask[i : i + 1], 1.0
+                )
+                for i in range(6)
+            ]
+        )
+        swapped = ril.token_logprobs(
+            model, ril.encode_prompts(proc, [dict(rows[0], image=rows[2]["image"])], CPU), comp[:1], mask[:1], 1.0
+        )
     m = mask.bool()
     assert (full - parts)[m].abs().max() < 1e-5 and (full - alone)[m].abs().max() < 1e-5
     assert (swapped - alone[:1])[m[:1]].abs().max() > 1e-4
 
 
 def test_batches_are_a_pure_function_of_the_step():
-    """The same (seed, step) gives the same questions in a fresh process (epoch_order's cache cleared) whatever the global
-    random and torch states are, as a resumed run needs; every epoch is a new shuffle, and another seed another order."""
+    """The same (seed, step) gives the same questions in a fresh process (epoch_order's cache cleared) whatever the
+    global random and torch states are, as a resumed run needs; every epoch is a new shuffle, and another seed another
+    order."""
     rows = list(range(10))
     assert ril.batch_at(rows, 3, 4, 0) == ril.batch_at(rows, 3, 4, 0)
     epoch = [x for s in range(5) for x in ril.batch_at(rows, s, 2, 0)]
@@ -750,7 +932,8 @@ def test_batches_are_a_pure_function_of_the_step():
         torch.set_rng_state(saved[1])
         ril.epoch_order.cache_clear()
     epochs = [ril.batch_at(rows, s, 10, 7) for s in range(3)]
-    assert all(sorted(e) == rows for e in epochs) and len({tuple(e) for e in epochs + [rows]}) == 4  # shuffled, anew each epoch
+    # shuffled, anew each epoch
+    assert all(sorted(e) == rows for e in epochs) and len({tuple(e) for e in epochs + [rows]}) == 4
     assert ril.batch_at(rows, 0, 10, 7) != ril.batch_at(rows, 0, 10, 8)
 
 
@@ -766,8 +949,18 @@ def _save_jsonl(folder, rows, name):
     with open(os.path.join(folder, name), "w") as f:
         for r in rows:
             r["image"].save(os.path.join(folder, "img", f"{r['id']}.png"))
-            f.write(json.dumps({"id": r["id"], "image": f"img/{r['id']}.png", "question": r["question"],
-                                "answer": r["answer"], "teachers": r["teachers"]}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "id": r["id"],
+                        "image": f"img/{r['id']}.png",
+                        "question": r["question"],
+                        "answer": r["answer"],
+                        "teachers": r["teachers"],
+                    }
+                )
+                + "\n"
+            )
 
 
 def test_script_trains_student_and_discriminator_from_a_saved_checkpoint(tmp_path):
@@ -775,25 +968,59 @@ def test_script_trains_student_and_discriminator_from_a_saved_checkpoint(tmp_pat
     both models change, metrics.jsonl is written, and --out reloads with plain transformers."""
     ckpt, out = tmp_path / "tiny", tmp_path / "out"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    run = lambda *flags: subprocess.run([sys.executable, os.path.join(HERE, "ril.py"), *flags],  # noqa: E731
-                                        capture_output=True, text=True, env=env, timeout=300)
+
+    def run(*flags):
+        cmd = [sys.executable, os.path.join(HERE, "ril.py"), *flags]
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
     _tiny_family("qwen2_vl", ckpt)
     _save_jsonl(tmp_path, ril.make_toy(12, 0), "train.jsonl")
     _save_jsonl(tmp_path, ril.make_toy(4, 1), "val.jsonl")
-    p = run("--student", str(ckpt), "--data", str(tmp_path / "train.jsonl"), "--eval-data", str(tmp_path / "val.jsonl"),
-            "--sft-steps", "0", "--disc-pretrain-steps", "2", "--steps", "3", "--batch-size", "2", "--out", str(out),
-            "--lr", "1e-3", "--disc-lr", "1e-3")
+    p = run(
+        "--student",
+        str(ckpt),
+        "--data",
+        str(tmp_path / "train.jsonl"),
+        "--eval-data",
+        str(tmp_path / "val.jsonl"),
+        "--sft-steps",
+        "0",
+        "--disc-pretrain-steps",
+        "2",
+        "--steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--out",
+        str(out),
+        "--lr",
+        "1e-3",
+        "--disc-lr",
+        "1e-3",
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     assert "after ril" in p.stdout
-    groups = [json.loads(x)["texts"] for x in open(out / "samples.jsonl")]  # one group a step: G samples, then G teacher texts
+    # one group a step: G samples, then G teacher texts
+    groups = [json.loads(x)["texts"] for x in open(out / "samples.jsonl")]
     assert len(groups) == 3 and all([d["source"] for d in g] == ["student"] * 4 + ["teacher"] * 4 for g in groups)
 
     lines = [json.loads(x) for x in open(out / "metrics.jsonl")]
     steps = [m for m in lines if "reward/total" in m]
     assert len(steps) == 3
-    for key in ["reward/sim", "reward/ans", "reward/total", "disc/loss", "disc/acc_student", "disc/acc_teacher",
-                "policy/loss", "policy/grad_norm", "policy/clip_frac", "policy/kl", "len/mean",
-                "time/step"]:
+    for key in [
+        "reward/sim",
+        "reward/ans",
+        "reward/total",
+        "disc/loss",
+        "disc/acc_student",
+        "disc/acc_teacher",
+        "policy/loss",
+        "policy/grad_norm",
+        "policy/clip_frac",
+        "policy/kl",
+        "len/mean",
+        "time/step",
+    ]:
         assert all(key in m for m in steps), key
     assert {"eval/acc", "eval/teacher_like"} <= set(lines[0]) and {"eval/acc", "eval/teacher_like"} <= set(lines[-1])
 
@@ -813,8 +1040,24 @@ def test_script_trains_student_and_discriminator_from_a_saved_checkpoint(tmp_pat
 
 @pytest.mark.parametrize("algo", ["dr_grpo", "grpo"])
 def test_baselines_run_without_discriminator_or_teachers(tmp_path, algo, capsys):
-    ril.main(["--algo", algo, "--toy-size", "12", "--eval-size", "4", "--sft-steps", "2", "--steps", "2",
-              "--batch-size", "2", "--out", str(tmp_path)])
+    ril.main(
+        [
+            "--algo",
+            algo,
+            "--toy-size",
+            "12",
+            "--eval-size",
+            "4",
+            "--sft-steps",
+            "2",
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert not (tmp_path / "discriminator.pt").exists()
     steps = [json.loads(x) for x in open(tmp_path / "metrics.jsonl") if "reward/total" in x]
     assert len(steps) == 2 and "disc/loss" not in steps[0]
@@ -822,8 +1065,26 @@ def test_baselines_run_without_discriminator_or_teachers(tmp_path, algo, capsys)
 
 
 def test_docstring_examples_hold():
-    import doctest
-    assert doctest.testmod(ril).failed == 0
+    failed, attempted = doctest.testmod(ril)
+    assert attempted > 0, "no docstring example ran"
+    assert failed == 0
+
+
+def test_every_flag_has_help_and_help_prints_it(capsys):
+    """Every field of ril.Args (Config's included) has a help text, and `ril.py --help` prints each flag with it."""
+    flags = {"--" + f.name.replace("_", "-"): f.metadata.get("help", "") for f in dataclasses.fields(ril.Args)}
+    assert flags
+    assert not [flag for flag, text in flags.items() if not text.strip()], "flags without help"
+    with pytest.raises(SystemExit) as e:
+        ril.parse_args(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    options = re.split(r"\n  (?=-)", out)  # one entry per option: its flag, then its help, rewrapped by argparse
+    for flag, text in flags.items():
+        entry = [o for o in options if o.split()[0] == flag]
+        assert len(entry) == 1, f"{flag} is not in --help"
+        # argparse rewraps the help text, also at hyphens ("comma-separated" may end one line): ignore whitespace
+        assert re.sub(r"\s+", "", text) in re.sub(r"\s+", "", entry[0]), f"{flag}: its help is not printed"
 
 
 # ---------------------------------------------------------------- bad input: one line, exit 2
@@ -853,19 +1114,26 @@ def _png_header(w: int, h: int) -> bytes:
     """A PNG that claims w x h pixels in its header and has no pixel data: a decompression bomb's shape."""
     import struct
     import zlib
+
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    chunk = lambda kind, data: struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))  # noqa: E731
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
 
 
-@pytest.mark.parametrize("line,expect", [
-    ("{not json", "invalid JSON"),
-    ('{"image": "x.png", "question": "q"}', "missing field(s) answer"),
-    ('{"image": "nowhere.png", "question": "q", "answer": "a"}', "image not found"),
-    ('{"image": "broken.png", "question": "q", "answer": "a"}', "cannot decode image"),
-    ('{"image": "huge.png", "question": "q", "answer": "a"}', "exceeds limit"),
-    ('{"image": "ok.png", "question": "q", "answer": "a", "teachers": {"t": "x"}}', "list of texts"),
-])
+@pytest.mark.parametrize(
+    "line,expect",
+    [
+        ("{not json", "invalid JSON"),
+        ('{"image": "x.png", "question": "q"}', "missing field(s) answer"),
+        ('{"image": "nowhere.png", "question": "q", "answer": "a"}', "image not found"),
+        ('{"image": "broken.png", "question": "q", "answer": "a"}', "cannot decode image"),
+        ('{"image": "huge.png", "question": "q", "answer": "a"}', "exceeds limit"),
+        ('{"image": "ok.png", "question": "q", "answer": "a", "teachers": {"t": "x"}}', "list of texts"),
+    ],
+)
 def test_bad_rows_get_one_line_naming_file_and_line(tmp_path, capsys, line, expect):
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not an image")
     (tmp_path / "huge.png").write_bytes(_png_header(100_000, 100_000))
@@ -885,7 +1153,16 @@ def test_the_training_file_or_its_ids_as_held_out_data_are_refused(tmp_path, cap
     _save_jsonl(tmp_path, rows[:1], "same_ids.jsonl")
     for held in ("train.jsonl", "same_ids.jsonl"):
         with pytest.raises(SystemExit) as e:
-            ril.main(["--data", str(tmp_path / "train.jsonl"), "--eval-data", str(tmp_path / held), "--out", str(tmp_path / "o")])
+            ril.main(
+                [
+                    "--data",
+                    str(tmp_path / "train.jsonl"),
+                    "--eval-data",
+                    str(tmp_path / held),
+                    "--out",
+                    str(tmp_path / "o"),
+                ]
+            )
         err = capsys.readouterr().err
         assert e.value.code == 2 and "is also the id of" in err and not (tmp_path / "o").exists()
 
@@ -897,31 +1174,60 @@ def test_the_teacher_texts_row_is_judged_not_assumed(tmp_path, capsys):
         r["teachers"] = {"alice": r["teachers"]["alice"], "bob": ["I do not know."]}
     _save_jsonl(tmp_path, rows[:10], "train.jsonl")
     _save_jsonl(tmp_path, rows[10:], "held.jsonl")
-    ril.main(["--data", str(tmp_path / "train.jsonl"), "--eval-data", str(tmp_path / "held.jsonl"), "--steps", "1", "--sft-steps", "1",
-              "--disc-pretrain-steps", "1", "--batch-size", "2", "--out", str(tmp_path / "o")])
-    assert "| teacher texts | 0.667 |" in capsys.readouterr().out  # per held-out row: alice's 2 texts right, bob's 1 wrong
+    ril.main(
+        [
+            "--data",
+            str(tmp_path / "train.jsonl"),
+            "--eval-data",
+            str(tmp_path / "held.jsonl"),
+            "--steps",
+            "1",
+            "--sft-steps",
+            "1",
+            "--disc-pretrain-steps",
+            "1",
+            "--batch-size",
+            "2",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
+    # per held-out row: alice's 2 texts right, bob's 1 wrong
+    assert "| teacher texts | 0.667 |" in capsys.readouterr().out
 
 
 def test_answers_in_any_script_are_matched_and_an_unmatchable_answer_is_refused(tmp_path, capsys):
-    """Whole-word matching in scripts with spaces (Greek, Cyrillic), character spans in scripts without (Chinese, Japanese, Thai),
-    full-width digits as digits; a row whose answer has no letter or digit could never earn r_ans = 1 and is refused."""
+    """Whole-word matching in scripts with spaces (Greek, Cyrillic), character spans in scripts without (Chinese,
+    Japanese, Thai), full-width digits as digits; a row whose answer has no letter or digit could never earn r_ans = 1
+    and is refused."""
     assert ril.answer_match("答案是七", "七") == 1.0 and ril.answer_match("答案是七", "八") == 0.0
     assert ril.answer_match("これは赤です", "赤") == 1.0 and ril.answer_match("คำตอบคือเจ็ด", "เจ็ด") == 1.0
-    assert ril.answer_match("Это красный круг.", "Красный") == 1.0 and ril.answer_match("Είναι κόκκινο.", "ΚΌΚΚΙΝΟ") == 1.0
+    assert (
+        ril.answer_match("Это красный круг.", "Красный") == 1.0 and ril.answer_match("Είναι κόκκινο.", "ΚΌΚΚΙΝΟ") == 1.0
+    )
     assert ril.answer_match("There are ３ shapes.", "3") == 1.0 and ril.answer_match("Ελλάδα", "Ελ") == 0.0
-    assert ril.MatchJudge([{"answer": "七"}, {"answer": "赤"}])(["q"] * 2, ["七", "赤"], ["七或赤", "是七"]) == [0.0, 0.0]
+    assert ril.MatchJudge([{"answer": "七"}, {"answer": "赤"}])(["q"] * 2, ["七", "赤"], ["七或赤", "是七"]) == [
+        0.0,
+        0.0,
+    ]
     for answer in ("★", "?!"):
         code, err, data = _bad_input(tmp_path, capsys, [GOOD, GOOD.replace('"answer": "a"', f'"answer": "{answer}"')])
         assert code == 2 and len(err.splitlines()) == 1 and f"{data}:2: answer '{answer}' has no letter or digit" in err
 
 
 def test_images_of_every_mode_reach_the_model_as_a_viewer_shows_them(tmp_path):
-    """Transparent pixels over white (not black), 16-bit grey scaled (not clipped to white), EXIF rotation applied, and every
-    mode Pillow opens becomes an RGB image the processor takes."""
+    """Transparent pixels over white (not black), 16-bit grey scaled (not clipped to white), EXIF rotation applied, and
+    every mode Pillow opens becomes an RGB image the processor takes."""
     from PIL import Image
+
     rgba = Image.new("RGBA", (8, 4), (0, 0, 0, 0))
     rgba.paste((255, 0, 0, 255), (0, 0, 4, 4))  # red left half, transparent right half
-    cases = {"rgba.png": rgba, "la.png": rgba.convert("LA"), "p.png": rgba.convert("P"), "grey16.png": Image.new("I;16", (8, 4), 32768)}
+    cases = {
+        "rgba.png": rgba,
+        "la.png": rgba.convert("LA"),
+        "p.png": rgba.convert("P"),
+        "grey16.png": Image.new("I;16", (8, 4), 32768),
+    }
     for name, img in cases.items():
         img.save(tmp_path / name)
     exif = Image.Exif()
@@ -933,15 +1239,39 @@ def test_images_of_every_mode_reach_the_model_as_a_viewer_shows_them(tmp_path):
     assert seen["la.png"].getpixel((7, 0)) == (255, 255, 255) and seen["p.png"].getpixel((7, 0)) == (255, 255, 255)
     assert seen["grey16.png"].getpixel((0, 0)) == (128, 128, 128)
     assert seen["rotated.jpg"].size == (4, 8)
-    for mode in ["1", "L", "P", "RGB", "RGBA", "LA", "PA", "CMYK", "YCbCr", "LAB", "HSV", "I", "F", "I;16", "I;16B", "RGBa"]:  # the modes files open as
-        img = ril.open_image(Image.new("RGB", (8, 4), (200, 30, 30)).convert(mode) if "I;16" not in mode else Image.new(mode, (8, 4), 9))
+    for mode in [
+        "1",
+        "L",
+        "P",
+        "RGB",
+        "RGBA",
+        "LA",
+        "PA",
+        "CMYK",
+        "YCbCr",
+        "LAB",
+        "HSV",
+        "I",
+        "F",
+        "I;16",
+        "I;16B",
+        "RGBa",
+    ]:  # the modes files open as
+        img = ril.open_image(
+            Image.new("RGB", (8, 4), (200, 30, 30)).convert(mode) if "I;16" not in mode else Image.new(mode, (8, 4), 9)
+        )
         assert img.mode == "RGB" and img.size == (8, 4), mode
 
 
 def test_a_prompt_too_long_for_the_student_is_one_line(tmp_path, capsys):
     long = GOOD.replace('"question": "q"', '"question": "' + "how many " * 3000 + '"')
     code, err, data = _bad_input(tmp_path, capsys, [GOOD, long])
-    assert code == 2 and len(err.splitlines()) == 1 and f"{data}:2: the prompt (" in err and "exceed the 4096 positions" in err
+    assert (
+        code == 2
+        and len(err.splitlines()) == 1
+        and f"{data}:2: the prompt (" in err
+        and "exceed the 4096 positions" in err
+    )
 
 
 def test_an_out_that_cannot_be_written_is_refused_before_any_model_loads(tmp_path, capsys, monkeypatch):
@@ -955,28 +1285,57 @@ def test_an_out_that_cannot_be_written_is_refused_before_any_model_loads(tmp_pat
     else:
         locked.chmod(0o555)
     try:
-        for out, why in [(tmp_path / "file", "Not a directory"), (tmp_path / "file" / "run", "Not a directory"),
-                         (locked, "Operation not permitted" if os.geteuid() == 0 else "Permission denied"),
-                         (locked / "a" / "b", "Operation not permitted" if os.geteuid() == 0 else "Permission denied")]:
+        for out, why in [
+            (tmp_path / "file", "Not a directory"),
+            (tmp_path / "file" / "run", "Not a directory"),
+            (locked, "Operation not permitted" if os.geteuid() == 0 else "Permission denied"),
+            (locked / "a" / "b", "Operation not permitted" if os.geteuid() == 0 else "Permission denied"),
+        ]:
             with pytest.raises(SystemExit) as e:
                 ril.main(["--out", str(out)])
             err = capsys.readouterr().err.strip()
-            assert e.value.code == 2 and len(err.splitlines()) == 1 and f"--out {out}: cannot write in" in err and why in err, err
+            assert (
+                e.value.code == 2
+                and len(err.splitlines()) == 1
+                and f"--out {out}: cannot write in" in err
+                and why in err
+            ), err
     finally:
-        subprocess.run(["chattr", "-i", str(locked)], capture_output=True) if os.geteuid() == 0 else locked.chmod(0o755)
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(locked)], capture_output=True)
+        else:
+            locked.chmod(0o755)
     assert os.listdir(locked) == []
 
 
 def test_a_judge_that_never_gives_a_verdict_is_named_then_the_run_stops(tmp_path, capsys):
-    """A random tiny judge never writes <answer>0|1</answer>: every step warns on the console, and after --max-bad-steps steps the
-    run stops with one line instead of training on r_ans = 0 for every text."""
+    """A random tiny judge never writes <answer>0|1</answer>: every step warns on the console, and after --max-bad-steps
+    steps the run stops with one line instead of training on r_ans = 0 for every text."""
     with pytest.raises(SystemExit) as e:
-        ril.main([*TINY_RUN, "--judge", _tiny_judge(tmp_path / "judge"), "--judge-max-new-tokens", "2", "--steps", "6",
-                  "--max-bad-steps", "2", "--out", str(tmp_path / "o")])
+        ril.main(
+            [
+                *TINY_RUN,
+                "--judge",
+                _tiny_judge(tmp_path / "judge"),
+                "--judge-max-new-tokens",
+                "2",
+                "--steps",
+                "6",
+                "--max-bad-steps",
+                "2",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
     out, err = capsys.readouterr()
-    assert e.value.code == 2 and "step 2: 2 bad steps in a row, the last: no judge reply had <answer>0|1</answer>" in err
+    assert (
+        e.value.code == 2 and "step 2: 2 bad steps in a row, the last: no judge reply had <answer>0|1</answer>" in err
+    )
     assert "warning: step 1: no judge reply had <answer>0|1</answer>" in out + err
-    assert [json.loads(x)["judge/unparsed"] for x in open(tmp_path / "o" / "metrics.jsonl") if "reward/total" in x] == [1.0, 1.0]
+    assert [json.loads(x)["judge/unparsed"] for x in open(tmp_path / "o" / "metrics.jsonl") if "reward/total" in x] == [
+        1.0,
+        1.0,
+    ]
 
 
 def test_weights_that_are_not_finite_are_never_saved(tmp_path, capsys, monkeypatch):
@@ -1000,15 +1359,27 @@ def test_an_empty_dataset_is_refused(tmp_path, capsys):
 
 
 def test_a_teacher_missing_from_rows_is_named_with_its_count(tmp_path, capsys):
-    code, err, data = _bad_input(tmp_path, capsys, [GOOD, GOOD.replace('"t"', '"u"'), GOOD.replace('"t"', '"u"')],
-                                 extra=["--teachers", "t"])
+    code, err, data = _bad_input(
+        tmp_path, capsys, [GOOD, GOOD.replace('"t"', '"u"'), GOOD.replace('"t"', '"u"')], extra=["--teachers", "t"]
+    )
     assert code == 2 and f"{data}:2: teacher 't' has no texts for 2 row(s)" in err
 
 
-@pytest.mark.parametrize("flags,name", [(["--G", "1"], "--G 1"), (["--eps", "0"], "--eps 0"), (["--steps", "-1"], "--steps -1"),
-                                        (["--top-p", "0"], "--top-p 0"), (["--algo", "ppo"], "--algo ppo"), (["--lr", "inf"], "--lr inf"),
-                                        (["--top-k", "-1"], "--top-k -1"), (["--repetition-penalty", "0"], "--repetition-penalty 0"),
-                                        (["--max-grad-norm", "nan"], "--max-grad-norm nan"), (["--sft-lr", "nan"], "--sft-lr nan")])
+@pytest.mark.parametrize(
+    "flags,name",
+    [
+        (["--G", "1"], "--G 1"),
+        (["--eps", "0"], "--eps 0"),
+        (["--steps", "-1"], "--steps -1"),
+        (["--top-p", "0"], "--top-p 0"),
+        (["--algo", "ppo"], "--algo ppo"),
+        (["--lr", "inf"], "--lr inf"),
+        (["--top-k", "-1"], "--top-k -1"),
+        (["--repetition-penalty", "0"], "--repetition-penalty 0"),
+        (["--max-grad-norm", "nan"], "--max-grad-norm nan"),
+        (["--sft-lr", "nan"], "--sft-lr nan"),
+    ],
+)
 def test_impossible_arguments_are_refused(capsys, flags, name):
     with pytest.raises(SystemExit) as e:
         ril.main(flags)
@@ -1016,8 +1387,18 @@ def test_impossible_arguments_are_refused(capsys, flags, name):
 
 
 # ---------------------------------------------------------------- checkpoints, resume, guard
-TINY_RUN = ["--toy-size", "24", "--eval-size", "4", "--sft-steps", "3", "--disc-pretrain-steps", "2",
-            "--batch-size", "2"]
+TINY_RUN = [
+    "--toy-size",
+    "24",
+    "--eval-size",
+    "4",
+    "--sft-steps",
+    "3",
+    "--disc-pretrain-steps",
+    "2",
+    "--batch-size",
+    "2",
+]
 
 
 def _student(folder) -> dict:
@@ -1068,9 +1449,23 @@ def _steps_logged(out) -> int:
 
 def test_sigterm_mid_run_leaves_a_checkpoint_that_resume_continues(tmp_path):
     out, log = tmp_path / "o", open(tmp_path / "log.txt", "w+")
-    p = subprocess.Popen([sys.executable, os.path.join(HERE, "ril.py"), *TINY_RUN, "--steps", "400",
-                          "--save-every", "1000", "--out", str(out)], stdout=log, stderr=subprocess.STDOUT,
-                         text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    p = subprocess.Popen(
+        [
+            sys.executable,
+            os.path.join(HERE, "ril.py"),
+            *TINY_RUN,
+            "--steps",
+            "400",
+            "--save-every",
+            "1000",
+            "--out",
+            str(out),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     deadline = time.time() + 120
     while time.time() < deadline and _steps_logged(out) < 3 and p.poll() is None:
         time.sleep(0.2)
@@ -1089,10 +1484,17 @@ def test_sigterm_mid_run_leaves_a_checkpoint_that_resume_continues(tmp_path):
 
 def test_ctrl_c_before_the_first_checkpoint_says_nothing_was_saved_without_a_traceback(tmp_path):
     out, log = tmp_path / "o", open(tmp_path / "log.txt", "w+")
-    p = subprocess.Popen([sys.executable, os.path.join(HERE, "ril.py"), *TINY_RUN, "--sft-steps", "100000", "--out", str(out)],
-                         stdout=log, stderr=subprocess.STDOUT, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    p = subprocess.Popen(
+        [sys.executable, os.path.join(HERE, "ril.py"), *TINY_RUN, "--sft-steps", "100000", "--out", str(out)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     deadline = time.time() + 120
-    while time.time() < deadline and "sft:" not in open(tmp_path / "log.txt").read():  # in Stage 0, long before any checkpoint
+    while (
+        time.time() < deadline and "sft:" not in open(tmp_path / "log.txt").read()
+    ):  # in Stage 0, long before any checkpoint
         time.sleep(0.2)
     p.send_signal(signal.SIGINT)
     p.wait(timeout=60)
@@ -1104,13 +1506,18 @@ def test_ctrl_c_before_the_first_checkpoint_says_nothing_was_saved_without_a_tra
 def test_resume_writes_into_the_folder_named_not_where_the_run_was_made(tmp_path, two_steps):
     """A copied or moved run is resumed where it is now; the folder it came from is neither needed nor touched."""
     import shutil
+
     first = copy_of(two_steps, tmp_path)
     moved = str(tmp_path / "moved")
     shutil.copytree(first, moved)
     shutil.rmtree(first)
     ril.main(["--out", moved, "--resume", "--steps", "3"])
     assert not os.path.exists(first) and ril.checkpoints(moved)[-1].endswith("step_0000003.pt")
-    assert [json.loads(x)["step"] for x in open(os.path.join(moved, "metrics.jsonl")) if "reward/total" in x] == [1, 2, 3]
+    assert [json.loads(x)["step"] for x in open(os.path.join(moved, "metrics.jsonl")) if "reward/total" in x] == [
+        1,
+        2,
+        3,
+    ]
 
 
 def test_resume_to_a_step_already_done_is_refused_before_anything_changes(tmp_path, capsys, two_steps):
@@ -1160,9 +1567,14 @@ def test_non_finite_guard_skips_then_stops(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(ril, "policy_loss", nan_loss)
     out = tmp_path / "skip"
-    with pytest.raises(SystemExit) as e:  # fewer steps than --max-bad-steps, every one skipped: a failure, not a success
+    with pytest.raises(
+        SystemExit
+    ) as e:  # fewer steps than --max-bad-steps, every one skipped: a failure, not a success
         ril.main([*TINY_RUN, "--steps", "2", "--max-bad-steps", "5", "--save-every", "1", "--out", str(out)])
-    assert e.value.code == 2 and "step 2: 2 bad steps in a row, the last: loss or gradient was NaN/inf" in capsys.readouterr().err
+    assert (
+        e.value.code == 2
+        and "step 2: 2 bad steps in a row, the last: loss or gradient was NaN/inf" in capsys.readouterr().err
+    )
     steps = [json.loads(x) for x in open(out / "metrics.jsonl") if "reward/total" in x]
     assert [m["guard/skipped"] for m in steps] == [1.0, 1.0] and not (out / "model.safetensors").exists()
     start = torch.load(os.path.join(out, "checkpoints", "reference.pt"), weights_only=True)
@@ -1187,7 +1599,18 @@ def test_a_fresh_run_will_not_overwrite_checkpoints(tmp_path, capsys):
 
 def test_a_model_that_cannot_be_found_gets_one_line_naming_it(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        ril.main(["--student", str(tmp_path / "no-such-model"), "--toy-size", "6", "--eval-size", "2", "--out", str(tmp_path / "o")])
+        ril.main(
+            [
+                "--student",
+                str(tmp_path / "no-such-model"),
+                "--toy-size",
+                "6",
+                "--eval-size",
+                "2",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and "no-such-model" in err
 
@@ -1199,7 +1622,9 @@ def test_weights_load_from_safetensors_only(tmp_path, capsys):
     torch.save(sd, tmp_path / "m" / "pytorch_model.bin")
     os.remove(tmp_path / "m" / "model.safetensors")
     with pytest.raises(SystemExit) as e:
-        ril.main(["--student", str(tmp_path / "m"), "--toy-size", "6", "--eval-size", "2", "--out", str(tmp_path / "o")])
+        ril.main(
+            ["--student", str(tmp_path / "m"), "--toy-size", "6", "--eval-size", "2", "--out", str(tmp_path / "o")]
+        )
     err = capsys.readouterr().err
     assert e.value.code == 2 and "safetensors only" in err and not (tmp_path / "o").exists()
 
@@ -1218,36 +1643,86 @@ def _tiny_family(family: str, folder) -> str:
     """Save a tiny random checkpoint of one VLM family (the in-process tokenizer, real transformers
     classes) to folder, for --student / --teachers / --judge PATH."""
     texts = corpus(ril.make_toy(24, 0))
-    text_config = lambda tok, **kw: dict(  # noqa: E731  the tiny student's language model
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        rope_theta=1e4, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **kw)
+
+    def text_config(tok, **kw):  # the tiny student's language model
+        return dict(
+            vocab_size=len(tok),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rope_theta=1e4,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            **kw,
+        )
+
     mrope = {"rope_scaling": {"type": "mrope", "mrope_section": [4, 2, 2]}}
     if family == "qwen2_vl":
         model, proc = ril.build_tiny(texts)
     elif family == "qwen2_5_vl":
         tok = ril.tiny_tokenizer(texts)
         ids = {t: tok.convert_tokens_to_ids(t) for t in ril.SPECIALS}
-        vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
-                      spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[0])
-        cfg = transformers.Qwen2_5_VLConfig(text_config=text_config(tok, **mrope), vision_config=vision, tie_word_embeddings=True,
-                                            image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-                                            vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+        vision = dict(
+            depth=1,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=64,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=112,
+            fullatt_block_indexes=[0],
+        )
+        cfg = transformers.Qwen2_5_VLConfig(
+            text_config=text_config(tok, **mrope),
+            vision_config=vision,
+            tie_word_embeddings=True,
+            image_token_id=ids["<|image_pad|>"],
+            video_token_id=ids["<|video_pad|>"],
+            vision_start_token_id=ids["<|vision_start|>"],
+            vision_end_token_id=ids["<|vision_end|>"],
+        )
         model = transformers.Qwen2_5_VLForConditionalGeneration(cfg)
-        proc = ril.ImageOnlyQwen2VLProcessor(transformers.Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112),
-                                             tok, chat_template=ril.TINY_CHAT_TEMPLATE)
+        proc = ril.ImageOnlyQwen2VLProcessor(
+            transformers.Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112),
+            tok,
+            chat_template=ril.TINY_CHAT_TEMPLATE,
+        )
     elif family == "llava":  # a CLIP vision tower, a Qwen2 language model, its own <image> token
         tok = ril.tiny_tokenizer(texts, ril.SPECIALS + ["<image>"], LLAVA_TEMPLATE)
-        vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                               image_size=28, patch_size=14)
-        cfg = transformers.LlavaConfig(vision_config=vision, text_config=transformers.Qwen2Config(**text_config(tok)),
-                                       image_token_index=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
-                                       vision_feature_select_strategy="default", tie_word_embeddings=True)
+        vision = transformers.CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=14,
+        )
+        cfg = transformers.LlavaConfig(
+            vision_config=vision,
+            text_config=transformers.Qwen2Config(**text_config(tok)),
+            image_token_index=tok.convert_tokens_to_ids("<image>"),
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="default",
+            tie_word_embeddings=True,
+        )
         model = transformers.LlavaForConditionalGeneration(cfg)
         ip = transformers.CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
-        proc = transformers.LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
-                                           num_additional_image_tokens=1, chat_template=LLAVA_TEMPLATE, image_token="<image>")
-    model.generation_config = transformers.GenerationConfig(eos_token_id=proc.tokenizer.eos_token_id,
-                                                            pad_token_id=proc.tokenizer.pad_token_id)
+        proc = transformers.LlavaProcessor(
+            image_processor=ip,
+            tokenizer=tok,
+            patch_size=14,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
+            chat_template=LLAVA_TEMPLATE,
+            image_token="<image>",
+        )
+    model.generation_config = transformers.GenerationConfig(
+        eos_token_id=proc.tokenizer.eos_token_id, pad_token_id=proc.tokenizer.pad_token_id
+    )
     os.makedirs(folder, exist_ok=True)
     ril.save_student(model, proc, str(folder))
     return str(folder)
@@ -1256,8 +1731,16 @@ def _tiny_family(family: str, folder) -> str:
 def _tiny_judge(folder) -> str:
     """A tiny random text LLM (Qwen2 with the tiny tokenizer and chat template) saved to folder, for --judge PATH."""
     tok = ril.tiny_tokenizer(corpus(ril.make_toy(24, 0)) + [ril.JUDGE_SYSTEM, ril.JUDGE_USER])
-    cfg = transformers.Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                   num_key_value_heads=1, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = transformers.Qwen2Config(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     transformers.Qwen2ForCausalLM(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)
     return str(folder)
@@ -1284,8 +1767,16 @@ def test_a_family_that_cannot_work_is_named_in_one_line(tmp_path, capsys):
     format prompts. Each is one line naming the model, no traceback."""
     text_only = tmp_path / "text_only"
     tok = ril.tiny_tokenizer(["a b c"])
-    transformers.Qwen2ForCausalLM(transformers.Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                                           num_attention_heads=2, num_key_value_heads=1)).save_pretrained(text_only)
+    transformers.Qwen2ForCausalLM(
+        transformers.Qwen2Config(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    ).save_pretrained(text_only)
     tok.save_pretrained(text_only)
     with pytest.raises(SystemExit) as e:
         ril.main([*TINY_RUN, "--student", str(text_only), "--out", str(tmp_path / "o1")])
@@ -1297,7 +1788,9 @@ def test_a_family_that_cannot_work_is_named_in_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         ril.main([*TINY_RUN, "--student", no_template, "--out", str(tmp_path / "o2")])
     err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and len(err.splitlines()) == 1 and "LlavaForConditionalGeneration has no chat template" in err
+    assert (
+        e.value.code == 2 and len(err.splitlines()) == 1 and "LlavaForConditionalGeneration has no chat template" in err
+    )
 
 
 def test_a_teacher_model_generates_once_then_its_cache_is_read(tmp_path, capsys):
@@ -1305,8 +1798,23 @@ def test_a_teacher_model_generates_once_then_its_cache_is_read(tmp_path, capsys)
     answers per question into --out/teacher_cache. A second run reads the cache and never loads the
     model (its folder is gone); a run after a kill mid-write keeps the complete lines and generates the rest."""
     teacher, out = _tiny_family("llava", tmp_path / "teacher"), tmp_path / "out"
-    run = lambda: ril.main([*TINY_RUN, "--teachers", f"alice,{teacher}", "--teacher-samples", "2", "--steps", "2",  # noqa: E731
-                            "--out", str(out), "--overwrite"])
+
+    def run():
+        ril.main(
+            [
+                *TINY_RUN,
+                "--teachers",
+                f"alice,{teacher}",
+                "--teacher-samples",
+                "2",
+                "--steps",
+                "2",
+                "--out",
+                str(out),
+                "--overwrite",
+            ]
+        )
+
     run()
     [cache] = [out / "teacher_cache" / f for f in os.listdir(out / "teacher_cache")]
     lines = open(cache).readlines()
@@ -1314,7 +1822,8 @@ def test_a_teacher_model_generates_once_then_its_cache_is_read(tmp_path, capsys)
     assert len(entries) == 24 + 4 and all(len(e["texts"]) == 2 for e in entries)  # train + held-out questions
     assert len({e["id"] for e in entries}) == len(entries)
     assert "0 question(s) read" in capsys.readouterr().out
-    tok, cap = ril.load_processor(str(out)).tokenizer, ril.Args().max_new_tokens  # a cached text, as the student's tokens cut it
+    # a cached text, as the student's tokens cut it
+    tok, cap = (ril.load_processor(str(out)).tokenizer, ril.Args().max_new_tokens)
     texts = {tok.decode(ril.text_ids(tok, t, cap), skip_special_tokens=True) for e in entries for t in e["texts"]}
     dumped = [d for x in open(out / "samples.jsonl") for d in json.loads(x)["texts"] if d["source"] == "teacher"]
     assert any(d["text"] in texts for d in dumped), "no cached teacher text reached a group"
@@ -1328,6 +1837,7 @@ def test_a_teacher_model_generates_once_then_its_cache_is_read(tmp_path, capsys)
     assert "5 question(s) read" in printed and "23 generated" in printed
 
     import shutil
+
     shutil.rmtree(teacher)  # a run that needed the model now would fail to load it
     run()
     assert "28 question(s) read" in capsys.readouterr().out and open(cache).readlines() == again
@@ -1345,14 +1855,26 @@ def test_judge_model_reads_the_fig4_prompt_and_parses_its_verdict(tmp_path):
     judge = ril.ModelJudge(_tiny_judge(tmp_path / "judge"), ril.Args(judge_max_new_tokens=4), CPU, torch.float32)
     real, seen = judge.complete, []
     judge.complete = lambda prompts: seen.extend(prompts) or real(prompts)
-    assert judge(["What color is the shape?"] * 2, ["red"] * 2, ["It is red.", "Blue."]) == [0.0, 0.0]  # random words: unparsed
+    # random words: unparsed
+    assert judge(["What color is the shape?"] * 2, ["red"] * 2, ["It is red.", "Blue."]) == [0.0, 0.0]
     assert judge.unparsed == 1.0 and len(seen) == 2
-    for part in ["<question>What color is the shape?</question>", "<ground truth>red</ground truth>",
-                 "<generated text>It is red.</generated text>", ril.JUDGE_SYSTEM, "<|im_start|>assistant"]:
+    for part in [
+        "<question>What color is the shape?</question>",
+        "<ground truth>red</ground truth>",
+        "<generated text>It is red.</generated text>",
+        ril.JUDGE_SYSTEM,
+        "<|im_start|>assistant",
+    ]:
         assert part in seen[0]
-    said = {"r1": "Correct. <answer>1</answer>", "r0": "Wrong. <answer> 0 </answer>", "none": "I cannot tell.",
-            "last": "<answer>0</answer> no, on reflection <answer>1</answer>"}
-    judge.complete = lambda prompts: [said[p.rsplit("<generated text>", 1)[1].split("</generated text>")[0]] for p in prompts]
+    said = {
+        "r1": "Correct. <answer>1</answer>",
+        "r0": "Wrong. <answer> 0 </answer>",
+        "none": "I cannot tell.",
+        "last": "<answer>0</answer> no, on reflection <answer>1</answer>",
+    }
+    judge.complete = lambda prompts: [
+        said[p.rsplit("<generated text>", 1)[1].split("</generated text>")[0]] for p in prompts
+    ]
     assert judge(["q"] * 4, ["a"] * 4, ["r1", "r0", "none", "last"]) == [1.0, 0.0, 0.0, 1.0]
     assert judge.unparsed == 0.25
 
@@ -1362,7 +1884,9 @@ def test_judge_verdicts_reach_reward_ans(tmp_path, monkeypatch):
     are r_ans. The tiny judge really runs; its random words are then replaced by a verdict that depends
     on the response: <answer>1</answer> for an odd-length response, an unparseable reply otherwise."""
     seen, real = [], ril.ModelJudge.complete
-    response = lambda p: p.rsplit("<generated text>", 1)[1].split("</generated text>")[0]  # noqa: E731
+
+    def response(prompt):  # the judged text, from the Fig. 4 prompt
+        return prompt.rsplit("<generated text>", 1)[1].split("</generated text>")[0]
 
     def complete(self, prompts):
         real(self, prompts)
@@ -1371,8 +1895,19 @@ def test_judge_verdicts_reach_reward_ans(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ril.ModelJudge, "complete", complete)
     out = tmp_path / "out"
-    ril.main([*TINY_RUN, "--judge", _tiny_judge(tmp_path / "judge"), "--judge-max-new-tokens", "2",
-              "--steps", "3", "--out", str(out)])
+    ril.main(
+        [
+            *TINY_RUN,
+            "--judge",
+            _tiny_judge(tmp_path / "judge"),
+            "--judge-max-new-tokens",
+            "2",
+            "--steps",
+            "3",
+            "--out",
+            str(out),
+        ]
+    )
     assert seen and all("<question>" in p and "<ground truth>" in p and ril.JUDGE_SYSTEM in p for p in seen)
     steps = [json.loads(x) for x in open(out / "metrics.jsonl") if "reward/total" in x]
     assert len(steps) == 3 and all("judge/unparsed" in m for m in steps)
@@ -1387,14 +1922,19 @@ def test_micro_batched_logprobs_and_gradients_equal_the_full_batch(tiny):
     24 = 5+5+5+5+4) give the log-probs, losses and gradients of one pass over the whole batch."""
     import copy
     import random
+
     model, proc, tok = tiny["model"], tiny["proc"], tiny["proc"].tokenizer
     a = args(max_grad_norm=1e9)
     ro = ril.rollout(a, state(model, proc), tiny["rows"][:3], random.Random(0), True)
     enc, comp, mask = ril.repeat_prompts(ro["enc"], 2 * a.G), ro["comp"], ro["mask"]
     with torch.no_grad():
         full = ril.token_logprobs(model, enc, comp, mask, 1.0)
-        parts = torch.cat([ril.token_logprobs(model, ril.select_prompts(enc, list(range(i, j))), comp[i:j], mask[i:j], 1.0)
-                           for i, j in ril.chunks(len(comp), 5)])
+        parts = torch.cat(
+            [
+                ril.token_logprobs(model, ril.select_prompts(enc, list(range(i, j))), comp[i:j], mask[i:j], 1.0)
+                for i, j in ril.chunks(len(comp), 5)
+            ]
+        )
     assert torch.allclose(full, parts, atol=1e-5)
 
     ref = copy.deepcopy(model).requires_grad_(False)
@@ -1403,15 +1943,28 @@ def test_micro_batched_logprobs_and_gradients_equal_the_full_batch(tiny):
             p.add_(0.01 * torch.randn_like(p))  # a reference that differs, so the KL term has a gradient
     adv = torch.linspace(-1, 1, len(comp))
     out = {}
-    delta = lambda m, before: {n: p.detach() - before[n] for n, p in m.named_parameters()}  # noqa: E731  SGD, lr 1: -grad
+
+    def delta(m, before):  # the change of each parameter: SGD with lr 1, so minus the gradient
+        return {n: p.detach() - before[n] for n, p in m.named_parameters()}
+
     for mb in (0, 5):
         torch.manual_seed(1)  # the same new head for both discriminators
         m, disc = copy.deepcopy(model), ril.Discriminator(model)
-        m0, d0 = {n: p.detach().clone() for n, p in m.named_parameters()}, {n: p.detach().clone() for n, p in disc.named_parameters()}
+        m0, d0 = (
+            {n: p.detach().clone() for n, p in m.named_parameters()},
+            {n: p.detach().clone() for n, p in disc.named_parameters()},
+        )
         s_mb = state(m, proc, ref=ref, opt=torch.optim.SGD(m.parameters(), lr=1.0))
         stats = ril.policy_update(args(micro_batch=mb, max_grad_norm=1e9), s_mb, enc, comp, mask, adv)
-        d_stats, d_logits = ril.disc_update(disc, torch.optim.SGD(disc.parameters(), lr=1.0), tok, ro["texts"], ro["is_teacher"],
-                                            args(micro_batch=mb, max_grad_norm=1e9), CPU)
+        d_stats, d_logits = ril.disc_update(
+            disc,
+            torch.optim.SGD(disc.parameters(), lr=1.0),
+            tok,
+            ro["texts"],
+            ro["is_teacher"],
+            args(micro_batch=mb, max_grad_norm=1e9),
+            CPU,
+        )
         out[mb] = (stats, delta(m, m0), d_stats, d_logits, delta(disc, d0))
     (s0, g0, ds0, dl0, dg0), (s1, g1, ds1, dl1, dg1) = out[0], out[5]
     for k in ("policy/loss", "policy/kl", "policy/clip_frac"):
@@ -1427,11 +1980,27 @@ def test_memory_flags_train_the_language_model_only(tmp_path, monkeypatch):
     recomputes through torch's non-reentrant checkpoint; with --micro-batch and --dtype amp (bf16 autocast
     on the CPU here) the run completes and stays finite."""
     import transformers.modeling_utils as mu
+
     calls, real = [], mu.checkpoint
     monkeypatch.setattr(mu, "checkpoint", lambda *x, **kw: calls.append(kw.get("use_reentrant")) or real(*x, **kw))
     start, out = _tiny_family("qwen2_vl", tmp_path / "start"), tmp_path / "out"
-    ril.main([*TINY_RUN, "--student", start, "--steps", "2", "--freeze-vision", "--grad-checkpointing", "--micro-batch", "3",
-              "--dtype", "amp", "--out", str(out)])
+    ril.main(
+        [
+            *TINY_RUN,
+            "--student",
+            start,
+            "--steps",
+            "2",
+            "--freeze-vision",
+            "--grad-checkpointing",
+            "--micro-batch",
+            "3",
+            "--dtype",
+            "amp",
+            "--out",
+            str(out),
+        ]
+    )
     assert calls and set(calls) == {False}
     s0, s1 = _student(start), _student(out)
     vision = [k for k in s0 if ".visual." in k]
@@ -1441,33 +2010,76 @@ def test_memory_flags_train_the_language_model_only(tmp_path, monkeypatch):
     assert len(steps) == 2 and all(m["guard/skipped"] == 0 for m in steps)
 
 
+def _tool(name: str):
+    """tools/NAME.py as a module (tools/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"tools_{name}", os.path.join(HERE, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_the_plot_tool_draws_every_panel_from_a_runs_metrics(tmp_path, capsys):
-    """`python test_ril.py --plot OUT` (make run calls it) draws metrics.png; every panel's metrics are logged, with
+    """`python tools/plot.py OUT` (make run calls it) draws metrics.png; every panel's metrics are logged, with
     held-out evaluations at step 0, every --eval-every steps and at the end."""
     from PIL import Image
+
     out = main_out(tmp_path, "--steps", "3", "--eval-every", "2")
     lines = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
     logged = set().union(*lines)
-    for title, _, series in PANELS:
+    for title, _, series in _tool("plot").PANELS:
         assert all(key in logged for key, _ in series), title
     assert [m["step"] for m in lines if "eval/acc" in m] == [0, 2, 3]
-    p = subprocess.run([sys.executable, os.path.join(HERE, "test_ril.py"), "--plot", out], capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [sys.executable, os.path.join(HERE, "tools", "plot.py"), out], capture_output=True, text=True, timeout=120
+    )
     assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == f"wrote {os.path.join(out, 'metrics.png')}"
     assert Image.open(os.path.join(out, "metrics.png")).size == (1500, 900)
 
 
 # ---------------------------------------------------------------- several processes: torchrun on CPU with gloo
 def _torchrun(*argv, timeout=300):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *argv],
-                          capture_output=True, text=True, env=env, timeout=timeout, cwd=HERE)
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        cwd=HERE,
+    )
+
+
+def _ranks_agree(folder: str, argv: list):
+    """Under torchrun (`test_ril.py --ranks-agree FOLDER RIL_ARGS...`): ril.main on RIL_ARGS; at the end of the run each
+    rank saves its own student (unsharded runs) as FOLDER/rank{r}.pt, for the test to compare."""
+    real = ril.report
+
+    def report(a, s, *rest):
+        if not ril.RANKS.sharded:
+            torch.save(ril.unwrap(s.model).state_dict(), os.path.join(folder, f"rank{ril.RANKS.rank}.pt"))
+        real(a, s, *rest)
+
+    ril.report = report
+    ril.main(argv)
 
 
 @pytest.mark.parametrize("shard", [False, True], ids=["ddp", "fsdp2"])
 def test_torchrun_two_ranks_train_agree_and_save_an_ordinary_checkpoint(tmp_path, shard):
     out = tmp_path / "out"
-    p = _torchrun("test_ril.py", "--ranks-agree", str(tmp_path), *TINY_RUN, "--sft-batch-size", "4", "--steps", "3", "--out", str(out),
-                  *(["--shard"] if shard else []))
+    p = _torchrun(
+        "test_ril.py",
+        "--ranks-agree",
+        str(tmp_path),
+        *TINY_RUN,
+        "--sft-batch-size",
+        "4",
+        "--steps",
+        "3",
+        "--out",
+        str(out),
+        *(["--shard"] if shard else []),
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     assert f"2 ranks, {'FSDP2' if shard else 'DDP'}" in p.stdout
     if not shard:  # DDP keeps a full copy per rank, and gradient averaging must keep the copies identical
@@ -1486,8 +2098,13 @@ def test_torchrun_two_ranks_train_agree_and_save_an_ordinary_checkpoint(tmp_path
 def test_under_torchrun_an_error_is_printed_once_and_every_rank_exits(tmp_path):
     (tmp_path / "d.jsonl").write_text('{"image": "missing.png", "question": "q", "answer": "a"}\n')
     p = _torchrun("ril.py", "--data", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "o"), timeout=120)
-    assert p.returncode != 0 and p.stderr.count("error: ") == 1 and f"{tmp_path / 'd.jsonl'}:1: image not found" in p.stderr
-    # each rank exits with 2 (or is stopped by torchrun once the other has): never 1, an exception, or a traceback of ours
+    assert (
+        p.returncode != 0
+        and p.stderr.count("error: ") == 1
+        and f"{tmp_path / 'd.jsonl'}:1: image not found" in p.stderr
+    )
+    # each rank exits with 2 (or is stopped by torchrun once the other has): never 1, an exception, or a traceback of
+    # ours
     assert "exitcode  : 2" in p.stderr and "exitcode  : 1 " not in p.stderr and 'ril.py", line' not in p.stderr
 
 
@@ -1496,9 +2113,11 @@ def test_torchrun_resume_equals_the_uninterrupted_run(tmp_path):
     streams are in the checkpoint."""
     full, half = tmp_path / "full", tmp_path / "half"
     flags = [*TINY_RUN, "--sft-batch-size", "4", "--save-every", "3"]
-    for p in (_torchrun("ril.py", *flags, "--steps", "5", "--out", str(full)),
-              _torchrun("ril.py", *flags, "--steps", "3", "--out", str(half)),
-              _torchrun("ril.py", "--out", str(half), "--resume", "--steps", "5")):
+    for p in (
+        _torchrun("ril.py", *flags, "--steps", "5", "--out", str(full)),
+        _torchrun("ril.py", *flags, "--steps", "3", "--out", str(half)),
+        _torchrun("ril.py", "--out", str(half), "--resume", "--steps", "5"),
+    ):
         assert p.returncode == 0, p.stderr[-3000:]
     a, b = _student(full), _student(half)
     assert all(torch.equal(a[k], b[k]) for k in a), "student parameters differ after resume"
@@ -1521,13 +2140,17 @@ def _reduction_update(rows_of_rank: list, shard: bool = False) -> dict:
     if not mine:  # the parameters before the update
         return model.state_dict()
     texts = [t for r in mine for t in r["teachers"]["alice"] + r["teachers"]["bob"] + [r["answer"], r["answer"] + "."]]
-    comp, mask = ril.pad_right([ril.text_ids(proc.tokenizer, t, a.max_new_tokens) for t in texts], proc.tokenizer.pad_token_id, CPU)
+    comp, mask = ril.pad_right(
+        [ril.text_ids(proc.tokenizer, t, a.max_new_tokens) for t in texts], proc.tokenizer.pad_token_id, CPU
+    )
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 0.25, -0.25] * len(mine))
     enc = ril.repeat_prompts(ril.encode_prompts(proc, mine, CPU), 6)
     model = ril.parallelize(model, CPU)
     # SGD with lr 1: the change is minus the (reduced) gradient. AdamW's first step is about lr x sign(g),
     # which turns float noise in a near-zero gradient into a full-size difference.
-    ril.policy_update(a, ril.State(model, proc, CPU, ref=ref, opt=torch.optim.SGD(model.parameters(), lr=1.0)), enc, comp, mask, adv)
+    ril.policy_update(
+        a, ril.State(model, proc, CPU, ref=ref, opt=torch.optim.SGD(model.parameters(), lr=1.0)), enc, comp, mask, adv
+    )
     return ril.full_state(model)[0]
 
 
@@ -1545,508 +2168,29 @@ def test_two_ranks_with_two_questions_each_update_like_one_process_with_four(tmp
     assert worst < 1e-6, worst
 
 
-# ---------------------------------------------------------------- metrics.png (make run draws it; python test_ril.py --plot OUT)
-PANELS = [  # title, y label, [(metric, legend)]
-    ("rewards of student samples", "reward", [("reward/total", "total"), ("reward/ans", "r_ans"), ("reward/sim", "r_sim")]),
-    ("discriminator accuracy", "accuracy", [("disc/acc_student", "on student texts"), ("disc/acc_teacher", "on teacher texts")]),
-    ("KL to the reference", "KL per token", [("policy/kl", "policy/kl")]),
-    ("answer length", "tokens", [("len/mean", "student samples")]),
-    ("held-out evaluation", "score", [("eval/acc", "accuracy"), ("eval/teacher_like", "teacher-likeness (D then)"),
-                                      ("eval/teacher_match", "teacher match")]),
-    ("discriminator loss", "BCE", [("disc/loss", "disc/loss")])]
-
-
-def plot_metrics(out: str) -> str:
-    """One panel per group of metrics, step on x: training curves as a moving average over a twentieth of the run (the
-    raw curve light behind it), evaluations as points."""
-    lines, colours = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))], [(31, 119, 180), (214, 39, 40), (44, 160, 44)]
-    from PIL import Image, ImageDraw, ImageFont
-    img, font = Image.new("RGB", (1500, 900), "white"), ImageFont.load_default(size=14)
-    d = ImageDraw.Draw(img)
-    for k, (title, ylabel, series) in enumerate(PANELS):
-        x0, y0, w, h = (k % 3) * 500 + 80, (k // 3) * 450 + 40, 390, 340
-        data = [(name, pts) for key, name in series if (pts := [(m["step"], m[key]) for m in lines if key in m])]
-        xs, ys = [x for _, p in data for x, _ in p] or [0], [y for _, p in data for _, y in p] or [0]
-        xlo, xhi, ylo, yhi = min(xs), max(max(xs), min(xs) + 1), min(ys), max(max(ys), min(ys) + 1e-9)
-        X, Y = (lambda x: x0 + (x - xlo) / (xhi - xlo) * w), (lambda y: y0 + h - (y - ylo) / (yhi - ylo) * h)
-        texts = [(title, (x0 + w // 2, y0 - 22), "mm"), ("step", (x0 + w // 2, y0 + h + 34), "mm"), (ylabel, (x0 - 8, y0 - 8), "rb")]
-        texts += [(f"{xlo + t * (xhi - xlo):.0f}", (X(xlo + t * (xhi - xlo)), y0 + h + 14), "mm") for t in (0, 0.5, 1)]
-        for txt, xy, anchor in texts + [(f"{ylo + t * (yhi - ylo):.3g}", (x0 - 8, Y(ylo + t * (yhi - ylo))), "rm") for t in (0, 0.5, 1)]:
-            d.text(xy, txt, fill="black", font=font, anchor=anchor)
-        for j, (name, pts) in enumerate(data):
-            c, n = colours[j % 3], max(1, len(pts) // 20)
-            for x, y in pts if title == "held-out evaluation" else []:
-                d.ellipse([X(x) - 4, Y(y) - 4, X(x) + 4, Y(y) + 4], fill=c)
-            if len(pts) > 20:
-                d.line([(X(x), Y(y)) for x, y in pts], fill=tuple(v + (255 - v) * 2 // 3 for v in c))
-                pts = [(x, sum(y for _, y in pts[max(0, i - n + 1):i + 1]) / len(pts[max(0, i - n + 1):i + 1])) for i, (x, _) in enumerate(pts)]
-            d.line([(X(x), Y(y)) for x, y in pts], fill=c, width=2)
-            d.line([x0 + 8, y0 + 12 + 18 * j, x0 + 26, y0 + 12 + 18 * j], fill=c, width=3)
-            d.text((x0 + 32, y0 + 12 + 18 * j), name, fill=c, font=font, anchor="lm")
-        d.rectangle([x0, y0, x0 + w, y0 + h], outline="black")
-        data or d.text((x0 + w // 2, y0 + h // 2), "not logged in this run", fill="gray", font=font, anchor="mm")
-    ril.write_atomic(os.path.join(out, "metrics.png"), lambda f: img.save(f, format="PNG"), "wb")
-    return os.path.join(out, "metrics.png")
-
-
-# ---------------------------------------------------------------- benchmark (make bench), not a test
-BENCH_WORKLOADS = {  # name: (tiny model size, ril.Args overrides, vocabulary); random models: answers run to the token cap
-    "tiny default": (dict(), dict(), 0),
-    "larger (hidden 256, 4 layers, 8 questions x G=4, 32 new tokens)":
-        (dict(hidden=256, layers=4), dict(batch_size=8, G=4, max_new_tokens=32), 0),
-    "real vocabulary (151,936 entries, hidden 64, 2 layers, 8 questions x G=4, 32 new tokens)":
-        (dict(), dict(batch_size=8, G=4, max_new_tokens=32), 151936),
-}
-
-
-def _median(xs):
-    return sorted(xs)[len(xs) // 2]
-
-
-def _clock(dev) -> float:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    return time.perf_counter()
-
-
-class PeakMemory:
-    """Peak memory inside time windows: on CUDA the allocator's peak since the window opened; on a CPU this process's
-    resident set, sampled every 5 ms by a thread (glibc keeps freed memory, so a window also counts what earlier
-    ones left resident: compare phases within one process, and variants in fresh processes)."""
-    def __init__(self, dev):
-        import threading
-        self.dev, self.samples, self.on = dev, [], dev.type != "cuda"
-        self.on and threading.Thread(target=self._sample, daemon=True).start()
-
-    def _sample(self):
-        page = os.sysconf("SC_PAGE_SIZE")
-        while self.on:
-            self.samples.append((time.perf_counter(), int(open("/proc/self/statm").read().split()[1]) * page))
-            time.sleep(0.005)
-
-    def open(self) -> float:
-        self.dev.type == "cuda" and torch.cuda.reset_peak_memory_stats(self.dev)
-        return time.perf_counter()
-
-    def peak(self, t0: float) -> float:
-        if self.dev.type == "cuda":
-            return torch.cuda.max_memory_allocated(self.dev)
-        time.sleep(0.01)  # one more sample
-        return max((r for t, r in self.samples if t >= t0), default=0)
-
-
-def plain_token_logprobs(model, enc, comp, comp_mask, temperature, chunk=None):
-    """token_logprobs as it was before the chunked head (every position's full-vocabulary logits at once), for make bench."""
-    T = comp.shape[1]
-    extra = {k: torch.cat([v, torch.zeros_like(comp)], 1) if "token_type_ids" in k else v
-             for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
-    ids, attention = torch.cat([enc["input_ids"], comp], 1), torch.cat([enc["attention_mask"], comp_mask], 1)
-    logits = model(input_ids=ids, attention_mask=attention, logits_to_keep=T + 1, **extra).logits[:, :-1].float() / temperature
-    return logits.gather(-1, comp[..., None]).squeeze(-1) - logits.logsumexp(-1)
-
-
-def bench_model(size: dict, vocab: int = 0, rows: list = ()) -> tuple:
-    """A random tiny Qwen2-VL; with vocab, its (tied) embedding and LM head grown to that many entries, as a real student's."""
-    torch.manual_seed(0)
-    model, proc = ril.build_tiny(corpus(list(rows)) + [ril.DISC_SYSTEM, ril.DISC_USER], **size)
-    vocab and model.resize_token_embeddings(vocab)
-    return model, proc
-
-
-def bench_workload(name: str, size: dict, overrides: dict, vocab: int = 0, steps: int = 7, warmup: int = 2) -> dict:
-    """Time full RIL steps and, on the same shapes in the same process, the bare model calls a step cannot
-    avoid: the floor. The step's phases are timed from outside, by wrapping ril's own functions."""
-    a = ril.Args(sft_steps=0, disc_pretrain_steps=0, **overrides)
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rows = ril.make_toy(64, 0)
-    model, proc = bench_model(size, vocab, rows)
-    model.to(dev)
-    mem = PeakMemory(dev)
-    tok = proc.tokenizer
-    ref, disc = ril.copy.deepcopy(model).eval().requires_grad_(False), ril.Discriminator(model)
-    s = ril.State(model, proc, dev, ("alice", "bob"), ril.MatchJudge(rows), ref, disc,
-                  torch.optim.AdamW(model.parameters(), lr=1e-5), torch.optim.AdamW(disc.parameters(), lr=1e-5))
-    phase, real, peaks = {}, {}, {}
-
-    def timed(key, fn, counts=lambda *x: True):
-        def wrapper(*x, **kw):
-            t0, m0 = _clock(dev), key in ("generate", "policy") and mem.open()
-            out = fn(*x, **kw)
-            if counts(*x):
-                phase[key] = phase.get(key, 0.0) + _clock(dev) - t0
-            if m0:
-                peaks[key] = max(peaks.get(key, 0), mem.peak(m0))
-            return out
-        return wrapper
-
-    for fn, key, counts in [("generate", "generate", None), ("disc_update", "disc", None), ("disc_logits", "disc", None),
-                            ("policy_update", "policy", None), ("token_logprobs", "ref", lambda m, *x: m is ref),
-                            ("clip_and_step", "optimizer", lambda opt, *x: opt is s.opt)]:
-        real[fn] = getattr(ril, fn)
-        setattr(ril, fn, timed(key, real[fn], counts or (lambda *x: True)))
-    step_t, phases = [], []
-    try:
-        for step in range(warmup + steps):
-            phase.clear()
-            t0 = _clock(dev)
-            ril.ril_step(a, s, ril.batch_at(rows, step, a.batch_size, 3), step)
-            if step >= warmup:
-                step_t.append(_clock(dev) - t0)
-                phases.append(dict(phase))
-    finally:
-        for fn, f in real.items():
-            setattr(ril, fn, f)
-
-    # the floor: the same calls, bare, on one step's shapes (prompts, completions and D inputs prepared outside the clock)
-    ro = ril.rollout(a, s, ril.batch_at(rows, 0, a.batch_size, 3), ril.random.Random(0), True)
-    enc_g, enc_2g = ril.repeat_prompts(ro["enc"], a.G), ril.repeat_prompts(ro["enc"], 2 * a.G)
-    gen_cfg = hf_sampling(a, model, tok)
-    d_ids, d_mask = ril.disc_inputs(tok, ro["texts"], dev)
-    labels = (1 - ro["is_teacher"]).float()
-    floor = {k: [] for k in ("generate", "ref forward", "policy fwd+bwd", "disc fwd+bwd", "optimizers")}
-    shared = []  # D's forward+backward as ril.Discriminator runs it (the prompt prefix once): reported beside the floor
-    for i in range(warmup + steps):
-        t = [_clock(dev)]
-        with torch.no_grad():
-            model.generate(**enc_g, generation_config=gen_cfg)
-        t.append(_clock(dev))
-        with torch.no_grad():
-            plain_token_logprobs(ref, enc_2g, ro["comp"], ro["mask"], a.temperature)
-        t.append(_clock(dev))
-        plain_token_logprobs(model, enc_2g, ro["comp"], ro["mask"], a.temperature).mean().backward()
-        t.append(_clock(dev))
-        h = disc.backbone(input_ids=d_ids, attention_mask=d_mask).last_hidden_state  # plain: every row in full
-        d_logits = disc.head(h[torch.arange(len(h), device=dev), d_mask.sum(1) - 1]).squeeze(-1)
-        torch.nn.functional.binary_cross_entropy_with_logits(d_logits, labels).backward()
-        t.append(_clock(dev))
-        s.opt.step(), s.d_opt.step(), s.opt.zero_grad(), s.d_opt.zero_grad()
-        t.append(_clock(dev))
-        t1 = _clock(dev)
-        torch.nn.functional.binary_cross_entropy_with_logits(disc(d_ids, d_mask), labels).backward()
-        s.d_opt.zero_grad()
-        if i >= warmup:
-            for k, t0, t1_ in zip(floor, t, t[1:]):
-                floor[k].append(t1_ - t0)
-            shared.append(_clock(dev) - t1)
-    floor = {k: _median(v) for k, v in floor.items()}
-    ph = {k: _median([p.get(k, 0.0) for p in phases]) for k in ("generate", "ref", "disc", "policy", "optimizer")}
-    mem.on = False
-    return dict(name=name, step=_median(step_t), phases=ph, floor=floor, floor_total=sum(floor.values()), shared=_median(shared),
-                peaks={k: v / 2**20 for k, v in peaks.items()}, device=str(dev), sampling=sampling_share(model, enc_g, a, tok))
-
-
-def hf_sampling(a, model, tok) -> transformers.GenerationConfig:
-    """The paper's sampling settings as HF's own do_sample (warpers, then a multinomial over the whole vocabulary)."""
-    return transformers.GenerationConfig(**{**ril.generation_config(a, model, tok, greedy=False).to_dict(), "do_sample": True,
-                                            **{k: getattr(a, k) for k in ("temperature", "top_k", "top_p")}})
-
-
-def sampling_share(model, enc, a, tok) -> tuple:
-    """Seconds to generate the same tokens (every answer to the cap) with HF's sampling, with ril's sampler, and greedily with
-    no logits processors: the differences are what sampling costs each way."""
-    times, cfgs = {}, {"hf": hf_sampling(a, model, tok), "ril": ril.generation_config(a, model, tok, greedy=False)}
-    cfgs["bare"] = transformers.GenerationConfig(do_sample=False, max_new_tokens=a.max_new_tokens, pad_token_id=tok.pad_token_id,
-                                                 eos_token_id=cfgs["ril"].eos_token_id)
-    for name, c in cfgs.items():
-        c.min_new_tokens = a.max_new_tokens
-        with torch.no_grad():
-            for i in range(3):
-                t0 = _clock(model.device)
-                model.generate(**enc, generation_config=c,
-                               logits_processor=[ril.functools.partial(ril.sample_top_k_top_p, a)] if name == "ril" else None)
-                times[name] = min(times.get(name, 1e9), _clock(model.device) - t0)
-    return times["hf"], times["ril"], times["bare"]
-
-
-def policy_peak(variant: str) -> float:
-    """Peak memory (MiB) of the policy update of one RIL step at the real vocabulary and 256 new tokens (2 questions x 2G = 16
-    sequences), with ril's chunked log-probs or the plain all-logits ones; run each in a fresh process (make bench does)."""
-    a = ril.Args(sft_steps=0, disc_pretrain_steps=0, batch_size=2, max_new_tokens=256)
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rows = ril.make_toy(8, 0)
-    model, proc = bench_model({}, 151936, rows)
-    model.to(dev)
-    s = ril.State(model, proc, dev, ("alice", "bob"), ril.MatchJudge(rows), ril.copy.deepcopy(model).requires_grad_(False),
-                  ril.Discriminator(model), torch.optim.AdamW(model.parameters(), lr=1e-5))
-    s.d_opt = torch.optim.AdamW(s.disc.parameters(), lr=1e-5)
-    if variant == "plain":
-        ril.token_logprobs = plain_token_logprobs
-    mem, real, out = PeakMemory(dev), ril.policy_update, {}
-
-    def measured(*x, **kw):
-        t0 = mem.open()
-        r = real(*x, **kw)
-        out["peak"], out["before"] = mem.peak(t0), min((m for t, m in mem.samples if t >= t0), default=0)
-        return r
-
-    ril.policy_update = measured
-    ril.ril_step(a, s, rows[:2], 0)
-    mem.on = False
-    return out["peak"] / 2**20, out["before"] / 2**20
-
-
-def run_bench():
-    import platform
-    torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
-    print(f"# make bench: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"transformers {transformers.__version__}, {torch.get_num_threads()} threads; medians of 7 steps after 2 warm-up")
-    for name, (size, overrides, vocab) in BENCH_WORKLOADS.items():
-        r = bench_workload(name, size, overrides, vocab)
-        p, f = r["phases"], r["floor"]
-        print(f"\n## {name} ({r['device']})\n")
-        print("| phase | RIL step (s) | floor: bare call (s) |\n|---|---|---|")
-        print(f"| generate (one batched call; floor: HF's own sampling) | {p['generate']:.3f} | {f['generate']:.3f} |")
-        print(f"| reference log-probs (floor: all logits, then log-softmax) | {p['ref']:.3f} | {f['ref forward']:.3f} |")
-        print(f"| discriminator update + scoring | {p['disc']:.3f} | {f['disc fwd+bwd']:.3f} (with the shared prefix: {r['shared']:.3f}) |")
-        print(f"| policy forward/backward | {p['policy'] - p['ref'] - p['optimizer']:.3f} | {f['policy fwd+bwd']:.3f} |")
-        print(f"| optimizer steps (student; D's is inside its update) | {p['optimizer']:.3f} | {f['optimizers']:.3f} (both) |")
-        print(f"| **whole step** | **{r['step']:.3f}** | **{r['floor_total']:.3f}** |")
-        hf, gen, bare = r["sampling"]
-        print(f"\npeak memory ({'CUDA allocated' if r['device'].startswith('cuda') else 'resident set'}): generate "
-              f"{r['peaks']['generate']:.0f} MiB, policy update (reference log-probs included) {r['peaks']['policy']:.0f} MiB")
-        print(f"generate, the same tokens: {hf:.3f} s with HF's sampling (sampling {(hf - bare) / hf:.0%} of it), {gen:.3f} s with "
-              f"ril's top-k sampler ({(gen - bare) / gen:.0%}), {bare:.3f} s greedy without logits processors")
-        print(f"ratio step / floor: {r['step'] / r['floor_total']:.2f}; against a floor whose D call also shares "
-              f"the prompt prefix: {r['step'] / (r['floor_total'] - f['disc fwd+bwd'] + r['shared']):.2f}")
-
-
-# ---------------------------------------------------------------- memory estimate (make memory), not a test
-# Published configs: Qwen2-VL-2B/7B-Instruct; for the 8B row the language model of InternVL3-8B
-# (Qwen2.5-7B), its 0.3B InternViT counted as the 0.67B Qwen2-VL vision tower scaled to 0.30B.
-MEMORY_MODELS = {
-    "Qwen2-VL-2B": dict(hidden=1536, layers=28, inter=8960, heads=12, kv=2, vocab=151936, tied=True, vision=None),
-    "Qwen2-VL-7B": dict(hidden=3584, layers=28, inter=18944, heads=28, kv=4, vocab=152064, tied=False, vision=None),
-    "InternVL3-8B": dict(hidden=3584, layers=28, inter=18944, heads=28, kv=4, vocab=151674, tied=False, vision=0.30e9),
-}
-MEMORY_FLAGS = ["--dtype amp", "--dtype amp --micro-batch 4", "--dtype amp --grad-checkpointing",
-                "--dtype amp --grad-checkpointing --freeze-vision", "--dtype amp --micro-batch 4 --grad-checkpointing --freeze-vision",
-                "--dtype bf16 --micro-batch 4 --grad-checkpointing --freeze-vision"]
-
-
-def param_counts(hidden, layers, inter, heads, kv, vocab, tied, vision) -> tuple:
-    """(all, vision tower, discriminator) parameters, counted on the meta device."""
-    text = dict(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
-                num_key_value_heads=kv, vocab_size=vocab, rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]})
-    vis = dict(depth=32, embed_dim=1280, num_heads=16, hidden_size=hidden, mlp_ratio=4, patch_size=14, spatial_merge_size=2)
-    with torch.device("meta"):
-        m = transformers.Qwen2VLForConditionalGeneration(transformers.Qwen2VLConfig(text_config=text, vision_config=vis,
-                                                                                   tie_word_embeddings=tied))
-    V = sum(p.numel() for n, p in m.named_parameters() if ".visual." in f".{n}")
-    P = sum(p.numel() for p in m.parameters()) - V + (vision or V)
-    return P, vision or V, sum(p.numel() for p in ril.language_model(m).parameters()) + hidden + 1
-
-
-def memory_estimate(flags: str, P, V, D, hidden, layers, vocab, ranks: int = 1, shard: bool = False, **_) -> tuple:
-    """GPU bytes per rank at the peak of a step, and the phase. Shapes: 8 questions x 2G=8 texts = 64
-    sequences per step, split over the ranks; 448x448 images; 320 prompt + 256 new tokens."""
-    seqs, S, T, patches, S_d = 64 // ranks, 320 + 256, 256, 1024, 100
-    w = 2 if "bf16" in flags else 4  # bytes per trained weight, gradient and AdamW moment
-    trainable = P - V if "freeze-vision" in flags else P
-    mb, ckpt = (4 if "micro-batch" in flags else seqs), "checkpointing" in flags
-    split = ranks if shard else 1
-    student_w, student_go, ref, disc = w * P / split, 3 * w * trainable / split, 2 * P / split, 4 * w * D / split
-    act = mb * ((2 if ckpt else 34) * S * hidden * layers + (34 * S * hidden if ckpt else 0))
-    if "freeze-vision" not in flags:  # the vision tower's activations (1280 wide, 32 blocks), one image per sequence
-        act += mb * ((2 if ckpt else 34) * patches * 1280 * 32 + (34 * patches * 1280 if ckpt else 0))
-    act += 2 * 2 * P / layers if shard else 0  # FSDP2: one gathered layer (x2 prefetch)
-    logits = min(mb * T * vocab, 1 << 24) * 14  # one chunk of token_logprobs: bf16 head output, fp32 logits, exp, gradient
-    policy = student_w + student_go + ref + disc + act + logits
-    d_phase = student_w + 2 * w * trainable / split + ref + disc + mb * 34 * S_d * hidden * layers
-    return max((policy, "policy update"), (d_phase, "D update")), (student_w + student_go, ref, disc, act, logits)
-
-
-def memory_table():
-    """An estimate, not a measurement (README "Memory"). Weights, gradients and AdamW moments are
-    exact byte counts. Activations use Korthikanti et al.'s 34 bytes x tokens x hidden per layer (bf16,
-    fused attention), or 2 bytes plus one whole layer with --grad-checkpointing; the 2^24 logits of one chunk
-    of token_logprobs take 14 bytes each. Before the chunked head, all
-    64 x 256 positions' logits were held at once: 10 bytes each, 24.9 GB for Qwen2-VL-2B."""
-    GB, spec = 1e9, MEMORY_MODELS["Qwen2-VL-2B"]
-    P, V, D = param_counts(**spec)
-    print(f"Qwen2-VL-2B: {P / 1e9:.3f}B parameters ({V / 1e9:.3f}B vision tower); discriminator {D / 1e9:.3f}B; "
-          f"64 sequences of 576 tokens per step, one GPU")
-    print("| flags | student (weights+grads+AdamW) | reference | discriminator (+grads+AdamW) | activations | logits | peak (phase) |")
-    print("|---|---|---|---|---|---|---|")
-    for flags in MEMORY_FLAGS:
-        (peak, when), (st, ref, disc, act, logits) = memory_estimate(flags, P, V, D, **spec)
-        print(f"| `{flags}` | {st / GB:.1f} GB | {ref / GB:.1f} GB | {disc / GB:.1f} GB"
-              f" | {act / GB:.1f} GB | {logits / GB:.1f} GB | **{peak / GB:.1f} GB** ({when}) |")
-    flags = "--dtype amp --grad-checkpointing --freeze-vision"
-    print(f"\nPer GPU under torchrun, `{flags}` (the same 64 sequences split over the ranks):")
-    print("| student | parameters | 1 GPU | 2 GPUs, DDP | 8 GPUs, DDP | 2 GPUs, --shard | 4 GPUs, --shard | 8 GPUs, --shard |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, spec in MEMORY_MODELS.items():
-        P, V, D = param_counts(**spec)
-        cells = [memory_estimate(flags, P, V, D, ranks=n, shard=sh, **spec)[0][0] / GB
-                 for n, sh in [(1, False), (2, False), (8, False), (2, True), (4, True), (8, True)]]
-        print(f"| {name} | {P / 1e9:.2f}B | " + " | ".join(f"{c:.0f} GB" for c in cells) + " |")
-
-
-# ---------------------------------------------------------------- the paper's tables in miniature (make paper-table)
-PAPER_ROWS = [  # (row, flags): every row starts from the same SFT'd student of its seed, 200 RIL steps
-    ("GRPO", ["--algo", "grpo"]),
-    ("Dr.GRPO", ["--algo", "dr_grpo"]),
-    ("RIL, one teacher (alice; carol)", ["--teachers", "FIRST"]),  # the first of the task's two: alice on toy, carol on phrased
-    ("RIL, two teachers", []),
-    ("RIL, Eq. 2's 2G baseline", ["--baseline", "group"]),  # the paper's advantage: the teacher texts join the group mean
-    ("RIL, Eq. 2's ratio for teacher texts", ["--teacher-ratio", "old"]),  # the paper's pi_theta / pi_old, 1 at mu = 1
-    ("RIL, Eq. 2 as written", ["--baseline", "group", "--teacher-ratio", "old"]),  # neither deviation
-    ("RIL, frozen discriminator", ["--disc-lr", "0"]),
-    ("RIL, continuous r_sim", ["--sim-reward", "continuous"]),
-    ("RIL, beta = 0", ["--beta", "0"]),
-]
-PAPER_SEEDS = [0, 1, 2]
-PAPER_TASKS = ["toy", "phrased"]
-
-
-def run_paper_table(root: str = os.path.join(HERE, "runs", "paper_table"), jobs: int = 2, flags: tuple = (),
-                    tasks: list = PAPER_TASKS, rows: list = PAPER_ROWS, seeds: list = PAPER_SEEDS, sft_root: str = "") -> dict:
-    """Table 1, Table 2, Table 5b/5d and Fig. 6 of the paper in miniature, on each built-in task, 3 seeds.
-    Per task and seed: one SFT run (its student is the first row and the start of every other row), then each
-    row as its own process, two at a time with one thread each. Every row is scored the same way: greedy
-    answers on the 120 held-out questions; accuracy; teacher-likeness by one ruler per task and seed, the
-    discriminator pre-trained in its two-teacher RIL run (the D that learned the SFT'd student vs the teachers),
-    so that rows without a discriminator of their own can be scored too; teacher match. Returns the scores."""
-    t0 = time.time()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    common = ["--keep-last", "10", "--overwrite", *flags]  # flags: a smaller budget, for a smoke run
-    ruler = "RIL, two teachers"  # its run is row 0, always made: its pre-trained D scores every row of its task and seed
-    rows = ([r for r in rows if r[0] == ruler] or [(ruler, [])]) + [r for r in rows if r[0] != ruler]
-    folder = lambda task, seed, i=None: os.path.join(i is None and sft_root or root, task, f"seed{seed}",  # noqa: E731
-                                                     "sft" if i is None else f"row{i}")
-
-    def run_all(cmds):  # [(out, argv)], `jobs` at a time
-        running, todo = [], list(cmds)
-        while todo or running:
-            while todo and len(running) < jobs:
-                out, argv = todo.pop(0)
-                os.makedirs(out, exist_ok=True)
-                log = open(os.path.join(out, "run.log"), "w")
-                running.append((out, subprocess.Popen([sys.executable, os.path.join(HERE, "ril.py"), *argv, "--out", out],
-                                                      stdout=log, stderr=subprocess.STDOUT, env=env)))
-            time.sleep(0.5)
-            for out, p in [r for r in running if r[1].poll() is not None]:
-                running.remove((out, p))
-                if p.returncode != 0:
-                    sys.exit(f"paper-table: the run in {out} failed; see {out}/run.log")
-                print(f"  done {os.path.relpath(out, root)} ({time.time() - t0:.0f}s)", flush=True)
-
-    runs = [(t, seed) for t in tasks for seed in seeds]
-    first = {t: sorted(ril.load_data(ril.parse_args(["--data", t, "--toy-size", "1"]))[0][0]["teachers"])[0] for t in tasks}
-    run_all([] if sft_root else [(folder(t, seed), ["--data", t, "--seed", str(seed), "--algo", "dr_grpo", *common, "--steps", "0"])
-                                 for t, seed in runs])  # sft_root: the SFT'd students of an earlier table, for rows that change no SFT flag
-    run_all([(folder(t, seed, i), ["--data", t, "--seed", str(seed), "--student", folder(t, seed), *common, "--sft-steps", "0",
-                                         *[first[t] if x == "FIRST" else x for x in row]]) for t, seed in runs for i, (_, row) in enumerate(rows)])
-
-    scores = {}  # (task, row) -> list over seeds of (accuracy, teacher-likeness, teacher match, length)
-    for task, seed in runs:
-        a = ril.parse_args(["--data", task, "--seed", str(seed), *flags])
-        train_rows, eval_rows = ril.load_data(a)
-        judge = ril.MatchJudge(train_rows)
-        ruler_state = torch.load(os.path.join(folder(task, seed, 0), "checkpoints", "step_0000000.pt"), weights_only=True)["disc"]
-        for name, out in [("SFT'd student alone", folder(task, seed))] + [(r, folder(task, seed, i)) for i, (r, _) in enumerate(rows)]:
-            model = transformers.AutoModelForImageTextToText.from_pretrained(out)
-            ruler = ril.Discriminator(model)
-            ruler.load_state_dict(ruler_state)
-            m, _ = ril.evaluate(a, ril.State(model, ril.load_processor(out), CPU, judge=judge, disc=ruler.eval()), eval_rows)
-            scores.setdefault((task, name), []).append((m["eval/acc"], m["eval/teacher_like"], m["eval/teacher_match"], m["eval/len"]))
-
-    def cell(xs, j, fmt="{:.3f}"):
-        v = [x[j] for x in xs]
-        mean = sum(v) / len(v)
-        sd = (sum((x - mean) ** 2 for x in v) / max(len(v) - 1, 1)) ** 0.5
-        return f"{fmt.format(mean)} ± {fmt.format(sd)}"
-
-    order = ["SFT'd student alone"] + [r for r, _ in PAPER_ROWS if r in dict(rows)]
-    lines = [f"{a.eval_size} held-out questions per task, seeds {seeds}, {a.steps} RIL steps per row from the same SFT'd student; "
-             f"mean ± standard deviation over seeds. Teacher-likeness = mean(1 - D) under one ruler per task and seed (the "
-             f"discriminator pre-trained in its two-teacher RIL run)."]
-    for task in tasks:
-        lines += ["", f"**--data {task}**", "", "| row | accuracy | teacher-likeness | teacher match | length (tokens) |", "|---|---|---|---|---|"]
-        lines += [f"| {n} | {cell(xs, 0)} | {cell(xs, 1)} | {cell(xs, 2)} | {cell(xs, 3, '{:.1f}')} |"
-                  for n in order for xs in [scores[(task, n)]]]
-    lines += ["", "Per seed (accuracy / teacher-likeness):", "", "| task | row | " + " | ".join(f"seed {s}" for s in seeds) + " |",
-              "|---|---|" + "---|" * len(seeds)]
-    lines += [f"| {task} | {n} | " + " | ".join(f"{x[0]:.3f} / {x[1]:.3f}" for x in scores[(task, n)]) + " |" for task in tasks for n in order]
-    lines += ["", f"{time.time() - t0:.0f} s in all, {jobs} runs at a time with one thread each."]
-    with open(os.path.join(root, "table.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines) + f"\n\nwritten to {os.path.join(root, 'table.md')}")
-    return scores
-
-
-def frame_accuracy(out: str, task: str, seed: int, step: int = -1) -> dict:
-    """How well a saved student answers inside each sentence frame of its task's teachers ("It is {a}", ...), the bare
-    answer first: per held-out question, the candidate answer of its kind (those in the training rows) with the highest
-    log pi(frame + answer | image, question) against the true one. Greedy answers in a frame cannot be better than this.
-    First the run's greedy accuracy and its share of one-word (bare) answers; step >= 0 scores that checkpoint instead."""
-    a = ril.parse_args(["--data", task, "--seed", str(seed)])
-    train_rows, eval_rows = ril.load_data(a)
-    kind = {q: k for k, qs in ril.QUESTIONS[task].items() for q in qs}
-    cands = {k: sorted({r["answer"] for r in train_rows if kind[r["question"]] == k}) for k in ril.QUESTIONS[task]}
-    frames = ["{a}"] + sorted({p.split("{a}")[0] + "{a}" for t in ril.TEACHERS[task].values() for ps in t.values() for p in ps})
-    model, proc = transformers.AutoModelForImageTextToText.from_pretrained(out).eval(), ril.load_processor(out)
-    if step >= 0:  # the student of a checkpoint of that run instead of its final one
-        model.load_state_dict(torch.load(os.path.join(out, "checkpoints", f"step_{step:07d}.pt"), weights_only=False)["student"])
-    scores, texts = ril.evaluate(a, ril.State(model, proc, judge=ril.MatchJudge(train_rows)), eval_rows)  # ril.py's own scoring
-    acc = {"greedy accuracy": scores["eval/acc"],
-           "greedy answers that are one word": sum(len(ril.normalize(t)) == 1 for t in texts) / len(texts)}
-    for frame in frames:
-        right = 0
-        for r in eval_rows:
-            c = cands[kind[r["question"]]]
-            comp, mask = ril.pad_right([ril.plain_ids(proc.tokenizer, frame.format(a=x)) for x in c], proc.tokenizer.pad_token_id, CPU)
-            with torch.no_grad():
-                lp = ril.token_logprobs(model, ril.repeat_prompts(ril.encode_prompts(proc, [r], CPU), len(c)), comp, mask, 1.0)
-            right += c[int((lp * mask).sum(1).argmax())] == r["answer"]
-        acc[frame] = right / len(eval_rows)
-    return acc
-
-
-if __name__ == "__main__" and "--frames" in sys.argv:  # python test_ril.py --frames OUT TASK SEED [STEP]
-    out, task, seed, *step = sys.argv[sys.argv.index("--frames") + 1:][:4]
-    print(" | ".join(f"{f}: {x:.3f}" for f, x in frame_accuracy(out, task, int(seed), int((step or [-1])[0])).items()))
-if __name__ == "__main__" and "--plot" in sys.argv:
-    print(f"wrote {plot_metrics(sys.argv[sys.argv.index('--plot') + 1])}")
-if __name__ == "__main__" and "--bench" in sys.argv:
-    run_bench()
-if __name__ == "__main__" and "--bench" in sys.argv:  # the policy update's memory at 256 new tokens, each variant in a fresh process
-    print("\n## policy update at the real vocabulary, 256 new tokens (2 questions x 2G = 16 sequences)\n")
-    print("| log-probs | peak memory of the policy update | at its start | above its start |\n|---|---|---|---|")
-    for variant in ("plain", "chunked"):
-        p = subprocess.run([sys.executable, __file__, "--policy-peak", variant], capture_output=True, text=True, check=True)
-        peak, before = map(float, p.stdout.split()[-2:])
-        print(f"| {'all logits at once (before)' if variant == 'plain' else 'chunked head (ril.py)'} | {peak:.0f} MiB | "
-              f"{before:.0f} MiB | {peak - before:.0f} MiB |")
-if __name__ == "__main__" and "--policy-peak" in sys.argv:
-    print(*policy_peak(sys.argv[sys.argv.index("--policy-peak") + 1]))
-if __name__ == "__main__" and "--memory" in sys.argv:
-    memory_table()
-if __name__ == "__main__" and "--paper-table" in sys.argv:
-    run_paper_table()
-if __name__ == "__main__" and "--reduction-check" in sys.argv:  # under torchrun, by the test above
-    shard = "--shard" in sys.argv
-    ril.init_distributed(ril.Args(shard=shard), CPU)
-    state = _reduction_update([ril.RANKS.rank, ril.RANKS.rank + 2], shard)
-    if ril.RANKS.rank == 0:
-        torch.save(state, os.path.join(sys.argv[sys.argv.index("--reduction-check") + 1], "reduction.pt"))
-    ril.dist.destroy_process_group()
-if __name__ == "__main__" and "--ranks-agree" in sys.argv:  # under torchrun, by the test above: a run, then each rank's student
-    folder, real = sys.argv[sys.argv.index("--ranks-agree") + 1], ril.report
-
-    def report(a, s, *rest):
-        if not ril.RANKS.sharded:
-            torch.save(ril.unwrap(s.model).state_dict(), os.path.join(folder, f"rank{ril.RANKS.rank}.pt"))
-        real(a, s, *rest)
-
-    ril.report = report
-    ril.main(sys.argv[sys.argv.index("--ranks-agree") + 2:])
-
-
-# ---------------------------------------------------------------- the GPU path, checked on the CPU (bf16 autocast and casts behave alike)
+# ---------------------------------------------------------------- the GPU path, checked on the CPU
+# (bf16 autocast and casts behave alike there)
 def _sft_loss(capsys, tmp_path, dtype: str) -> float:
-    ril.main(["--algo", "dr_grpo", "--toy-size", "48", "--eval-size", "4", "--sft-steps", "30", "--sft-batch-size", "8",
-              "--steps", "0", "--dtype", dtype, "--out", str(tmp_path / dtype)])
+    ril.main(
+        [
+            "--algo",
+            "dr_grpo",
+            "--toy-size",
+            "48",
+            "--eval-size",
+            "4",
+            "--sft-steps",
+            "30",
+            "--sft-batch-size",
+            "8",
+            "--steps",
+            "0",
+            "--dtype",
+            dtype,
+            "--out",
+            str(tmp_path / dtype),
+        ]
+    )
     return float(re.search(r"final loss ([\d.]+)", capsys.readouterr().out).group(1))
 
 
@@ -2090,8 +2234,11 @@ def test_a_checkpoint_written_on_a_gpu_resumes_on_a_cpu(tmp_path, monkeypatch, t
     out = copy_of(two_steps, tmp_path)
     files = ril.checkpoints(out) + [os.path.join(out, "checkpoints", "reference.pt")]
     with monkeypatch.context() as m:
-        m.setattr(torch.serialization, "_package_registry",
-                  [(-1, lambda obj: "cuda:0", lambda obj, loc: None)] + list(torch.serialization._package_registry))
+        m.setattr(
+            torch.serialization,
+            "_package_registry",
+            [(-1, lambda obj: "cuda:0", lambda obj, loc: None)] + list(torch.serialization._package_registry),
+        )
         for f in files:
             obj = torch.load(f, weights_only=True)
             torch.save(obj, f)
@@ -2104,6 +2251,7 @@ def test_a_checkpoint_written_on_a_gpu_resumes_on_a_cpu(tmp_path, monkeypatch, t
 def test_gradients_are_reduced_once_per_step_not_once_per_micro_batch(tiny, tmp_path):
     """Under DDP each micro-batch's backward but the last runs in no_sync: one all-reduce per bucket a step."""
     import torch.distributed as dist
+
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
     try:
         calls = []
@@ -2113,6 +2261,7 @@ def test_gradients_are_reduced_once_per_step_not_once_per_micro_batch(tiny, tmp_
             fut = torch.futures.Future()
             fut.set_result(bucket.buffer())
             return fut
+
         model = torch.nn.parallel.DistributedDataParallel(ril.copy.deepcopy(tiny["model"]))
         model.register_comm_hook(None, count)
         a = args(micro_batch=2)
@@ -2128,8 +2277,15 @@ def test_gradients_are_reduced_once_per_step_not_once_per_micro_batch(tiny, tmp_
         disc = torch.nn.parallel.DistributedDataParallel(ril.Discriminator(tiny["model"]))
         disc.register_comm_hook(None, count)
         calls.clear()
-        ril.disc_update(disc, torch.optim.SGD(disc.parameters(), lr=0.0), tiny["proc"].tokenizer, ro["texts"], ro["is_teacher"],
-                        a, CPU)
+        ril.disc_update(
+            disc,
+            torch.optim.SGD(disc.parameters(), lr=0.0),
+            tiny["proc"].tokenizer,
+            ro["texts"],
+            ro["is_teacher"],
+            a,
+            CPU,
+        )
         assert 1 <= len(calls) <= 2  # buckets of one backward, not one per micro-batch (8)
     finally:
         dist.destroy_process_group()
@@ -2147,6 +2303,7 @@ def test_under_torchrun_other_ranks_wait_for_rank_0s_teacher_cache_and_never_gen
         with open(ril.teacher_cache("m/t", a), "a") as f:
             for r in rows[1:]:
                 print(json.dumps({"id": r["id"], "texts": [f"t{r['id']}"], "cut": [False]}), file=f)
+
     monkeypatch.setattr(ril.time, "sleep", rank0_writes)
     os.makedirs(tmp_path / "teacher_cache")
     with open(ril.teacher_cache("m/t", a), "w") as f:
@@ -2159,9 +2316,24 @@ def test_a_model_too_large_for_the_free_gpu_memory_is_refused_before_it_loads(tm
     judge = _tiny_judge(tmp_path / "judge")
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1000, 10**10))
     with pytest.raises(SystemExit) as e:
-        ril.check_fits(judge, torch.bfloat16, torch.device("cuda", 0), "--judge", transformers.AutoModelForCausalLM, False)
+        ril.check_fits(
+            judge, torch.bfloat16, torch.device("cuda", 0), "--judge", transformers.AutoModelForCausalLM, False
+        )
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"--judge {judge}: its weights need" in err and "GiB free" in err
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10**10, 10**10))
     ril.check_fits(judge, torch.bfloat16, torch.device("cuda", 0), "--judge", transformers.AutoModelForCausalLM, False)
+
+
+# ---------------------------------------------------------------- entry points of the torchrun tests above (not tools)
+if __name__ == "__main__":
+    if "--reduction-check" in sys.argv:  # test_two_ranks_with_two_questions_each_update_like_one_process_with_four
+        shard = "--shard" in sys.argv
+        ril.init_distributed(ril.Args(shard=shard), CPU)
+        update = _reduction_update([ril.RANKS.rank, ril.RANKS.rank + 2], shard)
+        if ril.RANKS.rank == 0:
+            torch.save(update, os.path.join(sys.argv[sys.argv.index("--reduction-check") + 1], "reduction.pt"))
+        ril.dist.destroy_process_group()
+    elif "--ranks-agree" in sys.argv:  # test_torchrun_two_ranks_train_agree_and_save_an_ordinary_checkpoint
+        _ranks_agree(sys.argv[sys.argv.index("--ranks-agree") + 1], sys.argv[sys.argv.index("--ranks-agree") + 2 :])

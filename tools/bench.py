@@ -1,0 +1,489 @@
+"""Benchmarks of ril.py, not tests.
+
+    python tools/bench.py            # make bench (about 7 minutes on 2 CPU cores)
+    python tools/bench.py --memory   # make memory (arithmetic: seconds)
+
+make bench: a RIL step, phase by phase, against the bare model calls it cannot avoid (the floor), on three tiny
+workloads; then the policy update's peak memory at the real vocabulary and 256 new tokens, all logits at once against
+ril's chunked LM head, each in a fresh process (--policy-peak). make memory: the estimated GPU memory of a Qwen2-VL-2B
+run under each memory flag, and per GPU under torchrun for 2B to 8B students.
+
+Models are random tiny Qwen2-VLs built here; nothing is downloaded. Runs on CUDA when there is one, else the CPU.
+"""
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+
+import torch
+import transformers
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, where ril.py is
+import ril
+
+# ---------------------------------------------------------------- a RIL step against its floor (make bench)
+# name: (tiny model size, ril.Args overrides, vocabulary); random models: answers run to the token cap
+BENCH_WORKLOADS = {
+    "tiny default": (dict(), dict(), 0),
+    "larger (hidden 256, 4 layers, 8 questions x G=4, 32 new tokens)": (
+        dict(hidden=256, layers=4),
+        dict(batch_size=8, G=4, max_new_tokens=32),
+        0,
+    ),
+    "real vocabulary (151,936 entries, hidden 64, 2 layers, 8 questions x G=4, 32 new tokens)": (
+        dict(),
+        dict(batch_size=8, G=4, max_new_tokens=32),
+        151936,
+    ),
+}
+
+
+def _median(xs):
+    return sorted(xs)[len(xs) // 2]
+
+
+def _clock(dev) -> float:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    return time.perf_counter()
+
+
+class PeakMemory:
+    """Peak memory inside time windows: on CUDA the allocator's peak since the window opened; on a CPU this process's
+    resident set, sampled every 5 ms by a thread (glibc keeps freed memory, so a window also counts what earlier
+    ones left resident: compare phases within one process, and variants in fresh processes)."""
+
+    def __init__(self, dev):
+        self.dev, self.samples, self.on = dev, [], dev.type != "cuda"
+        if self.on:
+            threading.Thread(target=self._sample, daemon=True).start()
+
+    def _sample(self):
+        page = os.sysconf("SC_PAGE_SIZE")
+        while self.on:
+            self.samples.append((time.perf_counter(), int(open("/proc/self/statm").read().split()[1]) * page))
+            time.sleep(0.005)
+
+    def open(self) -> float:
+        if self.dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.dev)
+        return time.perf_counter()
+
+    def peak(self, t0: float) -> float:
+        if self.dev.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.dev)
+        time.sleep(0.01)  # one more sample
+        return max((r for t, r in self.samples if t >= t0), default=0)
+
+
+def plain_token_logprobs(model, enc, comp, comp_mask, temperature, chunk=None):
+    """token_logprobs as it was before the chunked head (every position's full-vocabulary logits at once): the floor's
+    log-probs, and ril.token_logprobs's stand-in in policy_peak("plain"). chunk is there for the same signature."""
+    T = comp.shape[1]
+    extra = {
+        k: torch.cat([v, torch.zeros_like(comp)], 1) if "token_type_ids" in k else v
+        for k, v in enc.items()
+        if k not in ("input_ids", "attention_mask")
+    }
+    ids, attention = torch.cat([enc["input_ids"], comp], 1), torch.cat([enc["attention_mask"], comp_mask], 1)
+    logits = (
+        model(input_ids=ids, attention_mask=attention, logits_to_keep=T + 1, **extra).logits[:, :-1].float()
+        / temperature
+    )
+    return logits.gather(-1, comp[..., None]).squeeze(-1) - logits.logsumexp(-1)
+
+
+def corpus(rows: list) -> list:
+    """Every text of the rows, to train the tiny tokenizer on."""
+    return [s for r in rows for s in [r["question"], r["answer"]] + [t for ts in r["teachers"].values() for t in ts]]
+
+
+def bench_model(size: dict, vocab: int = 0, rows: list = ()) -> tuple:
+    """A random tiny Qwen2-VL; with vocab, its (tied) embedding and LM head grown to that many entries, as a real
+    student's."""
+    torch.manual_seed(0)
+    model, proc = ril.build_tiny(corpus(list(rows)) + [ril.DISC_SYSTEM, ril.DISC_USER], **size)
+    if vocab:
+        model.resize_token_embeddings(vocab)
+    return model, proc
+
+
+def bench_workload(name: str, size: dict, overrides: dict, vocab: int = 0, steps: int = 7, warmup: int = 2) -> dict:
+    """Time full RIL steps and, on the same shapes in the same process, the bare model calls a step cannot
+    avoid: the floor. The step's phases are timed from outside, by wrapping ril's own functions."""
+    a = ril.Args(sft_steps=0, disc_pretrain_steps=0, **overrides)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rows = ril.make_toy(64, 0)
+    model, proc = bench_model(size, vocab, rows)
+    model.to(dev)
+    mem = PeakMemory(dev)
+    tok = proc.tokenizer
+    ref, disc = ril.copy.deepcopy(model).eval().requires_grad_(False), ril.Discriminator(model)
+    s = ril.State(
+        model,
+        proc,
+        dev,
+        ("alice", "bob"),
+        ril.MatchJudge(rows),
+        ref,
+        disc,
+        torch.optim.AdamW(model.parameters(), lr=1e-5),
+        torch.optim.AdamW(disc.parameters(), lr=1e-5),
+    )
+    phase, real, peaks = {}, {}, {}
+
+    def always(*x):
+        return True
+
+    def timed(key, fn, counts):
+        def wrapper(*x, **kw):
+            t0, m0 = _clock(dev), key in ("generate", "policy") and mem.open()
+            out = fn(*x, **kw)
+            if counts(*x):
+                phase[key] = phase.get(key, 0.0) + _clock(dev) - t0
+            if m0:
+                peaks[key] = max(peaks.get(key, 0), mem.peak(m0))
+            return out
+
+        return wrapper
+
+    def of_ref(m, *x):  # token_logprobs: the reference's calls alone (the policy's own are inside policy_update)
+        return m is ref
+
+    def of_student(opt, *x):  # clip_and_step: the student's optimizer step (D's is inside disc_update)
+        return opt is s.opt
+
+    for fn, key, counts in [
+        ("generate", "generate", always),
+        ("disc_update", "disc", always),
+        ("disc_logits", "disc", always),
+        ("policy_update", "policy", always),
+        ("token_logprobs", "ref", of_ref),
+        ("clip_and_step", "optimizer", of_student),
+    ]:
+        real[fn] = getattr(ril, fn)
+        setattr(ril, fn, timed(key, real[fn], counts))
+    step_t, phases = [], []
+    try:
+        for step in range(warmup + steps):
+            phase.clear()
+            t0 = _clock(dev)
+            ril.ril_step(a, s, ril.batch_at(rows, step, a.batch_size, 3), step)
+            if step >= warmup:
+                step_t.append(_clock(dev) - t0)
+                phases.append(dict(phase))
+    finally:
+        for fn, f in real.items():
+            setattr(ril, fn, f)
+
+    # the floor: the same calls, bare, on one step's shapes (prompts, completions and D inputs prepared outside the
+    # clock)
+    ro = ril.rollout(a, s, ril.batch_at(rows, 0, a.batch_size, 3), ril.random.Random(0), True)
+    enc_g, enc_2g = ril.repeat_prompts(ro["enc"], a.G), ril.repeat_prompts(ro["enc"], 2 * a.G)
+    gen_cfg = hf_sampling(a, model, tok)
+    d_ids, d_mask = ril.disc_inputs(tok, ro["texts"], dev)
+    labels = (1 - ro["is_teacher"]).float()
+    floor = {k: [] for k in ("generate", "ref forward", "policy fwd+bwd", "disc fwd+bwd", "optimizers")}
+    shared = []  # D's forward+backward as ril.Discriminator runs it (the prompt prefix once): reported beside the floor
+    for i in range(warmup + steps):
+        t = [_clock(dev)]
+        with torch.no_grad():
+            model.generate(**enc_g, generation_config=gen_cfg)
+        t.append(_clock(dev))
+        with torch.no_grad():
+            plain_token_logprobs(ref, enc_2g, ro["comp"], ro["mask"], a.temperature)
+        t.append(_clock(dev))
+        plain_token_logprobs(model, enc_2g, ro["comp"], ro["mask"], a.temperature).mean().backward()
+        t.append(_clock(dev))
+        h = disc.backbone(input_ids=d_ids, attention_mask=d_mask).last_hidden_state  # plain: every row in full
+        d_logits = disc.head(h[torch.arange(len(h), device=dev), d_mask.sum(1) - 1]).squeeze(-1)
+        torch.nn.functional.binary_cross_entropy_with_logits(d_logits, labels).backward()
+        t.append(_clock(dev))
+        for opt in (s.opt, s.d_opt):
+            opt.step()
+        for opt in (s.opt, s.d_opt):
+            opt.zero_grad()
+        t.append(_clock(dev))
+        t1 = _clock(dev)
+        torch.nn.functional.binary_cross_entropy_with_logits(disc(d_ids, d_mask), labels).backward()
+        s.d_opt.zero_grad()
+        if i >= warmup:
+            for k, t0, t1_ in zip(floor, t[:-1], t[1:], strict=True):
+                floor[k].append(t1_ - t0)
+            shared.append(_clock(dev) - t1)
+    floor = {k: _median(v) for k, v in floor.items()}
+    ph = {k: _median([p.get(k, 0.0) for p in phases]) for k in ("generate", "ref", "disc", "policy", "optimizer")}
+    mem.on = False
+    return dict(
+        name=name,
+        step=_median(step_t),
+        phases=ph,
+        floor=floor,
+        floor_total=sum(floor.values()),
+        shared=_median(shared),
+        peaks={k: v / 2**20 for k, v in peaks.items()},
+        device=str(dev),
+        sampling=sampling_share(model, enc_g, a, tok),
+    )
+
+
+def hf_sampling(a, model, tok) -> transformers.GenerationConfig:
+    """The paper's sampling settings as HF's own do_sample (warpers, then a multinomial over the whole vocabulary)."""
+    return transformers.GenerationConfig(
+        **{
+            **ril.generation_config(a, model, tok, greedy=False).to_dict(),
+            "do_sample": True,
+            **{k: getattr(a, k) for k in ("temperature", "top_k", "top_p")},
+        }
+    )
+
+
+def sampling_share(model, enc, a, tok) -> tuple:
+    """Seconds to generate the same tokens (every answer to the cap) with HF's sampling, with ril's sampler, and
+    greedily with no logits processors: the differences are what sampling costs each way."""
+    times, cfgs = {}, {"hf": hf_sampling(a, model, tok), "ril": ril.generation_config(a, model, tok, greedy=False)}
+    cfgs["bare"] = transformers.GenerationConfig(
+        do_sample=False,
+        max_new_tokens=a.max_new_tokens,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=cfgs["ril"].eos_token_id,
+    )
+    for name, c in cfgs.items():
+        c.min_new_tokens = a.max_new_tokens
+        with torch.no_grad():
+            for _ in range(3):
+                t0 = _clock(model.device)
+                model.generate(
+                    **enc,
+                    generation_config=c,
+                    logits_processor=[ril.functools.partial(ril.sample_top_k_top_p, a)] if name == "ril" else None,
+                )
+                times[name] = min(times.get(name, 1e9), _clock(model.device) - t0)
+    return times["hf"], times["ril"], times["bare"]
+
+
+def policy_peak(variant: str) -> tuple:
+    """Peak memory (MiB) of the policy update of one RIL step at the real vocabulary and 256 new tokens (2 questions x
+    2G = 16 sequences), with ril's chunked log-probs or the plain all-logits ones, and the memory at its start; run each
+    in a fresh process (make bench does)."""
+    a = ril.Args(sft_steps=0, disc_pretrain_steps=0, batch_size=2, max_new_tokens=256)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rows = ril.make_toy(8, 0)
+    model, proc = bench_model({}, 151936, rows)
+    model.to(dev)
+    s = ril.State(
+        model,
+        proc,
+        dev,
+        ("alice", "bob"),
+        ril.MatchJudge(rows),
+        ril.copy.deepcopy(model).requires_grad_(False),
+        ril.Discriminator(model),
+        torch.optim.AdamW(model.parameters(), lr=1e-5),
+    )
+    s.d_opt = torch.optim.AdamW(s.disc.parameters(), lr=1e-5)
+    if variant == "plain":
+        ril.token_logprobs = plain_token_logprobs
+    mem, real, out = PeakMemory(dev), ril.policy_update, {}
+
+    def measured(*x, **kw):
+        t0 = mem.open()
+        r = real(*x, **kw)
+        out["peak"], out["before"] = mem.peak(t0), min((m for t, m in mem.samples if t >= t0), default=0)
+        return r
+
+    ril.policy_update = measured
+    ril.ril_step(a, s, rows[:2], 0)
+    mem.on = False
+    return out["peak"] / 2**20, out["before"] / 2**20
+
+
+def run_bench():
+    """make bench, first part: the table of each workload in BENCH_WORKLOADS."""
+    torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
+    cpu = platform.processor() or platform.machine()
+    print(
+        f"# make bench: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, transformers "
+        f"{transformers.__version__}, {torch.get_num_threads()} threads; medians of 7 steps after 2 warm-up"
+    )
+    for name, (size, overrides, vocab) in BENCH_WORKLOADS.items():
+        r = bench_workload(name, size, overrides, vocab)
+        p, f = r["phases"], r["floor"]
+        print(f"\n## {name} ({r['device']})\n")
+        print("| phase | RIL step (s) | floor: bare call (s) |\n|---|---|---|")
+        print(f"| generate (one batched call; floor: HF's own sampling) | {p['generate']:.3f} | {f['generate']:.3f} |")
+        print(
+            f"| reference log-probs (floor: all logits, then log-softmax) | {p['ref']:.3f} | {f['ref forward']:.3f} |"
+        )
+        print(
+            f"| discriminator update + scoring | {p['disc']:.3f} | {f['disc fwd+bwd']:.3f} "
+            f"(with the shared prefix: {r['shared']:.3f}) |"
+        )
+        print(
+            f"| policy forward/backward | {p['policy'] - p['ref'] - p['optimizer']:.3f} | {f['policy fwd+bwd']:.3f} |"
+        )
+        print(
+            f"| optimizer steps (student; D's is inside its update) | {p['optimizer']:.3f} | "
+            f"{f['optimizers']:.3f} (both) |"
+        )
+        print(f"| **whole step** | **{r['step']:.3f}** | **{r['floor_total']:.3f}** |")
+        hf, gen, bare = r["sampling"]
+        print(
+            f"\npeak memory ({'CUDA allocated' if r['device'].startswith('cuda') else 'resident set'}): generate "
+            f"{r['peaks']['generate']:.0f} MiB, policy update (reference log-probs included) "
+            f"{r['peaks']['policy']:.0f} MiB"
+        )
+        print(
+            f"generate, the same tokens: {hf:.3f} s with HF's sampling (sampling {(hf - bare) / hf:.0%} of it), "
+            f"{gen:.3f} s with ril's top-k sampler ({(gen - bare) / gen:.0%}), "
+            f"{bare:.3f} s greedy without logits processors"
+        )
+        print(
+            f"ratio step / floor: {r['step'] / r['floor_total']:.2f}; against a floor whose D call also shares "
+            f"the prompt prefix: {r['step'] / (r['floor_total'] - f['disc fwd+bwd'] + r['shared']):.2f}"
+        )
+
+
+def run_policy_peaks():
+    """make bench, second part: the policy update's memory at 256 new tokens, each variant in a fresh process."""
+    print("\n## policy update at the real vocabulary, 256 new tokens (2 questions x 2G = 16 sequences)\n")
+    print("| log-probs | peak memory of the policy update | at its start | above its start |\n|---|---|---|---|")
+    for variant in ("plain", "chunked"):
+        p = subprocess.run(
+            [sys.executable, __file__, "--policy-peak", variant], capture_output=True, text=True, check=True
+        )
+        peak, before = map(float, p.stdout.split()[-2:])
+        print(
+            f"| {'all logits at once (before)' if variant == 'plain' else 'chunked head (ril.py)'} | {peak:.0f} MiB | "
+            f"{before:.0f} MiB | {peak - before:.0f} MiB |"
+        )
+
+
+# ---------------------------------------------------------------- memory estimate (make memory)
+# Published configs: Qwen2-VL-2B/7B-Instruct; for the 8B row the language model of InternVL3-8B
+# (Qwen2.5-7B), its 0.3B InternViT counted as the 0.67B Qwen2-VL vision tower scaled to 0.30B.
+MEMORY_MODELS = {
+    "Qwen2-VL-2B": dict(hidden=1536, layers=28, inter=8960, heads=12, kv=2, vocab=151936, tied=True, vision=None),
+    "Qwen2-VL-7B": dict(hidden=3584, layers=28, inter=18944, heads=28, kv=4, vocab=152064, tied=False, vision=None),
+    "InternVL3-8B": dict(hidden=3584, layers=28, inter=18944, heads=28, kv=4, vocab=151674, tied=False, vision=0.30e9),
+}
+MEMORY_FLAGS = [
+    "--dtype amp",
+    "--dtype amp --micro-batch 4",
+    "--dtype amp --grad-checkpointing",
+    "--dtype amp --grad-checkpointing --freeze-vision",
+    "--dtype amp --micro-batch 4 --grad-checkpointing --freeze-vision",
+    "--dtype bf16 --micro-batch 4 --grad-checkpointing --freeze-vision",
+]
+
+
+def param_counts(hidden, layers, inter, heads, kv, vocab, tied, vision) -> tuple:
+    """(all, vision tower, discriminator) parameters, counted on the meta device."""
+    text = dict(
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        vocab_size=vocab,
+        rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
+    )
+    vis = dict(
+        depth=32, embed_dim=1280, num_heads=16, hidden_size=hidden, mlp_ratio=4, patch_size=14, spatial_merge_size=2
+    )
+    with torch.device("meta"):
+        m = transformers.Qwen2VLForConditionalGeneration(
+            transformers.Qwen2VLConfig(text_config=text, vision_config=vis, tie_word_embeddings=tied)
+        )
+    V = sum(p.numel() for n, p in m.named_parameters() if ".visual." in f".{n}")
+    P = sum(p.numel() for p in m.parameters()) - V + (vision or V)
+    return P, vision or V, sum(p.numel() for p in ril.language_model(m).parameters()) + hidden + 1
+
+
+def memory_estimate(flags: str, P, V, D, hidden, layers, vocab, ranks: int = 1, shard: bool = False, **_) -> tuple:
+    """GPU bytes per rank at the peak of a step, and the phase. Shapes: 8 questions x 2G=8 texts = 64
+    sequences per step, split over the ranks; 448x448 images; 320 prompt + 256 new tokens."""
+    seqs, S, T, patches, S_d = 64 // ranks, 320 + 256, 256, 1024, 100
+    w = 2 if "bf16" in flags else 4  # bytes per trained weight, gradient and AdamW moment
+    trainable = P - V if "freeze-vision" in flags else P
+    mb, ckpt = (4 if "micro-batch" in flags else seqs), "checkpointing" in flags
+    split = ranks if shard else 1
+    student_w, student_go, ref, disc = w * P / split, 3 * w * trainable / split, 2 * P / split, 4 * w * D / split
+    act = mb * ((2 if ckpt else 34) * S * hidden * layers + (34 * S * hidden if ckpt else 0))
+    if "freeze-vision" not in flags:  # the vision tower's activations (1280 wide, 32 blocks), one image per sequence
+        act += mb * ((2 if ckpt else 34) * patches * 1280 * 32 + (34 * patches * 1280 if ckpt else 0))
+    act += 2 * 2 * P / layers if shard else 0  # FSDP2: one gathered layer (x2 prefetch)
+    # one chunk of token_logprobs: bf16 head output, fp32 logits, exp, gradient
+    logits = min(mb * T * vocab, 1 << 24) * 14
+    policy = student_w + student_go + ref + disc + act + logits
+    d_phase = student_w + 2 * w * trainable / split + ref + disc + mb * 34 * S_d * hidden * layers
+    return max((policy, "policy update"), (d_phase, "D update")), (student_w + student_go, ref, disc, act, logits)
+
+
+def memory_table():
+    """An estimate, not a measurement (README "Memory"). Weights, gradients and AdamW moments are
+    exact byte counts. Activations use Korthikanti et al.'s 34 bytes x tokens x hidden per layer (bf16,
+    fused attention), or 2 bytes plus one whole layer with --grad-checkpointing; the 2^24 logits of one chunk
+    of token_logprobs take 14 bytes each. Before the chunked head, all
+    64 x 256 positions' logits were held at once: 10 bytes each, 24.9 GB for Qwen2-VL-2B."""
+    GB, spec = 1e9, MEMORY_MODELS["Qwen2-VL-2B"]
+    P, V, D = param_counts(**spec)
+    print(
+        f"Qwen2-VL-2B: {P / 1e9:.3f}B parameters ({V / 1e9:.3f}B vision tower); discriminator {D / 1e9:.3f}B; "
+        f"64 sequences of 576 tokens per step, one GPU"
+    )
+    print(
+        "| flags | student (weights+grads+AdamW) | reference | discriminator (+grads+AdamW) | activations | logits "
+        "| peak (phase) |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for flags in MEMORY_FLAGS:
+        (peak, when), (st, ref, disc, act, logits) = memory_estimate(flags, P, V, D, **spec)
+        print(
+            f"| `{flags}` | {st / GB:.1f} GB | {ref / GB:.1f} GB | {disc / GB:.1f} GB"
+            f" | {act / GB:.1f} GB | {logits / GB:.1f} GB | **{peak / GB:.1f} GB** ({when}) |"
+        )
+    flags = "--dtype amp --grad-checkpointing --freeze-vision"
+    print(f"\nPer GPU under torchrun, `{flags}` (the same 64 sequences split over the ranks):")
+    print(
+        "| student | parameters | 1 GPU | 2 GPUs, DDP | 8 GPUs, DDP | 2 GPUs, --shard | 4 GPUs, --shard "
+        "| 8 GPUs, --shard |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for name, spec in MEMORY_MODELS.items():
+        P, V, D = param_counts(**spec)
+        cells = [
+            memory_estimate(flags, P, V, D, ranks=n, shard=sh, **spec)[0][0] / GB
+            for n, sh in [(1, False), (2, False), (8, False), (2, True), (4, True), (8, True)]
+        ]
+        print(f"| {name} | {P / 1e9:.2f}B | " + " | ".join(f"{c:.0f} GB" for c in cells) + " |")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--memory", action="store_true", help="print the GPU memory estimate instead of benchmarking (make memory)"
+    )
+    p.add_argument(
+        "--policy-peak",
+        metavar="VARIANT",
+        choices=("plain", "chunked"),
+        help="print the policy update's peak and starting memory (MiB) with plain or chunked log-probs, then "
+        "exit: the bench runs each variant in a fresh process this way",
+    )
+    a = p.parse_args(argv)
+    if a.policy_peak:
+        print(*policy_peak(a.policy_peak))
+    elif a.memory:
+        memory_table()
+    else:
+        run_bench()
+        run_policy_peaks()
+
+
+if __name__ == "__main__":
+    main()

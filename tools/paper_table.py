@@ -1,0 +1,275 @@
+r"""The paper's tables in miniature (make paper-table), not a test: Table 1, Table 2, Table 5b/5d and Fig. 6 of RIL on
+each built-in task of ril.py, 3 seeds, every row a ril.py run of its own; about an hour on 2 CPU cores.
+
+    python tools/paper_table.py                              # make paper-table: writes runs/paper_table/table.md
+    python tools/paper_table.py --jobs 4 --root /tmp/table   # 4 runs at a time, elsewhere
+    python tools/paper_table.py --frames OUT TASK SEED [STEP]  # how a saved student answers in each teacher's frame
+
+The table goes to runs/paper_table at the repo root (where ril.py is) wherever this is run from, unless --root says
+otherwise. After --, more ril.py flags for every run; a smoke run of a few minutes:
+
+    python tools/paper_table.py --root /tmp/table --tasks toy --seeds 0 --rows 1 -- --toy-size 24 --eval-size 4 \
+        --sft-steps 3 --disc-pretrain-steps 2 --batch-size 2 --steps 3
+"""
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+import torch
+import transformers
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, where ril.py is
+import ril
+
+ROOT = os.path.dirname(os.path.abspath(ril.__file__))
+CPU = torch.device("cpu")
+
+# ---------------------------------------------------------------- the paper's tables in miniature (make paper-table)
+# (row, flags): every row starts from the same SFT'd student of its seed, 200 RIL steps. FIRST: the first of the task's
+# two teachers (alice on toy, carol on phrased). Eq. 2's 2G baseline is the paper's advantage, where the teacher texts
+# join the group mean; Eq. 2's ratio for teacher texts is the paper's pi_theta / pi_old, 1 at mu = 1; "Eq. 2 as
+# written" takes neither of ril.py's two deviations.
+PAPER_ROWS = [
+    ("GRPO", ["--algo", "grpo"]),
+    ("Dr.GRPO", ["--algo", "dr_grpo"]),
+    ("RIL, one teacher (alice; carol)", ["--teachers", "FIRST"]),
+    ("RIL, two teachers", []),
+    ("RIL, Eq. 2's 2G baseline", ["--baseline", "group"]),
+    ("RIL, Eq. 2's ratio for teacher texts", ["--teacher-ratio", "old"]),
+    ("RIL, Eq. 2 as written", ["--baseline", "group", "--teacher-ratio", "old"]),
+    ("RIL, frozen discriminator", ["--disc-lr", "0"]),
+    ("RIL, continuous r_sim", ["--sim-reward", "continuous"]),
+    ("RIL, beta = 0", ["--beta", "0"]),
+]
+PAPER_SEEDS = [0, 1, 2]
+PAPER_TASKS = ["toy", "phrased"]
+
+
+def run_paper_table(
+    root: str = os.path.join(ROOT, "runs", "paper_table"),
+    jobs: int = 2,
+    flags: tuple = (),
+    tasks: list = PAPER_TASKS,
+    rows: list = PAPER_ROWS,
+    seeds: list = PAPER_SEEDS,
+    sft_root: str = "",
+) -> dict:
+    """Table 1, Table 2, Table 5b/5d and Fig. 6 of the paper in miniature, on each built-in task, 3 seeds.
+    Per task and seed: one SFT run (its student is the first row and the start of every other row), then each
+    row as its own process, two at a time with one thread each. Every row is scored the same way: greedy
+    answers on the 120 held-out questions; accuracy; teacher-likeness by one ruler per task and seed, the
+    discriminator pre-trained in its two-teacher RIL run (the D that learned the SFT'd student vs the teachers),
+    so that rows without a discriminator of their own can be scored too; teacher match. Writes ROOT/table.md and
+    returns the scores. flags: more ril.py flags for every run (a smaller budget, for a smoke run); sft_root: the
+    folder of an earlier table whose SFT'd students to start from, for rows that change no SFT flag."""
+    t0 = time.time()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    common = ["--keep-last", "10", "--overwrite", *flags]
+    # the ruler's run is row 0, always made: its pre-trained D scores every row of its task and seed
+    ruler = "RIL, two teachers"
+    rows = ([r for r in rows if r[0] == ruler] or [(ruler, [])]) + [r for r in rows if r[0] != ruler]
+
+    def folder(task, seed, i=None):  # the SFT run of a task and seed (i None), or its row i
+        if i is None:
+            return os.path.join(sft_root or root, task, f"seed{seed}", "sft")
+        return os.path.join(root, task, f"seed{seed}", f"row{i}")
+
+    def run_all(cmds):  # [(out, argv)], `jobs` at a time
+        running, todo = [], list(cmds)
+        while todo or running:
+            while todo and len(running) < jobs:
+                out, argv = todo.pop(0)
+                os.makedirs(out, exist_ok=True)
+                log = open(os.path.join(out, "run.log"), "w")
+                cmd = [sys.executable, os.path.join(ROOT, "ril.py"), *argv, "--out", out]
+                running.append((out, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)))
+            time.sleep(0.5)
+            for out, p in [r for r in running if r[1].poll() is not None]:
+                running.remove((out, p))
+                if p.returncode != 0:
+                    sys.exit(f"paper-table: the run in {out} failed; see {out}/run.log")
+                print(f"  done {os.path.relpath(out, root)} ({time.time() - t0:.0f}s)", flush=True)
+
+    runs = [(t, seed) for t in tasks for seed in seeds]
+    first = {}  # the first teacher of each task
+    for t in tasks:
+        first[t] = sorted(ril.load_data(ril.parse_args(["--data", t, "--toy-size", "1"]))[0][0]["teachers"])[0]
+    if not sft_root:  # with sft_root, the SFT'd students of an earlier table
+        sft = ["--algo", "dr_grpo", *common, "--steps", "0"]
+        run_all([(folder(t, seed), ["--data", t, "--seed", str(seed), *sft]) for t, seed in runs])
+    cmds = []
+    for t, seed in runs:
+        for i, (_, row) in enumerate(rows):
+            row_flags = [first[t] if x == "FIRST" else x for x in row]
+            argv = ["--data", t, "--seed", str(seed), "--student", folder(t, seed), *common, "--sft-steps", "0"]
+            cmds.append((folder(t, seed, i), argv + row_flags))
+    run_all(cmds)
+
+    scores = {}  # (task, row) -> list over seeds of (accuracy, teacher-likeness, teacher match, length)
+    for task, seed in runs:
+        a = ril.parse_args(["--data", task, "--seed", str(seed), *flags])
+        train_rows, eval_rows = ril.load_data(a)
+        judge = ril.MatchJudge(train_rows)
+        ruler_state = torch.load(
+            os.path.join(folder(task, seed, 0), "checkpoints", "step_0000000.pt"), weights_only=True
+        )["disc"]
+        outs = [("SFT'd student alone", folder(task, seed))] + [
+            (r, folder(task, seed, i)) for i, (r, _) in enumerate(rows)
+        ]
+        for name, out in outs:
+            model = transformers.AutoModelForImageTextToText.from_pretrained(out)
+            ruler = ril.Discriminator(model)
+            ruler.load_state_dict(ruler_state)
+            m, _ = ril.evaluate(
+                a, ril.State(model, ril.load_processor(out), CPU, judge=judge, disc=ruler.eval()), eval_rows
+            )
+            scores.setdefault((task, name), []).append(
+                (m["eval/acc"], m["eval/teacher_like"], m["eval/teacher_match"], m["eval/len"])
+            )
+
+    def cell(xs, j, fmt="{:.3f}"):
+        v = [x[j] for x in xs]
+        mean = sum(v) / len(v)
+        sd = (sum((x - mean) ** 2 for x in v) / max(len(v) - 1, 1)) ** 0.5
+        return f"{fmt.format(mean)} ± {fmt.format(sd)}"
+
+    order = ["SFT'd student alone"] + [r for r, _ in PAPER_ROWS if r in dict(rows)]
+    lines = [
+        f"{a.eval_size} held-out questions per task, seeds {seeds}, {a.steps} RIL steps per row from the same SFT'd "
+        f"student; mean ± standard deviation over seeds. Teacher-likeness = mean(1 - D) under one ruler per task and "
+        f"seed (the discriminator pre-trained in its two-teacher RIL run)."
+    ]
+    for task in tasks:
+        lines += [
+            "",
+            f"**--data {task}**",
+            "",
+            "| row | accuracy | teacher-likeness | teacher match | length (tokens) |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {n} | {cell(xs, 0)} | {cell(xs, 1)} | {cell(xs, 2)} | {cell(xs, 3, '{:.1f}')} |"
+            for n in order
+            for xs in [scores[(task, n)]]
+        ]
+    lines += [
+        "",
+        "Per seed (accuracy / teacher-likeness):",
+        "",
+        "| task | row | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+        "|---|---|" + "---|" * len(seeds),
+    ]
+    lines += [
+        f"| {task} | {n} | " + " | ".join(f"{x[0]:.3f} / {x[1]:.3f}" for x in scores[(task, n)]) + " |"
+        for task in tasks
+        for n in order
+    ]
+    lines += ["", f"{time.time() - t0:.0f} s in all, {jobs} runs at a time with one thread each."]
+    with open(os.path.join(root, "table.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines) + f"\n\nwritten to {os.path.join(root, 'table.md')}")
+    return scores
+
+
+def frame_accuracy(out: str, task: str, seed: int, step: int = -1) -> dict:
+    """How well a saved student answers inside each sentence frame of its task's teachers ("It is {a}", ...), the bare
+    answer first: per held-out question, the candidate answer of its kind (those in the training rows) with the highest
+    log pi(frame + answer | image, question) against the true one. Greedy answers in a frame cannot be better than this.
+    First the run's greedy accuracy and its share of one-word (bare) answers; step >= 0 scores that checkpoint
+    instead."""
+    a = ril.parse_args(["--data", task, "--seed", str(seed)])
+    train_rows, eval_rows = ril.load_data(a)
+    kind = {q: k for k, qs in ril.QUESTIONS[task].items() for q in qs}
+    cands = {k: sorted({r["answer"] for r in train_rows if kind[r["question"]] == k}) for k in ril.QUESTIONS[task]}
+    frames = ["{a}"] + sorted(
+        {p.split("{a}")[0] + "{a}" for t in ril.TEACHERS[task].values() for ps in t.values() for p in ps}
+    )
+    model, proc = transformers.AutoModelForImageTextToText.from_pretrained(out).eval(), ril.load_processor(out)
+    if step >= 0:  # the student of a checkpoint of that run instead of its final one
+        model.load_state_dict(
+            torch.load(os.path.join(out, "checkpoints", f"step_{step:07d}.pt"), weights_only=False)["student"]
+        )
+    # ril.py's own scoring
+    scores, texts = ril.evaluate(a, ril.State(model, proc, judge=ril.MatchJudge(train_rows)), eval_rows)
+    acc = {
+        "greedy accuracy": scores["eval/acc"],
+        "greedy answers that are one word": sum(len(ril.normalize(t)) == 1 for t in texts) / len(texts),
+    }
+    for frame in frames:
+        right = 0
+        for r in eval_rows:
+            c = cands[kind[r["question"]]]
+            comp, mask = ril.pad_right(
+                [ril.plain_ids(proc.tokenizer, frame.format(a=x)) for x in c], proc.tokenizer.pad_token_id, CPU
+            )
+            with torch.no_grad():
+                lp = ril.token_logprobs(
+                    model, ril.repeat_prompts(ril.encode_prompts(proc, [r], CPU), len(c)), comp, mask, 1.0
+                )
+            right += c[int((lp * mask).sum(1).argmax())] == r["answer"]
+        acc[frame] = right / len(eval_rows)
+    return acc
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--jobs", type=int, default=2, help="ril.py runs at a time, one thread each (default: 2)")
+    p.add_argument(
+        "--root",
+        default=os.path.join(ROOT, "runs", "paper_table"),
+        help="output folder (default: runs/paper_table at the repo root)",
+    )
+    p.add_argument(
+        "--sft-root",
+        default="",
+        help="start every row from the SFT'd students in this earlier --root instead of SFT runs of its own (for rows "
+        "that change no SFT flag)",
+    )
+    p.add_argument(
+        "--tasks", nargs="+", choices=PAPER_TASKS, default=PAPER_TASKS, help="built-in tasks (default: both)"
+    )
+    p.add_argument("--seeds", nargs="+", type=int, default=PAPER_SEEDS, help="seeds (default: 0 1 2)")
+    p.add_argument(
+        "--rows",
+        nargs="+",
+        type=int,
+        metavar="N",
+        help="rows by number (default: all; the two-teacher row, the ruler, is always run): "
+        + "; ".join(f"{i} {name}" for i, (name, _) in enumerate(PAPER_ROWS)),
+    )
+    p.add_argument(
+        "--frames",
+        nargs="+",
+        metavar="ARG",
+        help="OUT TASK SEED [STEP]: instead of the table, score the saved student in OUT (or its checkpoint of STEP) "
+        "in each sentence frame of the teachers of TASK, and print it",
+    )
+    p.add_argument(
+        "ril_flags",
+        nargs="*",
+        metavar="-- RIL_FLAGS",
+        help="after --, more ril.py flags for every run, e.g. a smaller budget for a smoke run: "
+        "-- --toy-size 24 --eval-size 4 --sft-steps 3 --disc-pretrain-steps 2 --batch-size 2 --steps 3",
+    )
+    a = p.parse_args(argv)
+    if a.frames:
+        if len(a.frames) not in (3, 4):
+            p.error("--frames takes OUT TASK SEED [STEP]")
+        out, task, seed, *step = a.frames
+        print(
+            " | ".join(f"{f}: {x:.3f}" for f, x in frame_accuracy(out, task, int(seed), int((step or [-1])[0])).items())
+        )
+        return
+    if a.rows is not None and not all(0 <= i < len(PAPER_ROWS) for i in a.rows):
+        p.error(f"--rows: numbers from 0 to {len(PAPER_ROWS) - 1}")
+    rows = PAPER_ROWS if a.rows is None else [PAPER_ROWS[i] for i in a.rows]
+    run_paper_table(
+        root=a.root, jobs=a.jobs, flags=tuple(a.ril_flags), tasks=a.tasks, rows=rows, seeds=a.seeds, sft_root=a.sft_root
+    )
+
+
+if __name__ == "__main__":
+    main()
