@@ -56,7 +56,8 @@ def arg(default, help: str, **checks):
 
 @dataclass
 class Config:
-    """The method's hyperparameters. [P] the paper's value; the README lists those scaled down for the tiny model."""
+    """The method's hyperparameters: [P] the paper's value; [S] scaled down for the tiny model (the README gives the
+    paper's value and the flag that restores it); [R] our choice where the paper gives none."""
 
     algo: str = arg("ril", "RIL, or a Table 1 baseline (r_ans only)", choices=("ril", "dr_grpo", "grpo"))
     G: int = arg(4, "student samples per question; RIL adds G teacher texts, a group of 2G [P] App. C", ge=2)
@@ -65,24 +66,24 @@ class Config:
     mu: int = arg(1, "policy iterations per batch [P] App. C, Table 5a", ge=1)
     sim_threshold: float = arg(0.5, "r_sim = 1[D < threshold] [P] §3.3", gt=0, lt=1)
     sim_reward: str = arg("binary", "binary [P] or continuous (1 - D, Fig. 6)", choices=("binary", "continuous"))
-    baseline: str = arg("student", "A's baseline: the G samples' mean, or all 2G's [P]", choices=("student", "group"))
-    teacher_ratio: str = arg("one", "a teacher text's ratio: pi / 1, or pi / pi_old [P]", choices=("one", "old"))
+    baseline: str = arg("group", "advantage baseline: all 2G [P] Eq. 2, or the G samples", choices=("group", "student"))
+    teacher_ratio: str = arg("old", "teacher texts' ratio: pi / pi_old [P] Eq. 2, or pi / 1", choices=("old", "one"))
     temperature: float = arg(1.0, "sampling temperature [P] App. C", gt=0)
     top_p: float = arg(0.95, "nucleus sampling [P] App. C", gt=0, le=1)
     top_k: int = arg(50, "top-k sampling [P] App. C; 0 = off", ge=0)
     repetition_penalty: float = arg(1.05, "[P] App. C", gt=0)
-    steps: int = arg(200, "RIL steps, one batch of questions each", ge=0)
-    batch_size: int = arg(16, "questions per step", ge=1)
-    max_new_tokens: int = arg(16, "generation cap, also the Dr.GRPO normaliser L_max", ge=1)
-    lr: float = arg(2e-4, "student LR in the loop, constant (the paper: 1e-6)", ge=0)
-    disc_lr: float = arg(2e-4, "discriminator LR in the loop, constant (the paper: 1e-6); 0 = frozen D, Table 5d", ge=0)
+    steps: int = arg(200, "RIL steps, one batch of questions each [S]", ge=0)
+    batch_size: int = arg(16, "questions per step [S]", ge=1)
+    max_new_tokens: int = arg(16, "generation cap, also the Dr.GRPO normaliser L_max [S]", ge=1)
+    lr: float = arg(2e-4, "student LR in the loop, constant [S]", ge=0)
+    disc_lr: float = arg(2e-4, "discriminator LR in the loop, constant [S]; 0 = frozen D, Table 5d", ge=0)
     max_grad_norm: float = arg(1.0, "gradient clipping of the student and D [R]", gt=0)
-    sft_steps: int = arg(300, "Stage 0 SFT steps (0 = skip, for a checkpoint that is already SFT'd)", ge=0)
-    sft_batch_size: int = arg(32, "questions per SFT step", ge=1)
-    sft_teacher_frac: float = arg(0.2, "share of SFT targets that are teacher texts, the rest answers [R]", ge=0, le=1)
-    sft_lr: float = arg(3e-3, "SFT peak LR, decayed linearly to a tenth (the paper: 1e-5 -> 1e-6)", ge=0)
-    disc_pretrain_steps: int = arg(40, "Stage 2: discriminator pre-training steps", ge=0)
-    disc_pretrain_lr: float = arg(1e-3, "its peak LR, decayed linearly to a tenth (the paper: 1e-5 -> 1e-6)", ge=0)
+    sft_steps: int = arg(300, "Stage 0 SFT steps [S] (0 = skip, for a checkpoint already SFT'd)", ge=0)
+    sft_batch_size: int = arg(32, "questions per SFT step [S]", ge=1)
+    sft_teacher_frac: float = arg(0.2, "share of SFT targets that are teacher texts, the rest answers [S]", ge=0, le=1)
+    sft_lr: float = arg(3e-3, "SFT peak LR, decayed linearly to a tenth [S]", ge=0)
+    disc_pretrain_steps: int = arg(40, "Stage 2: discriminator pre-training steps [S]", ge=0)
+    disc_pretrain_lr: float = arg(1e-3, "its peak LR, decayed linearly to a tenth [S]", ge=0)
     micro_batch: int = arg(0, "sequences per forward/backward (0 = all): less memory, the same gradients", ge=0)
     seed: int = arg(0, "seeds the toy data, the model init, the data order and the sampling")
     eval_every: int = arg(50, "greedy held-out evaluation every N steps (0 = before and after only)", ge=0)
@@ -478,7 +479,7 @@ def group_advantages(rewards: torch.Tensor, group: int, scale_std: bool, base: i
     return adv.view(-1)
 
 
-def policy_loss(logp, old_logp, ref_logp, adv, mask, a: Config, n_seqs: int = 0) -> tuple:
+def policy_loss(logp, old_logp, ref_logp, adv, mask, a: Config, n_seqs: int = 0, unclipped=None) -> tuple:
     """Eq. 2 [P] at token level, as Dr.GRPO writes it [R]. Returns (loss, sums for the caller's averages).
 
         loss = -1/(N * L_max) * sum_{i,t} mask_it * [ min(rho_it A_i, clip(rho_it, 1-eps, 1+eps) A_i) - beta * KL_it ]
@@ -486,6 +487,7 @@ def policy_loss(logp, old_logp, ref_logp, adv, mask, a: Config, n_seqs: int = 0)
         KL_it  = pi_ref/pi_theta - log(pi_ref/pi_theta) - 1 (k3)     ref_logp        (n, T)
         A_i    = R_i - mean of its group (Eq. 2)                     adv             (n,)
         N = sequences in the step (n_seqs; the rows may be one micro-batch), L_max = --max-new-tokens.
+        unclipped (n,): rows whose term is rho_it A_i, not clipped (--teacher-ratio one's teacher texts, as LUFFY).
 
     N * L_max is a constant, not |o_i|: a long answer's tokens weigh what a short answer's do (as in TRL's
     loss_type="dr_grpo"; GRPO averages each answer over its own tokens). With mu = 1 a sample's ratio is exactly
@@ -494,6 +496,8 @@ def policy_loss(logp, old_logp, ref_logp, adv, mask, a: Config, n_seqs: int = 0)
     ratio = torch.exp((logp - old_logp).clamp(-20, 20))  # clamped, so exp cannot overflow
     A = adv[:, None]
     per_token = torch.min(ratio * A, ratio.clamp(1 - a.eps, 1 + a.eps) * A)  # (n, T)
+    if unclipped is not None:  # a ratio pi_theta <= 1 clipped at 1 - eps would get no gradient when A < 0
+        per_token = torch.where(unclipped[:, None], ratio * A, per_token)
     kl = torch.zeros_like(logp)
     if ref_logp is not None:  # [R] k3, the estimator GRPO and TRL use; the paper names none
         log_r = ref_logp - logp
@@ -535,10 +539,12 @@ def policy_update(
             with grad_sync(s.model, last=j == N):
                 logp = logprobs(s.model, i, j)  # (n, T)
                 old = logp.detach() if old_logp is None else old_logp[i:j]
-                if teacher is not None and a.teacher_ratio == "one":  # a teacher text's pi_old is taken as 1 (README)
-                    old = old.masked_fill(teacher[i:j, None] > 0, 0.0)
+                unclipped = None
+                if teacher is not None and a.teacher_ratio == "one":  # a teacher text's pi_old taken as 1 (README)
+                    unclipped = teacher[i:j] > 0
+                    old = old.masked_fill(unclipped[:, None], 0.0)
                 ref = None if ref_logp is None else ref_logp[i:j]
-                part, st = policy_loss(logp, old, ref, adv[i:j], mask[i:j], a, n_seqs=N)
+                part, st = policy_loss(logp, old, ref, adv[i:j], mask[i:j], a, n_seqs=N, unclipped=unclipped)
                 part.backward()
             loss = loss + part.detach()
             sums = {k: sums.get(k, 0) + v for k, v in st.items()}
@@ -618,7 +624,7 @@ def ril_step(a: Config, s: State, batch: list, step: int) -> tuple:
         # 5: r_sim of all 2G texts by the just-updated D [P] Alg. 2
         d_logits = disc_logits(s.disc.eval(), tok, ro["texts"], s.device, a.micro_batch)  # (B * 2G,)
         r_sim = similarity_reward(d_logits, a)
-    # 6: R = r_sim + r_ans, unweighted [P] §3.3; A = R - mean of the G samples (--baseline group: of all 2G, as Eq. 2)
+    # 6: R = r_sim + r_ans, unweighted [P] §3.3; A = R - mean of all 2G [P] Eq. 2 (--baseline student: of the G samples)
     rewards = r_sim + r_ans
     base = a.G if ril and a.baseline == "student" else 0
     adv = group_advantages(rewards, group, scale_std=(a.algo == "grpo"), base=base)

@@ -411,8 +411,8 @@ def test_teacher_ratio_one_weighs_each_teacher_token_by_the_students_probability
 
 def test_mu_policy_iterations_take_their_ratio_against_the_policy_that_sampled(tiny):
     """--mu 2: two optimiser steps on one batch; the second one's ratio is pi_theta (already moved once) over pi_old,
-    the policy before the first step, not over itself (which would make every ratio 1 and the clip a no-op); a teacher
-    text's ratio stays pi_theta / 1 in every iteration. Checked against the two steps done by hand, with SGD at lr 1."""
+    the policy before the first step, not over itself (which would make every ratio 1 and the clip a no-op), for a
+    teacher text as for a sample (Eq. 2). Checked against the two steps done by hand, with SGD at lr 1."""
     proc, rows = tiny["proc"], tiny["rows"][:1]
     texts = [rows[0]["teachers"]["alice"][0], rows[0]["teachers"]["bob"][0], rows[0]["answer"]]
     a = args(mu=2, beta=0.0, max_grad_norm=1e9, eps=0.05)
@@ -427,11 +427,11 @@ def test_mu_policy_iterations_take_their_ratio_against_the_policy_that_sampled(t
     model, by_hand = ril.copy.deepcopy(tiny["model"]), ril.copy.deepcopy(tiny["model"]).train()
     opt = torch.optim.SGD(by_hand.parameters(), lr=1.0)
     with torch.no_grad():
-        old = ril.token_logprobs(by_hand, enc, comp, mask, 1.0).masked_fill(teacher[:, None] > 0, 0.0)
+        old = ril.token_logprobs(by_hand, enc, comp, mask, 1.0)
     ratios = []
     for _ in range(2):
         logp = ril.token_logprobs(by_hand, enc, comp, mask, 1.0)
-        ratios.append(torch.exp(logp.detach() - old)[1:][mask[1:].bool()])
+        ratios.append(torch.exp(logp.detach() - old)[mask.bool()])
         (
             -(
                 torch.min(
@@ -2327,6 +2327,76 @@ def test_a_model_too_large_for_the_free_gpu_memory_is_refused_before_it_loads(tm
 
 
 # ---------------------------------------------------------------- entry points of the torchrun tests above (not tools)
+
+
+def test_with_no_method_flag_the_advantage_and_ratio_are_eq2s(tiny, monkeypatch):
+    """The default is the paper: A = R - mean of all 2G rewards of the group (Eq. 2), and a teacher text's ratio is
+    pi_theta / pi_old like a sample's (1 at mu = 1), so its step is A * grad log pi_theta, not A * pi_theta * grad."""
+    G, B = 4, 2
+    r_ans = torch.tensor([1, 0, 0, 1, 1, 1, 1, 1, 0, 0, 0, 1, 1, 1, 1, 1], dtype=torch.float)
+    d_logits = torch.tensor([2.0, -1.0, 0.5, 3.0, -2.0, -0.5, 1.0, -3.0, 1.5, 2.0, -2.5, 1.0, -0.5, -1.0, 2.5, -4.0])
+    seen = {}
+    monkeypatch.setattr(ril, "disc_update", lambda *x, **kw: ({}, torch.zeros(2 * G * B)))
+    monkeypatch.setattr(ril, "disc_logits", lambda *x, **kw: d_logits.clone())
+    monkeypatch.setattr(ril, "policy_update", lambda a, s, enc, comp, mask, adv, *x, **kw: seen.update(adv=adv) or {})
+    a = args(G=G, batch_size=B)
+    ril.ril_step(
+        a,
+        state(tiny["model"], tiny["proc"], judge=_FixedJudge(r_ans.tolist()), disc=torch.nn.Module()),
+        tiny["rows"][:B],
+        1,
+    )
+    R = ((d_logits < 0).float() + r_ans).view(B, 2 * G)
+    assert seen["adv"].tolist() == pytest.approx((R - R.mean(1, keepdim=True)).view(-1).tolist(), abs=1e-6)
+
+    monkeypatch.undo()
+    proc, rows = tiny["proc"], tiny["rows"][:1]
+    texts = [rows[0]["teachers"]["alice"][0], rows[0]["teachers"]["bob"][0]]  # two teacher texts
+    a = args(beta=0.0, max_grad_norm=1e9)
+    comp, mask = ril.pad_right(
+        [ril.text_ids(proc.tokenizer, t, a.max_new_tokens) for t in texts], proc.tokenizer.pad_token_id, CPU
+    )
+    enc, adv, teacher = (
+        ril.repeat_prompts(ril.encode_prompts(proc, rows, CPU), 2),
+        torch.tensor([1.0, -0.5]),
+        torch.tensor([1, 1]),
+    )
+    model, expected = ril.copy.deepcopy(tiny["model"]), ril.copy.deepcopy(tiny["model"]).train()
+    logp = ril.token_logprobs(expected, enc, comp, mask, a.temperature)
+    (-(adv[:, None] * logp * mask).sum() / (2 * a.max_new_tokens)).backward()  # the weight is A itself: ratio 1
+    before = [p.detach().clone() for p in model.parameters()]
+    ril.policy_update(
+        a, state(model, proc, opt=torch.optim.SGD(model.parameters(), lr=1.0)), enc, comp, mask, adv, teacher
+    )
+    for b, p, e in zip(before, model.parameters(), expected.parameters(), strict=True):
+        assert torch.allclose(b - p.detach(), e.grad if e.grad is not None else torch.zeros_like(b), atol=1e-6)
+
+
+def test_teacher_ratio_one_does_not_clip_a_teacher_token_with_a_negative_advantage(tiny):
+    """Under --teacher-ratio one a teacher token's ratio is pi_theta <= 1: clipped at 1 - eps it would get no gradient
+    whenever A < 0 and pi_theta < 0.8 (the min picks the constant (1 - eps) A). LUFFY does not clip its off-policy
+    term; neither does this: the step is A * pi_theta * grad log pi_theta on every teacher token."""
+    proc, rows = tiny["proc"], tiny["rows"][:1]
+    text = rows[0]["teachers"]["alice"][0]
+    a = args(teacher_ratio="one", beta=0.0, max_grad_norm=1e9)
+    comp, mask = ril.pad_right([ril.text_ids(proc.tokenizer, text, a.max_new_tokens)], proc.tokenizer.pad_token_id, CPU)
+    enc, adv, teacher = ril.encode_prompts(proc, rows, CPU), torch.tensor([-1.0]), torch.tensor([1])
+    model, expected = ril.copy.deepcopy(tiny["model"]), ril.copy.deepcopy(tiny["model"]).train()
+    logp = ril.token_logprobs(expected, enc, comp, mask, a.temperature)
+    assert (logp.exp()[mask.bool()] < 1 - a.eps).any()  # tokens the clip would have frozen
+    (-(adv[:, None] * logp.exp() * mask).sum() / a.max_new_tokens).backward()  # d/dtheta of A * pi_theta
+    before = [p.detach().clone() for p in model.parameters()]
+    ril.policy_update(
+        a, state(model, proc, opt=torch.optim.SGD(model.parameters(), lr=1.0)), enc, comp, mask, adv, teacher
+    )
+    moved = False
+    for b, p, e in zip(before, model.parameters(), expected.parameters(), strict=True):
+        want = e.grad if e.grad is not None else torch.zeros_like(b)
+        assert torch.allclose(b - p.detach(), want, atol=1e-6)
+        moved = moved or bool(want.abs().sum() > 0)
+    assert moved
+
+
 if __name__ == "__main__":
     if "--reduction-check" in sys.argv:  # test_two_ranks_with_two_questions_each_update_like_one_process_with_four
         shard = "--shard" in sys.argv

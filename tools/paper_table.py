@@ -29,17 +29,15 @@ CPU = torch.device("cpu")
 
 # ---------------------------------------------------------------- the paper's tables in miniature (make paper-table)
 # (row, flags): every row starts from the same SFT'd student of its seed, 200 RIL steps. FIRST: the first of the task's
-# two teachers (alice on toy, carol on phrased). Eq. 2's 2G baseline is the paper's advantage, where the teacher texts
-# join the group mean; Eq. 2's ratio for teacher texts is the paper's pi_theta / pi_old, 1 at mu = 1; "Eq. 2 as
-# written" takes neither of ril.py's two deviations.
+# two teachers (alice on toy, carol on phrased). Every RIL row is Eq. 2 as written (ril.py's default) but for its flags.
 PAPER_ROWS = [
     ("GRPO", ["--algo", "grpo"]),
     ("Dr.GRPO", ["--algo", "dr_grpo"]),
     ("RIL, one teacher (alice; carol)", ["--teachers", "FIRST"]),
-    ("RIL, two teachers", []),
-    ("RIL, Eq. 2's 2G baseline", ["--baseline", "group"]),
-    ("RIL, Eq. 2's ratio for teacher texts", ["--teacher-ratio", "old"]),
-    ("RIL, Eq. 2 as written", ["--baseline", "group", "--teacher-ratio", "old"]),
+    ("RIL, two teachers", []),  # the default: Eq. 2 and Alg. 2 as written
+    ("RIL, the G samples' baseline", ["--baseline", "student"]),  # variant: the teacher texts leave the group mean
+    ("RIL, teacher ratio pi_theta / 1", ["--teacher-ratio", "one"]),  # variant: a teacher text's pi_old taken as 1
+    ("RIL, both variants", ["--baseline", "student", "--teacher-ratio", "one"]),
     ("RIL, frozen discriminator", ["--disc-lr", "0"]),
     ("RIL, continuous r_sim", ["--sim-reward", "continuous"]),
     ("RIL, beta = 0", ["--beta", "0"]),
