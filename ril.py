@@ -22,6 +22,7 @@ Labels in comments: [P] the paper says so; [R] our reading where the paper is si
 import argparse
 import contextlib
 import copy
+import fcntl
 import functools
 import glob
 import hashlib
@@ -226,14 +227,12 @@ def generation_config(a: Config, model, tokenizer, greedy: bool) -> transformers
     eos = [eos] if isinstance(eos, int) else list(eos or [])
     names = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id", "image_token_index")
     vision = {getattr(model.config, n) for n in names if isinstance(getattr(model.config, n, None), int)}
-    return transformers.GenerationConfig(
-        do_sample=False,
-        max_new_tokens=a.max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id,
-        repetition_penalty=1.0 if greedy else a.repetition_penalty,
-        eos_token_id=sorted(set(eos) | {tokenizer.eos_token_id}),
-        suppress_tokens=sorted(vision),
+    cfg = transformers.GenerationConfig(
+        do_sample=False, max_new_tokens=a.max_new_tokens, suppress_tokens=sorted(vision)
     )
+    cfg.pad_token_id, cfg.eos_token_id = tokenizer.pad_token_id, sorted(set(eos) | {tokenizer.eos_token_id})
+    cfg.repetition_penalty = 1.0 if greedy else a.repetition_penalty
+    return cfg
 
 
 def sample_top_k_top_p(a: Config, input_ids, scores: torch.Tensor) -> torch.Tensor:
@@ -445,12 +444,8 @@ def disc_update(disc, opt, tokenizer, texts: list, is_teacher: torch.Tensor, a: 
         logits[idx] = part_logits.detach()
     _, skipped = clip_and_step(opt, disc.parameters(), loss, a.max_grad_norm)
     right = ((logits > 0).float() == labels).float()
-    return {
-        "disc/loss": loss.item(),
-        "disc/acc_student": right[labels == 1].mean().item(),
-        "disc/acc_teacher": right[labels == 0].mean().item(),
-        "guard/disc_skipped": skipped,
-    }, logits
+    metrics = {"disc/loss": loss.item(), "disc/acc_student": right[labels == 1].mean().item()}
+    return {**metrics, "disc/acc_teacher": right[labels == 0].mean().item(), "guard/disc_skipped": skipped}, logits
 
 
 def similarity_reward(d_logits: torch.Tensor, a: Config) -> torch.Tensor:
@@ -551,13 +546,8 @@ def policy_update(
         grad_norm, bad = clip_and_step(s.opt, s.model.parameters(), loss, a.max_grad_norm)
         skipped = max(skipped, bad)
     n_tok = sums["tokens"].clamp(min=1)
-    return {
-        "policy/loss": loss.item(),
-        "policy/grad_norm": grad_norm.item(),
-        "guard/skipped": skipped,
-        "policy/clip_frac": (sums["clipped"] / n_tok).item(),
-        "policy/kl": (sums["kl"] / n_tok).item(),
-    }
+    metrics = {"policy/loss": loss.item(), "policy/grad_norm": grad_norm.item(), "guard/skipped": skipped}
+    return {**metrics, "policy/clip_frac": (sums["clipped"] / n_tok).item(), "policy/kl": (sums["kl"] / n_tok).item()}
 
 
 # -- 7. Stage 0: SFT warm-up. Stage 2: discriminator pre-training ----------------------------------
@@ -690,9 +680,6 @@ transformers.utils.logging.disable_progress_bar()
 
 
 # -- 10. Command line ------------------------------------------------------------------------------
-DTYPES = ("auto", "fp32", "amp", "bf16")
-
-
 @dataclass
 class Args(Config):
     """What is not the method: models, data, devices, output."""
@@ -708,7 +695,9 @@ class Args(Config):
     toy_size: int = arg(600, "training questions of a built-in task", ge=1)
     out: str = arg("runs/ril", "output folder: the trained student, discriminator.pt, metrics.jsonl, checkpoints")
     device: str = arg("auto", "where to run", choices=("auto", "cpu", "cuda"))
-    dtype: str = arg("auto", "auto: amp on cuda, fp32 on cpu; amp: fp32 weights, bf16 autocast", choices=DTYPES)
+    dtype: str = arg(
+        "auto", "auto: amp on cuda, else fp32; amp: bf16 autocast", choices=("auto", "fp32", "amp", "bf16")
+    )
     grad_checkpointing: bool = arg(False, "recompute activations in the backward pass (student and D): less memory")
     freeze_vision: bool = arg(False, "train the language model only, not the vision tower")
     shard: bool = arg(False, "under torchrun: split parameters, gradients and AdamW moments over ranks (FSDP2)")
@@ -718,14 +707,16 @@ class Args(Config):
     overwrite: bool = arg(False, "start afresh in an --out that holds a run (deleted at the first new checkpoint)")
     max_bad_steps: int = arg(3, "stop after this many steps in a row with a NaN/inf loss or gradient", ge=1)
     trust_remote_code: bool = arg(False, "let a model folder's own Python code run")
+    accept_changed_data: bool = arg(False, "--resume although the rows differ from the checkpoint's")
 
 
+RESUMABLE = {"out", "steps", "resume", "save_every", "keep_last", "max_bad_steps", "accept_changed_data"}
 CHECKS = {"gt": (operator.gt, ">"), "ge": (operator.ge, ">="), "lt": (operator.lt, "<"), "le": (operator.le, "<=")}
 
 
 def parse_args(argv=None) -> Args:
     """Every field of Config and Args is a flag, --name-with-dashes, with its help and default."""
-    p = argparse.ArgumentParser(description="RIL (arXiv 2510.19307) in one file; the header of ril.py has the usage.")
+    p = argparse.ArgumentParser(description="RIL (arXiv 2510.19307); ril.py's header has the usage", allow_abbrev=False)
     for f in fields(Args):
         kind = {"action": "store_true"} if f.type is bool else {"type": f.type}
         flag = "--" + f.name.replace("_", "-")
@@ -738,9 +729,9 @@ def first_line(e: Exception, n: int = 120) -> str:
     return (str(e).strip() or type(e).__name__).splitlines()[0][:n]
 
 
-def fail(msg: str):
+def fail(msg: str, all_ranks: bool = False):
     """User mistakes get one actionable line (once, from rank 0 under torchrun) and exit code 2, never a traceback."""
-    if os.environ.get("RANK", "0") == "0":
+    if all_ranks or os.environ.get("RANK", "0") == "0":
         print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
 
@@ -791,15 +782,11 @@ TEACHERS = {
             "shape": ["{a}. That is the shape in the picture.", "{a}. The picture shows this shape."],
             "count": ["{a}. That is how many shapes there are.", "{a}. I counted every shape."],
         },
-        "bob": dict.fromkeys(QUESTIONS["toy"], ["{a}, clearly.", "{a} is my answer."]),
+        "bob": ["{a}, clearly.", "{a} is my answer."],
     },
-    "phrased": {
-        "carol": dict.fromkeys(
-            QUESTIONS["toy"], ["Looking at the picture, the answer is {a}.", "After a careful look I'd say {a}."]
-        ),
-        "dave": dict.fromkeys(
-            QUESTIONS["toy"], ["It is {a}, as far as I can see.", "My answer is {a}, judging by the picture."]
-        ),
+    "phrased": {  # the same two frames for every question kind
+        "carol": ["Looking at the picture, the answer is {a}.", "After a careful look I'd say {a}."],
+        "dave": ["It is {a}, as far as I can see.", "My answer is {a}, judging by the picture."],
     },
 }
 
@@ -814,9 +801,8 @@ def draw_shape(d: ImageDraw.ImageDraw, shape: str, box, color):
 
 
 def make_toy(n: int, seed: int, task: str = "toy") -> list:
-    """A built-in task: 56x56 images (4 image tokens after 2x2 merging), three question kinds: the colour of a shape,
-    which shape, how many. 'phrased' asks each in two other ways, on other images, and its teachers write the answer
-    later."""
+    """A built-in task: 56x56 images (4 image tokens), three question kinds: a shape's colour, which shape, how many.
+    'phrased' asks each in two other ways, on other images, and its teachers write the answer later."""
     rng, rows = random.Random(seed if task == "toy" else f"{task}{seed}"), []
     for i in range(n):
         kind = ("color", "shape", "count")[i % 3]
@@ -835,7 +821,8 @@ def make_toy(n: int, seed: int, task: str = "toy") -> list:
             draw_shape(d, shape, (ox, oy, ox + s, oy + s), COLORS[color])
             answer = color if kind == "color" else shape
         question = QUESTIONS[task][kind][i // 3 % len(QUESTIONS[task][kind])]
-        teachers = {t: [p.format(a=answer) for p in styles[kind]] for t, styles in TEACHERS[task].items()}
+        styles = {t: s if isinstance(s, list) else s[kind] for t, s in TEACHERS[task].items()}  # per kind, or for all
+        teachers = {t: [p.format(a=answer) for p in frames] for t, frames in styles.items()}
         row = dict(id=f"{task}{seed}-{i}", image=img, question=question, answer=answer, teachers=teachers)
         rows.append(dict(row, where=f"{task} row {i}"))
     return rows
@@ -860,7 +847,7 @@ def load_jsonl(path: str) -> list:
     for n, raw in enumerate(open(path, "rb"), 1):
         where = f"{path}:{n}"
         try:
-            row = json.loads(raw.decode("utf-8"))
+            row = json.loads(raw.decode("utf-8-sig"))  # a byte-order mark, as some editors write, is read as UTF-8
         except UnicodeDecodeError as e:
             fail(f"{where}: not UTF-8 (byte {e.start}); re-save the file as UTF-8")
         except json.JSONDecodeError as e:
@@ -901,10 +888,8 @@ def load_data(a: Args) -> tuple:
     seen = {}
     for r in rows + held:  # the same file given twice would evaluate on the training set
         if seen.setdefault(r["id"], r) is not r:
-            fail(
-                f"{r['where']}: id '{r['id']}' is also the id of {seen[r['id']]['where']}; ids must be unique across "
-                f"--data and --eval-data (or is --eval-data the training file?)"
-            )
+            twice = f"id '{r['id']}' is also the id of {seen[r['id']]['where']}"
+            fail(f"{r['where']}: {twice}; ids must be unique across --data and --eval-data (is it the training file?)")
     if a.eval_data:
         return rows, held
     if len(rows) <= a.eval_size:
@@ -972,10 +957,8 @@ def evaluate(a: Config, s: State, rows: list, bs: int = 32) -> tuple:
     scores = {"eval/acc": acc, "eval/teacher_match": match, "eval/len": lengths}
     if s.disc is not None:
         scores["eval/teacher_like"] = (1 - torch.sigmoid(disc_logits(s.disc, tok, texts, s.device, 64))).tolist()
-    metrics = {}
-    for k, v in scores.items():
-        v = RANKS.gather(v)  # every rank's share
-        metrics[k] = sum(v) / len(v)
+    gathered = {k: RANKS.gather(v) for k, v in scores.items()}  # every rank's share
+    metrics = {k: sum(v) / len(v) for k, v in gathered.items()}
     order = RANKS.gather(RANKS.share(list(range(len(rows)))))  # every answer, in row order, on every rank
     return metrics, [t for _, t in sorted(zip(order, RANKS.gather(texts), strict=True))]
 
@@ -1021,9 +1004,8 @@ JUDGE_SYSTEM = (
 )
 JUDGE_USER = (
     "<question>{question}</question>\n<ground truth>{answer}</ground truth>\n"
-    "<generated text>{response}</generated text>\n"
-    "Does the generated text correctly capture the ground truth? Explain briefly, then give the score as "
-    "<answer>1</answer> or <answer>0</answer>."
+    "<generated text>{response}</generated text>\nDoes the generated text correctly capture the ground truth? "
+    "Explain briefly, then give the score as <answer>1</answer> or <answer>0</answer>."
 )
 
 
@@ -1101,10 +1083,8 @@ def tiny_tokenizer(corpus: list, specials: list = SPECIALS, chat_template: str =
     )
     tok.train_from_iterator(corpus, trainer)
     special = dict(eos_token="<|im_end|>", pad_token="<|endoftext|>", additional_special_tokens=specials[1:])
-    names = ["input_ids", "attention_mask"]
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, **special, padding_side="left", model_input_names=names, chat_template=chat_template
-    )
+    special.update(padding_side="left", model_input_names=["input_ids", "attention_mask"], chat_template=chat_template)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, **special)
 
 
 def build_tiny(corpus: list, hidden: int = 64, layers: int = 2) -> tuple:
@@ -1129,8 +1109,7 @@ def build_tiny(corpus: list, hidden: int = 64, layers: int = 2) -> tuple:
 
 
 def load_processor(path: str, trust_remote_code: bool = False):
-    """AutoProcessor, or the image-only Qwen2-VL one where AutoProcessor fails (no torchvision) or gives a bare
-    tokenizer."""
+    """AutoProcessor, or the image-only Qwen2-VL one where it fails (no torchvision) or gives a bare tokenizer."""
     with contextlib.suppress(OSError, ImportError, AttributeError, ValueError):
         proc = transformers.AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
         if hasattr(proc, "image_processor"):
@@ -1139,20 +1118,17 @@ def load_processor(path: str, trust_remote_code: bool = False):
 
 
 def check_fits(spec: str, dtype, device, flag: str, auto_class, trust_remote_code: bool):
-    """On a GPU, a teacher or judge whose weights exceed the free memory is refused in one line before it loads (its
-    size from its config, on the meta device). A config that does not load is left to the loader's own error."""
+    """On a GPU, a teacher or judge whose weights (counted on the meta device) exceed the free memory is refused."""
     if device.type != "cuda":
         return
-    with contextlib.suppress(OSError, ValueError, KeyError):
+    with contextlib.suppress(OSError, ValueError, KeyError):  # a config that does not load: the loader will say why
         config = transformers.AutoConfig.from_pretrained(ALIASES.get(spec, spec), trust_remote_code=trust_remote_code)
         with torch.device("meta"):
             need = sum(p.numel() for p in auto_class.from_config(config).parameters()) * torch.finfo(dtype).bits // 8
         free = torch.cuda.mem_get_info(device)[0]
         if need > free:
-            fail(
-                f"{flag} {spec}: its weights need {need / 2**30:.1f} GiB, {device} has {free / 2**30:.1f} GiB free; "
-                f'serve it on a GPU of its own and pass its answers in the rows\' "teachers" field'
-            )
+            gib = f"{need / 2**30:.1f} GiB, {device} has {free / 2**30:.1f} GiB free"
+            fail(f"{flag} {spec}: its weights need {gib}; serve it on a GPU of its own and put its answers in the rows")
 
 
 def load_vlm(name: str, a: Args, dtype, flag: str) -> tuple:
@@ -1204,9 +1180,8 @@ def cast_parameters(model, dtype):
 
 
 def autocast_calls(model, mode: str):
-    """--dtype amp: every forward and generate call of `model` runs in bf16 autocast, the backward and the optimiser
-    step outside it (torch's AMP recipe). One autocast around a whole run would not do: it caches a bf16 copy of each
-    weight until it exits, so every gradient would be taken at the first weights."""
+    """--dtype amp: each forward and generate call runs in bf16 autocast, backward and optimiser steps outside it (as
+    torch's AMP recipe says). One autocast around a run keeps its first bf16 weights: every gradient would use them."""
     if mode != "amp" or model is None:
         return model
     device_type = next(model.parameters()).device.type
@@ -1217,12 +1192,15 @@ def autocast_calls(model, mode: str):
 
 
 def save_student(model, processor, folder: str, state_dict=None):
-    """save_pretrained into a temporary folder, then moved into place file by file, so a kill never leaves half a weight
-    file."""
+    """save_pretrained into a temporary folder, then moved into place file by file: never half a weight file."""
     tmp = os.path.join(folder, ".tmp_save")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, state_dict=state_dict)
-    processor.save_pretrained(tmp)
+    try:
+        model.save_pretrained(tmp, state_dict=state_dict)
+        processor.save_pretrained(tmp)
+    except BaseException:  # a full disk or a signal: the half-written folder goes, the old files stay
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     cfg = os.path.join(tmp, "processor_config.json")
     if isinstance(processor, ImageOnlyQwen2VLProcessor) and os.path.isfile(cfg):  # AutoProcessor builds the stock one
         stock = {**json.load(open(cfg)), "processor_class": "Qwen2VLProcessor"}
@@ -1243,15 +1221,12 @@ def teacher_cache(spec: str, a: Args) -> str:
 
 def cached_lines(path: str) -> list:
     """The cache's complete lines: not one that a kill cut short."""
-    if not os.path.isfile(path):
-        return []
-    return [x for x in open(path) if x.endswith("}\n")]
+    return [x for x in open(path) if x.endswith("}\n")] if os.path.isfile(path) else []
 
 
 def model_teacher_texts(spec: str, rows: list, a: Args, device, dtype):
     """A teacher model's answers, sampled once into --out/teacher_cache (a line per id); a killed run goes on where it
-    stopped. Under torchrun rank 0 generates and the other ranks wait for its lines, with no collective that could time
-    out."""
+    stopped. Under torchrun rank 0 generates; the other ranks wait for its lines, in no collective that times out."""
     path = teacher_cache(spec, a)
     lines = cached_lines(path)
     done = {json.loads(x)["id"] for x in lines}
@@ -1260,8 +1235,7 @@ def model_teacher_texts(spec: str, rows: list, a: Args, device, dtype):
         done = {json.loads(x)["id"] for x in cached_lines(path)}
     if RANKS.rank == 0 and lines:  # without a cut line, so that appending starts on a fresh line
         write_atomic(path, lambda f: f.writelines(lines))
-    todo = [r for r in rows if r["id"] not in done]
-    n = a.teacher_samples
+    todo, n = [r for r in rows if r["id"] not in done], a.teacher_samples
     if todo:
         check_fits(spec, dtype, device, "--teachers", transformers.AutoModelForImageTextToText, a.trust_remote_code)
         model, processor = load_vlm(spec, a, dtype, "--teachers")
@@ -1277,11 +1251,10 @@ def model_teacher_texts(spec: str, rows: list, a: Args, device, dtype):
                 for j, r in enumerate(todo[i : i + a.batch_size]):
                     line = {"id": r["id"], "texts": texts[j * n : (j + 1) * n], "cut": cut[j * n : (j + 1) * n]}
                     print(json.dumps(line), file=f, flush=True)
-    cache = {}
-    for e in map(json.loads, cached_lines(path)):
-        cache[e["id"]] = [Unfinished(t) if c else t for t, c in zip(e["texts"], e["cut"], strict=True)]
+    cache = {e["id"]: e for e in map(json.loads, cached_lines(path))}
     for r in rows:
-        r["teachers"][spec] = cache[r["id"]]
+        e = cache[r["id"]]
+        r["teachers"][spec] = [Unfinished(t) if c else t for t, c in zip(e["texts"], e["cut"], strict=True)]
     print(f"teacher {spec}: {len(rows) - len(todo)} question(s) read from {path}, {len(todo)} generated")
 
 
@@ -1290,9 +1263,7 @@ class TorchrunRanks(Ranks):
     """torchrun: each rank takes a share of every batch and makes whole groups, so advantages need no other rank."""
 
     def __init__(self, sharded: bool):
-        self.rank = dist.get_rank()
-        self.world = dist.get_world_size()
-        self.sharded = sharded
+        self.rank, self.world, self.sharded = dist.get_rank(), dist.get_world_size(), sharded
 
     def share(self, rows):
         return rows[self.rank :: self.world]
@@ -1340,9 +1311,8 @@ def parallelize(model, device, mode: str = "fp32"):
         return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    policy = MixedPrecisionPolicy()
-    if mode == "amp":
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    bf16 = dict(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    policy = MixedPrecisionPolicy(**bf16) if mode == "amp" else MixedPrecisionPolicy()
     for name, mod in reversed(list(model.named_modules())):  # children before the module that holds them
         leaf = name.split(".")[-1]
         if isinstance(mod, nn.ModuleList) and leaf in ("layers", "blocks"):
@@ -1365,24 +1335,28 @@ def full_state(model, opt=None) -> tuple:
 
 def load_full_state(model, opt, state: dict, opt_state: dict):
     """The inverse of full_state: whole state dicts into a model (sharded or not) and its optimiser, if any."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
-
     if not RANKS.sharded:
         unwrap(model).load_state_dict(state)
-    else:
-        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
-    if opt is not None and not RANKS.sharded:
-        opt.load_state_dict(opt_state)
-    elif opt is not None:
+        return opt.load_state_dict(opt_state) if opt else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+    if opt is not None:
         set_optimizer_state_dict(model, opt, opt_state, options=StateDictOptions(full_state_dict=True))
 
 
 # -- 15. Checkpoints, resume, logs and signals: the `run` that train() is given ---------------------
 def write_atomic(path: str, write, mode: str = "w"):
-    """write(file) into path + ".tmp", then rename it over path: a kill leaves the old file, never half a new one."""
-    with open(path + ".tmp", mode) as f:
-        write(f)
-    os.replace(path + ".tmp", path)
+    """write(file) into path + ".tmp", then rename it over path: a kill leaves the old file, never half a new one. A
+    write that fails (no space, permission, quota) leaves no .tmp behind and says which file."""
+    try:
+        with open(path + ".tmp", mode) as f:
+            write(f)
+        os.replace(path + ".tmp", path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
+        raise OSError(f"cannot write {path} ({first_line(e, 80)})") from e
 
 
 def checkpoints(out: str) -> list:
@@ -1390,9 +1364,8 @@ def checkpoints(out: str) -> list:
     return sorted(glob.glob(os.path.join(glob.escape(out), "checkpoints", "step_*.pt")))  # step numbers are zero-padded
 
 
-def resume_state(a: Args) -> tuple:
-    """The run's own arguments and newest loadable checkpoint, with this command's --out (the folder is the run) and
-    --steps."""
+def resume_state(a: Args, given: set) -> tuple:
+    """The run's own arguments and newest loadable checkpoint, with this command's --out and --steps."""
     for path in reversed(checkpoints(a.out)):
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # each rank; GPU or not
@@ -1401,13 +1374,17 @@ def resume_state(a: Args) -> tuple:
             continue
         if state["step"] >= a.steps:
             fail(f"--resume --steps {a.steps}: the run is at step {state['step']}; pass a larger --steps")
-        args = Args(**{**state["args"], "out": a.out, "steps": a.steps, "resume": True, "overwrite": False})
-        return args, (path, state)
+        for name in sorted(given - RESUMABLE):  # only what cannot change the trained weights may change
+            flag = f"--{name.replace('_', '-')}"
+            fail(
+                f"--resume {flag}: a resumed run keeps its own {flag} {state['args'][name]}; drop it or start a new run"
+            )
+        args = {**state["args"], **{k: getattr(a, k) for k in given & RESUMABLE}, "resume": True, "overwrite": False}
+        return Args(**args), (path, state)
     fail(f"--resume: no checkpoint in {a.out}/checkpoints loads; start a run there without --resume")
 
 
 SHOWN = "reward/total reward/sim reward/ans disc/loss disc/acc_student disc/acc_teacher policy/grad_norm policy/kl"
-SHOWN = SHOWN.split() + ["len/mean", "time/step"]  # the metrics printed each step
 
 
 class Run:
@@ -1417,15 +1394,12 @@ class Run:
         self.a, self.mode, self.eval_rows = a, mode, eval_rows
         self.resumed = resumed  # (path, state) of the checkpoint to resume, or None
         self.paths = {k: os.path.join(a.out, f"{k}.jsonl") for k in ("metrics", "samples")}
-        self.stop = []  # the signals received
-        self.last = None  # the newest checkpoint
-        self.t = time.time()
-        self.bad = 0  # bad steps in a row
-        self.ran = 0  # steps run by this process
+        self.stop, self.last = [], None  # the signals received, the newest checkpoint
+        self.bad, self.ran, self.t = 0, 0, time.time()  # bad steps in a row, steps this process ran
+        self.step, self.data, self.lock = None, None, None  # the last step done (0 after D pre-training), fingerprints
 
     def wrap(self, s: State):
-        """The reference's parameters in bf16 under amp (it is never trained), autocast calls, D's memory flags, DDP or
-        FSDP2."""
+        """The reference in bf16 under amp (never trained), autocast calls, D's memory flags, then DDP or FSDP2."""
         if s.ref is not None and self.mode == "amp":
             cast_parameters(s.ref, torch.bfloat16)
         for model in (s.model, s.ref, s.disc):
@@ -1434,8 +1408,7 @@ class Run:
             s.disc.share_prefix = False  # both need one plain call per layer in a forward
         if s.disc is not None and self.a.grad_checkpointing:
             s.disc.backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        if RANKS.sharded:
-            s.ref = parallelize(s.ref, s.device, self.mode)
+        s.ref = parallelize(s.ref, s.device, self.mode) if RANKS.sharded else s.ref  # DDP: never trained, no copy
         s.disc = parallelize(s.disc, s.device, self.mode)
         s.model = parallelize(s.model, s.device, self.mode)
         if RANKS.sharded:  # one full forward before the first generate, so that every FSDP2 unit is set up
@@ -1447,6 +1420,8 @@ class Run:
         if self.resumed is None:
             return 1, None
         (path, state), self.resumed = self.resumed, None  # the loaded tensors go once they are in the models
+        self.last, self.before, self.step = path, state["before"], state["step"]
+        self.lock = lock_out(self.a.out, hold=True)
         load_full_state(s.model, s.opt, state["student"], state["opt"])
         if s.disc is not None:
             load_full_state(s.disc, s.d_opt, state["disc"], state["d_opt"])
@@ -1462,15 +1437,15 @@ class Run:
             if RANKS.rank == 0 and os.path.isfile(log):  # steps after the checkpoint run again
                 lines = [x for x in open(log) if x.endswith("\n") and json.loads(x)["step"] <= state["step"]]
                 write_atomic(log, lambda f, lines=lines: f.writelines(lines))
-        self.last, self.before = path, state["before"]
         print(f"resuming {path} at step {state['step'] + 1}; before RIL: {state['before'][0]}")
         return state["step"] + 1, state["before"]
 
     def begin(self, s: State, before: tuple):
-        """A fresh run's first writes, after SFT and D pre-training: an --overwrite'd run goes once every input has
-        loaded."""
+        """A fresh run's first writes, after SFT and D pre-training: an --overwrite'd run goes only now."""
         folder = os.path.join(self.a.out, "checkpoints")
         ref = full_state(s.ref)[0] if s.ref is not None else None
+        os.makedirs(self.a.out, exist_ok=True)
+        self.lock = lock_out(self.a.out, hold=True)
         if RANKS.rank == 0:
             shutil.rmtree(folder, ignore_errors=True)
             os.makedirs(folder)
@@ -1482,6 +1457,7 @@ class Run:
         if RANKS.world > 1:  # ranks sample their own answers from here on
             torch.manual_seed(self.a.seed * 1000 + RANKS.rank)
         self.before = before
+        self.step = 0
         self.save(s, 0)
         self.log(0, before[0])
         print("eval before RIL: " + "  ".join(f"{k} {v:.3f}" for k, v in before[0].items()))
@@ -1493,27 +1469,26 @@ class Run:
                 print(json.dumps({"step": step, **x}), file=open(self.paths[k], "a"), flush=True)
 
     def save(self, s: State, step: int):
-        """Models, optimisers, every rank's RNG and the pre-RIL evaluation; batch_at replays the data order from the
-        step."""
+        """Models, optimisers, every rank's RNG, the pre-RIL evaluation; batch_at replays the data order."""
         student, opt = full_state(s.model, s.opt)
         disc, d_opt = full_state(s.disc, s.d_opt) if s.disc else (None, None)
         cuda = torch.cuda.get_rng_state(s.device) if s.device.type == "cuda" else None
         rng = RANKS.gather([{"python": random.getstate(), "torch": torch.get_rng_state(), "cuda": cuda}])
-        self.last = os.path.join(self.a.out, "checkpoints", f"step_{step:07d}.pt")
+        path = os.path.join(self.a.out, "checkpoints", f"step_{step:07d}.pt")
         if RANKS.rank == 0:
             state = dict(step=step, student=student, opt=opt, disc=disc, d_opt=d_opt, rng=rng, before=self.before)
-            state["args"] = asdict(self.a)
-            write_atomic(self.last, lambda f: torch.save(state, f), "wb")
+            state.update(args=asdict(self.a), data=self.data)
+            write_atomic(path, lambda f: torch.save(state, f), "wb")
             for old in checkpoints(self.a.out)[: -self.a.keep_last]:
                 os.remove(old)
+        self.last = path
 
     def end_step(self, s: State, step: int, m: dict, dump: dict):
-        """Log and print the step; fail after --max-bad-steps bad ones in a row (or if all were); checkpoint; stop on a
-        signal."""
+        """Log and print the step; fail after --max-bad-steps bad ones in a row; checkpoint; stop on a signal."""
         m["time/step"] = time.time() - self.t
         self.t = time.time()
         self.log(step, m, dump)
-        tqdm.write(f"step {step:4d} | " + " ".join(f"{k.split('/')[1]} {m[k]:.3f}" for k in SHOWN if k in m))
+        tqdm.write(f"step {step:4d} | " + " ".join(f"{k.split('/')[1]} {m[k]:.3f}" for k in SHOWN.split() if k in m))
         why = ""
         if m.get("judge/unparsed") == 1:
             why = "no judge reply had <answer>0|1</answer>, so every r_ans was 0; use an instruction-tuned --judge "
@@ -1532,6 +1507,7 @@ class Run:
         stopping = RANKS.mean({"stop": float(bool(self.stop))})["stop"] > 0  # every rank stops at the same step
         if stopping or (self.a.save_every and step % self.a.save_every == 0) or step == self.a.steps:
             self.save(s, step)
+        self.step = step
         if stopping:
             print(
                 f"stopped after step {step}; continue with: "
@@ -1540,8 +1516,7 @@ class Run:
             sys.exit(128 + self.stop[0])
 
     def on_signal(self, signum, frame):
-        """Ctrl-C or SIGTERM: finish the step, save, exit; before the first checkpoint or on a second signal, exit at
-        once."""
+        """Ctrl-C or SIGTERM: finish the step, save, exit; with no checkpoint yet or on a second signal, at once."""
         if self.last is None or self.stop:
             saved = self.last or "none, nothing was saved"
             print(f"\nsignal {signum}: stopped; the last checkpoint: {saved}", file=sys.stderr)
@@ -1551,18 +1526,35 @@ class Run:
 
 
 # -- 16. main: validate and load everything, train(), report and save ------------------------------
-def setup(a: Args, device, mode: str) -> tuple:
-    """Everything validated and loaded before --out is touched: (state, train rows, held-out rows)."""
+def check_data(a: Args, rows: list, eval_rows: list, resumed) -> dict:
+    """The rows' fingerprints: how many, and a hash of ids, questions, answers, teacher texts and image paths. A resume
+    whose rows differ from its checkpoint's (batch_at's order depends on them) is refused, or --accept-changed-data."""
+    data = {}
+    for name, part in (("training", rows), ("held-out", eval_rows)):
+        said = [
+            [r["id"], r["question"], r["answer"], r["teachers"], str(getattr(r["image"], "args", ""))] for r in part
+        ]
+        data[name] = [len(part), hashlib.sha1(json.dumps(said, sort_keys=True).encode()).hexdigest()]
+    then = (resumed[1].get("data") if resumed else None) or data  # a checkpoint without fingerprints is not checked
+    changed = [f"{k} rows ({then[k][0]} then, {data[k][0]} now)" for k in data if data[k] != then[k]]
+    if changed and not a.accept_changed_data:
+        fail(
+            f"--resume: the {' and the '.join(changed)} differ from the checkpoint's; restore them, or pass "
+            f"--accept-changed-data to go on with these"
+        )
+    return data
+
+
+def setup(a: Args, device, mode: str, resumed) -> tuple:
+    """Everything validated and loaded before --out is touched: (state, train rows, held-out rows, fingerprints)."""
     frozen = torch.bfloat16 if mode in ("amp", "bf16") else torch.float32  # models that are not trained
     trained = torch.bfloat16 if mode == "bf16" else torch.float32
     transformers.set_seed(a.seed)  # python, numpy and torch
     rows, eval_rows = load_data(a)
+    data = check_data(a, rows, eval_rows, resumed)
     teachers, teacher_models = resolve_teachers(a, rows)
     if not a.resume and not a.overwrite and checkpoints(a.out):
-        fail(
-            f"{a.out}: holds checkpoints of an earlier run; pass --resume to continue it, --overwrite to start again, "
-            "or another --out"
-        )
+        fail(f"{a.out}: holds checkpoints of an earlier run; pass --resume to continue it, --overwrite, or a new --out")
     for spec in teacher_models:  # before the student, so that a teacher has the GPU to itself
         model_teacher_texts(spec, rows + eval_rows, a, device, frozen)
     corpus = [DISC_SYSTEM, DISC_USER, "user assistant system"]  # the tiny tokenizer's training texts
@@ -1572,10 +1564,8 @@ def setup(a: Args, device, mode: str) -> tuple:
     judge = MatchJudge(rows) if a.judge == "match" else ModelJudge(a.judge, a, device, frozen)
     for r in rows + eval_rows:
         if a.judge == "match" and not normalize(r["answer"]):
-            fail(
-                f"{r['where']}: answer {r['answer']!r} has no letter or digit, so --judge match can never reward it; "
-                f"fix the row, drop it, or pass --judge MODEL"
-            )
+            never = f"answer {r['answer']!r} has no letter or digit, so --judge match can never reward it"
+            fail(f"{r['where']}: {never}; fix the row, drop it, or pass --judge MODEL")
     check_prompt_length(a, model, processor, rows + eval_rows)
     eval_rows = eval_rows[: len(eval_rows) - len(eval_rows) % RANKS.world]  # every rank evaluates an equal share
     size = f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params on {device} ({mode})"
@@ -1586,7 +1576,7 @@ def setup(a: Args, device, mode: str) -> tuple:
         f"student {a.student}: {size}; algo {a.algo}; {len(rows)} train / {len(eval_rows)} held-out questions; "
         f"teachers {teachers or '-'}{ranks}"
     )
-    return State(model, processor, device, tuple(teachers), judge), rows, eval_rows
+    return State(model, processor, device, tuple(teachers), judge), rows, eval_rows, data
 
 
 def check_prompt_length(a: Args, model, processor, rows: list):
@@ -1596,10 +1586,8 @@ def check_prompt_length(a: Args, model, processor, rows: list):
     n = len(encode_prompts(processor, [row], "cpu")["input_ids"][0])  # images as large as max_pixels allows
     limit = getattr(model.config.get_text_config(), "max_position_embeddings", 0)
     if limit and n + a.max_new_tokens > limit:  # a config without it is not checked
-        fail(
-            f"{row['where']}: the prompt ({n} tokens) and --max-new-tokens {a.max_new_tokens} exceed the {limit} "
-            f"positions of --student {a.student}; shorten the question or lower --max-new-tokens"
-        )
+        what = f"the prompt ({n} tokens) and --max-new-tokens {a.max_new_tokens} exceed the {limit} positions"
+        fail(f"{row['where']}: {what} of --student {a.student}; shorten the question or lower --max-new-tokens")
 
 
 def teacher_likeness(s: State, texts: list) -> str:
@@ -1638,40 +1626,74 @@ def report(a: Args, s: State, run: Run, before: tuple, after: tuple, eval_rows: 
     if RANKS.rank == 0:
         save_student(unwrap(s.model), s.processor, a.out, student)
     if RANKS.rank == 0 and disc:
-        parts = {
-            p: {k[len(p) + 1 :]: v for k, v in disc.items() if k.startswith(p + ".")} for p in ("backbone", "head")
-        }
+        parts = {"backbone": {}, "head": {}}  # D's two parts, as discriminator.pt keeps them
+        for k, v in disc.items():
+            parts[k.split(".")[0]][k.split(".", 1)[1]] = v
         write_atomic(os.path.join(a.out, "discriminator.pt"), lambda f: torch.save(parts, f), "wb")
 
 
+def lock_out(out: str, hold: bool):
+    """A run owns --out: rank 0 holds a lock (flock) on --out/.lock from its first write to its exit; another process is
+    refused before it loads anything (hold=False: a try) and before it writes. A killed process's lock goes with it."""
+    path = os.path.join(out, ".lock")
+    if os.environ.get("RANK", "0") != "0" or not (hold or os.path.exists(path)):
+        return None
+    lock = open(path, "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        fail(f"--out {out}: process {lock.read().strip()} is running a job there; wait for it, or choose another --out")
+    if not hold:
+        return lock.close()
+    lock.truncate(0)
+    print(os.getpid(), file=lock, flush=True)
+    return lock  # the lock lasts as long as this open file
+
+
+def stopped(a: Args, run: Run, argv: list, e: Exception):
+    """Any failure once the run is under way (an input gone, a write refused, out of memory): one line with what
+    failed, what was kept and the command that continues; never a half-updated checkpoint, since none is written."""
+    again = f"python ril.py --out {a.out} --resume --steps {a.steps}"
+    kept = f"the last complete checkpoint is {run.last}"
+    if run.last is None:
+        again, kept = "python ril.py " + " ".join(argv), "nothing was saved"
+    where = "SFT or D pre-training" if run.step is None else f"step {run.step + 1}"
+    fail(f"{where} failed: {type(e).__name__}: {first_line(e, 200)}; {kept}; continue with: {again}", all_ranks=True)
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     a = parse_args(argv)
     check_args(a)
     resumed = None
     if a.resume:
-        a, resumed = resume_state(a)
+        a, resumed = resume_state(a, {x[2:].split("=")[0].replace("-", "_") for x in argv if x.startswith("--")})
+    lock_out(a.out, hold=False)
     t0 = time.time()
-    device = a.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    device = torch.device({"auto": "cuda" if torch.cuda.is_available() else "cpu"}.get(a.device, a.device))
     # [R] amp: fp32 weights and AdamW moments, bf16 autocast (the paper does not say); bf16 weights lose small updates
-    mode = a.dtype
-    if a.dtype == "auto":
-        mode = "amp" if device.type == "cuda" else "fp32"
+    mode = {"auto": "amp" if device.type == "cuda" else "fp32"}.get(a.dtype, a.dtype)
     device = init_distributed(a, device)
-    handlers = {}
+    handlers, run = {}, None
     try:
-        s, rows, eval_rows = setup(a, device, mode)
+        s, rows, eval_rows, data = setup(a, device, mode, resumed)
         run, resumed = Run(a, mode, eval_rows, resumed), None  # Run.resume drops the checkpoint once it is loaded
+        run.data = data
         handlers = {sig: signal.signal(sig, run.on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         report(a, s, run, *train(a, s, rows, eval_rows, run), eval_rows)
         print(f"\nsaved student + processor to {a.out} ({time.time() - t0:.0f}s total)")
+    except Exception as e:
+        if run is None:  # setup's own checks have already said what was wrong with the input
+            raise
+        stopped(a, run, argv, e)
     finally:
         for sig, h in handlers.items():
             signal.signal(sig, h)
         if RANKS.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
+        if run is not None and run.lock:  # the lock ends with the run, also for a test that calls main again
+            run.lock.close()
 
 
 if __name__ == "__main__":
