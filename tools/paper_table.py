@@ -183,7 +183,12 @@ def frame_accuracy(out: str, task: str, seed: int, step: int = -1) -> dict:
     kind = {q: k for k, qs in ril.QUESTIONS[task].items() for q in qs}
     cands = {k: sorted({r["answer"] for r in train_rows if kind[r["question"]] == k}) for k in ril.QUESTIONS[task]}
     frames = ["{a}"] + sorted(
-        {p.split("{a}")[0] + "{a}" for t in ril.TEACHERS[task].values() for ps in t.values() for p in ps}
+        {
+            p.split("{a}")[0] + "{a}"
+            for t in ril.TEACHERS[task].values()
+            for ps in (t.values() if isinstance(t, dict) else [t])
+            for p in ps
+        }
     )
     model, proc = transformers.AutoModelForImageTextToText.from_pretrained(out).eval(), ril.load_processor(out)
     if step >= 0:  # the student of a checkpoint of that run instead of its final one
