@@ -45,6 +45,28 @@ PAPER_ROWS = [
 PAPER_SEEDS = [0, 1, 2]
 PAPER_TASKS = ["toy", "phrased"]
 
+# ------------------------------------------------------------------ the search for the paper's regime (--search)
+# (name, ril.py flags, tasks, the tiny student's (hidden, layers)): scale adaptations only, each a flag or size that
+# would apply to any --data, none a change of the method; every entry runs Dr.GRPO and the paper's RIL (the default)
+# from the same SFT'd start. Wanted: RIL above Dr.GRPO and above its start, teacher-likeness rising.
+SEARCH = [
+    ("defaults (SFT 300 steps, lr 2e-4)", [], PAPER_TASKS, (64, 2)),
+    ("weak start: SFT 100 steps", ["--sft-steps", "100"], PAPER_TASKS, (64, 2)),
+    ("weak start, RL lr 1e-3", ["--sft-steps", "100", "--lr", "1e-3"], PAPER_TASKS, (64, 2)),
+    ("SFT 200 steps", ["--sft-steps", "200"], PAPER_TASKS, (64, 2)),
+    ("SFT 200 steps, RL lr 1e-3", ["--sft-steps", "200", "--lr", "1e-3"], PAPER_TASKS, (64, 2)),
+    ("RL lr 1e-3", ["--lr", "1e-3"], PAPER_TASKS, (64, 2)),
+    ("SFT without teacher texts (the paper's SFT)", ["--sft-teacher-frac", "0"], PAPER_TASKS, (64, 2)),
+    ("SFT half teacher texts", ["--sft-teacher-frac", "0.5"], PAPER_TASKS, (64, 2)),
+    ("SFT half teacher texts, RL lr 1e-3", ["--sft-teacher-frac", "0.5", "--lr", "1e-3"], PAPER_TASKS, (64, 2)),
+    ("600 RL steps", ["--steps", "600", "--eval-every", "100"], ["phrased"], (64, 2)),
+    ("a 3.2M student (hidden 256, 4 layers)", [], ["phrased"], (256, 4)),
+]
+# the search's columns: (row, score) with score 0 the accuracy, 1 the teacher-likeness
+COLUMNS = [("SFT'd student alone", 0), ("Dr.GRPO", 0), ("RIL, two teachers", 0), ("RIL, two teachers", 1)]
+# a ril.py run whose built-in tiny student has another size (the SFT runs; every row loads its SFT'd student)
+SIZED = "import sys, ril; ril.build_tiny.__defaults__ = ({}, {}); ril.main(sys.argv[1:])"
+
 
 def run_paper_table(
     root: str = os.path.join(ROOT, "runs", "paper_table"),
@@ -54,6 +76,7 @@ def run_paper_table(
     rows: list = PAPER_ROWS,
     seeds: list = PAPER_SEEDS,
     sft_root: str = "",
+    tiny: tuple = (64, 2),
 ) -> dict:
     """Table 1, Table 2, Table 5b/5d and Fig. 6 of the paper in miniature, on each built-in task, 3 seeds.
     Per task and seed: one SFT run (its student is the first row and the start of every other row), then each
@@ -62,9 +85,10 @@ def run_paper_table(
     discriminator pre-trained in its two-teacher RIL run (the D that learned the SFT'd student vs the teachers),
     so that rows without a discriminator of their own can be scored too; teacher match. Writes ROOT/table.md and
     returns the scores. flags: more ril.py flags for every run (a smaller budget, for a smoke run); sft_root: the
-    folder of an earlier table whose SFT'd students to start from, for rows that change no SFT flag."""
+    folder of an earlier table whose SFT'd students to start from, for rows that change no SFT flag; tiny: the built-in
+    student's (hidden size, layers)."""
     t0 = time.time()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     common = ["--keep-last", "10", "--overwrite", *flags]
     # the ruler's run is row 0, always made: its pre-trained D scores every row of its task and seed
     ruler = "RIL, two teachers"
@@ -82,7 +106,8 @@ def run_paper_table(
                 out, argv = todo.pop(0)
                 os.makedirs(out, exist_ok=True)
                 log = open(os.path.join(out, "run.log"), "w")
-                cmd = [sys.executable, os.path.join(ROOT, "ril.py"), *argv, "--out", out]
+                ril_py = [os.path.join(ROOT, "ril.py")] if tiny == (64, 2) else ["-c", SIZED.format(*tiny)]
+                cmd = [sys.executable, *ril_py, *argv, "--out", out]
                 running.append((out, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)))
             time.sleep(0.5)
             for out, p in [r for r in running if r[1].poll() is not None]:
@@ -172,6 +197,33 @@ def run_paper_table(
     return scores
 
 
+def run_search(root: str, jobs: int = 2, seeds: list = (0,), numbers: list = (), more: tuple = ()) -> str:
+    """SEARCH entry N (all, or those in numbers) as a table of its own, Dr.GRPO and the paper's RIL, under ROOT/N; then
+    ROOT/search.md: per entry and task, the held-out accuracy of the SFT'd start, Dr.GRPO and RIL (mean over seeds),
+    RIL's teacher-likeness and the entry's time. more: ril.py flags after each entry's own (a smaller budget, for a
+    smoke run)."""
+    rows = [PAPER_ROWS[1], PAPER_ROWS[3]]  # Dr.GRPO; RIL, two teachers (the default)
+    lines = [
+        f"Seeds {list(seeds)}; held-out accuracy, mean over seeds (per seed in ROOT/N/table.md); RIL is the paper's "
+        "(Eq. 2, two teachers).",
+        "",
+        "| # | scale-down | task | SFT'd start | Dr.GRPO | RIL | RIL teacher-likeness | time |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for i in numbers or range(len(SEARCH)):
+        name, flags, tasks, tiny = SEARCH[i]
+        t0 = time.time()
+        scores = run_paper_table(os.path.join(root, str(i)), jobs, (*flags, *more), tasks, rows, list(seeds), tiny=tiny)
+        for task in tasks:
+            mean = [sum(x[j] for x in scores[(task, r)]) / len(seeds) for r, j in COLUMNS]
+            cells = " | ".join(f"{m:.3f}" for m in mean)
+            lines.append(f"| {i} | {name} | {task} | {cells} | {time.time() - t0:.0f} s |")
+    with open(os.path.join(root, "search.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines) + f"\n\nwritten to {os.path.join(root, 'search.md')}")
+    return "\n".join(lines)
+
+
 def frame_accuracy(out: str, task: str, seed: int, step: int = -1) -> dict:
     """How well a saved student answers inside each sentence frame of its task's teachers ("It is {a}", ...), the bare
     answer first: per held-out question, the candidate answer of its kind (those in the training rows) with the highest
@@ -234,7 +286,7 @@ def main(argv=None):
     p.add_argument(
         "--tasks", nargs="+", choices=PAPER_TASKS, default=PAPER_TASKS, help="built-in tasks (default: both)"
     )
-    p.add_argument("--seeds", nargs="+", type=int, default=PAPER_SEEDS, help="seeds (default: 0 1 2)")
+    p.add_argument("--seeds", nargs="+", type=int, help="seeds (default: 0 1 2; with --search: 0)")
     p.add_argument(
         "--rows",
         nargs="+",
@@ -249,6 +301,15 @@ def main(argv=None):
         metavar="ARG",
         help="OUT TASK SEED [STEP]: instead of the table, score the saved student in OUT (or its checkpoint of STEP) "
         "in each sentence frame of the teachers of TASK, and print it",
+    )
+    p.add_argument(
+        "--search",
+        nargs="*",
+        type=int,
+        metavar="N",
+        help="instead of the table, the search for a scale-down in the paper's regime: Dr.GRPO and the paper's RIL "
+        "for SEARCH entries N (default: all) into ROOT/N, and ROOT/search.md (default ROOT: runs/search): "
+        + "; ".join(f"{i} {name}" for i, (name, *_) in enumerate(SEARCH)),
     )
     p.add_argument(
         "ril_flags",
@@ -266,11 +327,21 @@ def main(argv=None):
             " | ".join(f"{f}: {x:.3f}" for f, x in frame_accuracy(out, task, int(seed), int((step or [-1])[0])).items())
         )
         return
+    if a.search is not None:
+        root = os.path.join(ROOT, "runs", "search") if a.root == p.get_default("root") else a.root
+        run_search(root, a.jobs, a.seeds or [0], a.search, a.ril_flags)
+        return
     if a.rows is not None and not all(0 <= i < len(PAPER_ROWS) for i in a.rows):
         p.error(f"--rows: numbers from 0 to {len(PAPER_ROWS) - 1}")
     rows = PAPER_ROWS if a.rows is None else [PAPER_ROWS[i] for i in a.rows]
     run_paper_table(
-        root=a.root, jobs=a.jobs, flags=tuple(a.ril_flags), tasks=a.tasks, rows=rows, seeds=a.seeds, sft_root=a.sft_root
+        root=a.root,
+        jobs=a.jobs,
+        flags=tuple(a.ril_flags),
+        tasks=a.tasks,
+        rows=rows,
+        seeds=a.seeds or PAPER_SEEDS,
+        sft_root=a.sft_root,
     )
 
 
