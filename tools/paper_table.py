@@ -199,25 +199,26 @@ def run_paper_table(
 
 def run_search(root: str, jobs: int = 2, seeds: list = (0,), numbers: list = (), more: tuple = ()) -> str:
     """SEARCH entry N (all, or those in numbers) as a table of its own, Dr.GRPO and the paper's RIL, under ROOT/N; then
-    ROOT/search.md: per entry and task, the held-out accuracy of the SFT'd start, Dr.GRPO and RIL (mean over seeds),
-    RIL's teacher-likeness and the entry's time. more: ril.py flags after each entry's own (a smaller budget, for a
-    smoke run)."""
+    ROOT/search.md: per entry, for each task the held-out accuracy of the SFT'd start, Dr.GRPO and RIL (mean over
+    seeds) and RIL's teacher-likeness, and the entry's time. more: ril.py flags after each entry's own (a smaller
+    budget, for a smoke run)."""
     rows = [PAPER_ROWS[1], PAPER_ROWS[3]]  # Dr.GRPO; RIL, two teachers (the default)
     lines = [
-        f"Seeds {list(seeds)}; held-out accuracy, mean over seeds (per seed in ROOT/N/table.md); RIL is the paper's "
-        "(Eq. 2, two teachers).",
+        f"Seeds {list(seeds)}; held-out accuracy of the SFT'd start / Dr.GRPO / the paper's RIL (Eq. 2, two teachers), "
+        "mean over seeds, RIL's teacher-likeness in brackets; per seed in ROOT/N/table.md.",
         "",
-        "| # | scale-down | task | SFT'd start | Dr.GRPO | RIL | RIL teacher-likeness | time |",
-        "|---|---|---|---|---|---|---|---|",
+        "| # | scale-down | " + " | ".join(f"`{t}`" for t in PAPER_TASKS) + " | time |",
+        "|---|---|" + "---|" * len(PAPER_TASKS) + "---|",
     ]
     for i in numbers or range(len(SEARCH)):
         name, flags, tasks, tiny = SEARCH[i]
         t0 = time.time()
         scores = run_paper_table(os.path.join(root, str(i)), jobs, (*flags, *more), tasks, rows, list(seeds), tiny=tiny)
-        for task in tasks:
-            mean = [sum(x[j] for x in scores[(task, r)]) / len(seeds) for r, j in COLUMNS]
-            cells = " | ".join(f"{m:.3f}" for m in mean)
-            lines.append(f"| {i} | {name} | {task} | {cells} | {time.time() - t0:.0f} s |")
+        cells = []
+        for task in PAPER_TASKS:
+            mean = [sum(x[j] for x in scores[(task, r)]) / len(seeds) for r, j in COLUMNS] if task in tasks else []
+            cells.append(" / ".join(f"{m:.3f}" for m in mean[:3]) + f" ({mean[3]:.2f})" if mean else "-")
+        lines.append(f"| {i} | {name} | {' | '.join(cells)} | {time.time() - t0:.0f} s |")
     with open(os.path.join(root, "search.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines) + f"\n\nwritten to {os.path.join(root, 'search.md')}")
