@@ -61,6 +61,8 @@ SEARCH = [
     ("SFT half teacher texts, RL lr 1e-3", ["--sft-teacher-frac", "0.5", "--lr", "1e-3"], PAPER_TASKS, (64, 2)),
     ("600 RL steps", ["--steps", "600", "--eval-every", "100"], ["phrased"], (64, 2)),
     ("a 3.2M student (hidden 256, 4 layers)", [], ["phrased"], (256, 4)),
+    ("D's loop lr 1e-3 (faster D)", ["--disc-lr", "1e-3"], PAPER_TASKS, (64, 2)),
+    ("D's loop lr 2e-5 (slower D)", ["--disc-lr", "2e-5"], PAPER_TASKS, (64, 2)),
 ]
 # the search's columns: (row, score) with score 0 the accuracy, 1 the teacher-likeness
 COLUMNS = [("SFT'd student alone", 0), ("Dr.GRPO", 0), ("RIL, two teachers", 0), ("RIL, two teachers", 1)]
