@@ -469,33 +469,27 @@ def test_clip_and_step_bounds_the_gradient_norm_and_skips_a_step_that_is_not_fin
 
 
 # ---------------------------------------------------------------- discriminator and rewards
-def test_one_discriminator_update_lowers_its_bce_on_a_fixed_batch(tiny):
+def test_discriminator_updates_lower_its_bce_and_tell_student_texts_from_teacher_texts(tiny):
+    """disc_update returns the pre-step logits; 20 updates on a fixed batch (Eq. 1: student 1, teacher 0) more than
+    halve the BCE and put every student text above 0 and every teacher text below. A single step's BCE is no test of
+    the labels' direction on a random model: either labelling first shrinks the logits' common offset."""
     disc = ril.Discriminator(tiny["model"])
     tok = tiny["proc"].tokenizer
     student, teacher = ["red", "3", "circle"], ["The shape is red.", "There are 3 shapes.", "Answer: circle."]
     labels = torch.tensor([1.0] * 3 + [0.0] * 3)
 
-    def bce():
-        with torch.no_grad():
-            return torch.nn.functional.binary_cross_entropy_with_logits(
-                ril.disc_logits(disc, tok, student + teacher, CPU), labels
-            )
+    def logits():
+        return ril.disc_logits(disc, tok, student + teacher, CPU)
 
-    def margin():  # mean logit on student texts minus mean logit on teacher texts
-        with torch.no_grad():
-            d = ril.disc_logits(disc, tok, student + teacher, CPU)
-        return (d[:3].mean() - d[3:].mean()).item()
-
-    before, m0 = bce(), margin()
-    # a plain gradient step (Adam's first step is sign descent, which can overshoot on a random tiny model)
-    is_teacher = torch.tensor([0, 0, 0, 1, 1, 1])
-    _, logits = ril.disc_update(
-        disc, torch.optim.SGD(disc.parameters(), lr=1e-2), tok, student + teacher, is_teacher, args(), CPU
-    )
-    # pre-step scores
-    assert torch.allclose(torch.nn.functional.binary_cross_entropy_with_logits(logits, labels), before)
-    assert bce() < before
-    assert margin() > m0  # student = 1, teacher = 0: student texts move up, teacher texts down
+    before = torch.nn.functional.binary_cross_entropy_with_logits(logits(), labels)
+    opt, is_teacher = torch.optim.AdamW(disc.parameters(), lr=1e-3), torch.tensor([0, 0, 0, 1, 1, 1])
+    _, first = ril.disc_update(disc, opt, tok, student + teacher, is_teacher, args(), CPU)
+    assert torch.allclose(torch.nn.functional.binary_cross_entropy_with_logits(first, labels), before)
+    for _ in range(19):
+        ril.disc_update(disc, opt, tok, student + teacher, is_teacher, args(), CPU)
+    d = logits()
+    assert torch.nn.functional.binary_cross_entropy_with_logits(d, labels) < before / 2
+    assert d[:3].min() > 0 > d[3:].max()
 
 
 def test_discriminator_starts_from_the_student_weights_and_ignores_padding(tiny):
@@ -730,12 +724,11 @@ def test_a_teacher_models_texts_keep_their_spaces_and_a_cut_one_gets_no_eos(tmp_
 def test_completions_never_contain_vision_placeholder_tokens(tiny):
     model, proc = ril.copy.deepcopy(tiny["model"]), tiny["proc"]
     image_pad = model.config.image_token_id
-    with torch.no_grad():  # make <|image_pad|> the policy's favourite token
-        model.lm_head.weight[image_pad] = (
-            model.lm_head.weight[image_pad] * 0
-            + 5
-            * model.model.language_model.norm(model.model.language_model.embed_tokens.weight.mean(0, keepdim=True))[0]
-        )
+
+    def favour_image_pad(module, inputs, logits):  # make <|image_pad|> the policy's favourite token
+        return logits.index_add(-1, torch.tensor([image_pad]), torch.full((*logits.shape[:-1], 1), 100.0))
+
+    model.lm_head.register_forward_hook(favour_image_pad)
     enc = ril.repeat_prompts(ril.encode_prompts(proc, tiny["rows"][:2], CPU), 4)
     cfg = ril.generation_config(args(), model, proc.tokenizer, greedy=False)
     vision = cfg.suppress_tokens
