@@ -6,7 +6,8 @@ each built-in task of ril.py, 3 seeds, every row a ril.py run of its own; about 
     python tools/paper_table.py --frames OUT TASK SEED [STEP]  # how a saved student answers in each teacher's frame
 
 The table goes to runs/paper_table at the repo root (where ril.py is) wherever this is run from, unless --root says
-otherwise. After --, more ril.py flags for every run; a smoke run of a few minutes:
+otherwise. A run that finished in an earlier call (its folder has the saved student) is kept, so a stopped table goes on
+where it stopped: delete ROOT to start afresh. After --, more ril.py flags for every run; a smoke run of a few minutes:
 
     python tools/paper_table.py --root /tmp/table --tasks toy --seeds 0 --rows 1 -- --toy-size 24 --eval-size 4 \
         --sft-steps 3 --disc-pretrain-steps 2 --batch-size 2 --steps 3
@@ -91,7 +92,7 @@ def run_paper_table(
     student's (hidden size, layers)."""
     t0 = time.time()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    common = ["--keep-last", "10", "--overwrite", *flags]
+    common = ["--keep-last", "1000", "--overwrite", *flags]  # every checkpoint: the ruler is step 0's D
     # the ruler's run is row 0, always made: its pre-trained D scores every row of its task and seed
     ruler = "RIL, two teachers"
     rows = ([r for r in rows if r[0] == ruler] or [(ruler, [])]) + [r for r in rows if r[0] != ruler]
@@ -101,8 +102,8 @@ def run_paper_table(
             return os.path.join(sft_root or root, task, f"seed{seed}", "sft")
         return os.path.join(root, task, f"seed{seed}", f"row{i}")
 
-    def run_all(cmds):  # [(out, argv)], `jobs` at a time
-        running, todo = [], list(cmds)
+    def run_all(cmds):  # [(out, argv)], `jobs` at a time; a run that saved its student in an earlier call is kept
+        running, todo = [], [(out, argv) for out, argv in cmds if not os.path.isfile(os.path.join(out, "config.json"))]
         while todo or running:
             while todo and len(running) < jobs:
                 out, argv = todo.pop(0)
