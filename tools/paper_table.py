@@ -15,6 +15,7 @@ where it stopped: delete ROOT to start afresh. After --, more ril.py flags for e
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import time
@@ -200,28 +201,33 @@ def run_paper_table(
     return scores
 
 
+def run_seconds(folder: str) -> int:
+    """The seconds that the ril.py runs under folder took, summed, as each run.log's last line says ("(93s total)")."""
+    logs = [os.path.join(d, "run.log") for d, _, files in os.walk(folder) if "run.log" in files]
+    return sum(int(re.findall(r"\((\d+)s total\)", open(log).read())[-1]) for log in logs)
+
+
 def run_search(root: str, jobs: int = 2, seeds: list = (0,), numbers: list = (), more: tuple = ()) -> str:
     """SEARCH entry N (all, or those in numbers) as a table of its own, Dr.GRPO and the paper's RIL, under ROOT/N; then
     ROOT/search.md: per entry, for each task the held-out accuracy of the SFT'd start, Dr.GRPO and RIL (mean over
-    seeds) and RIL's teacher-likeness, and the entry's time. more: ril.py flags after each entry's own (a smaller
-    budget, for a smoke run)."""
+    seeds) and RIL's teacher-likeness, and the seconds its runs took, added up. more: ril.py flags after each entry's
+    own (a smaller budget, for a smoke run)."""
     rows = [PAPER_ROWS[1], PAPER_ROWS[3]]  # Dr.GRPO; RIL, two teachers (the default)
     lines = [
         f"Seeds {list(seeds)}; held-out accuracy of the SFT'd start / Dr.GRPO / the paper's RIL (Eq. 2, two teachers), "
         "mean over seeds, RIL's teacher-likeness in brackets; per seed in ROOT/N/table.md.",
         "",
-        "| # | scale-down | " + " | ".join(f"`{t}`" for t in PAPER_TASKS) + " | time |",
+        "| # | scale-down | " + " | ".join(f"`{t}`" for t in PAPER_TASKS) + " | run time |",
         "|---|---|" + "---|" * len(PAPER_TASKS) + "---|",
     ]
     for i in numbers or range(len(SEARCH)):
         name, flags, tasks, tiny = SEARCH[i]
-        t0 = time.time()
         scores = run_paper_table(os.path.join(root, str(i)), jobs, (*flags, *more), tasks, rows, list(seeds), tiny=tiny)
         cells = []
         for task in PAPER_TASKS:
             mean = [sum(x[j] for x in scores[(task, r)]) / len(seeds) for r, j in COLUMNS] if task in tasks else []
             cells.append(" / ".join(f"{m:.3f}" for m in mean[:3]) + f" ({mean[3]:.2f})" if mean else "-")
-        lines.append(f"| {i} | {name} | {' | '.join(cells)} | {time.time() - t0:.0f} s |")
+        lines.append(f"| {i} | {name} | {' | '.join(cells)} | {run_seconds(os.path.join(root, str(i)))} s |")
     with open(os.path.join(root, "search.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines) + f"\n\nwritten to {os.path.join(root, 'search.md')}")
