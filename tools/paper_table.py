@@ -4,6 +4,7 @@ each built-in task of ril.py, 3 seeds, every row a ril.py run of its own; about 
     python tools/paper_table.py                              # make paper-table: writes runs/paper_table/table.md
     python tools/paper_table.py --jobs 4 --root /tmp/table   # 4 runs at a time, elsewhere
     python tools/paper_table.py --frames OUT TASK SEED [STEP]  # how a saved student answers in each teacher's frame
+    python tools/paper_table.py --search                     # scale-downs for the paper's regime: runs/search/search.md
 
 The table goes to runs/paper_table at the repo root (where ril.py is) wherever this is run from, unless --root says
 otherwise. A run that finished in an earlier call (its folder has the saved student) is kept, so a stopped table goes on
