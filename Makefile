@@ -2,7 +2,7 @@
 #   make run    install, then run every stage of RIL on the built-in tiny task (CPU, a few minutes), and draw metrics.png
 #   make test   install, then check the formatting and lint (make lint) and run the test suite
 # Tools, not tests (tools/): make bench (a RIL step against the bare model calls it needs), make memory (estimated GPU
-# memory of a Qwen2-VL-2B run), make paper-table (the paper's tables in miniature, 2 tasks x 3 seeds, about an hour).
+# memory of a Qwen2-VL-2B run), make paper-table (the paper's tables in miniature, 2 tasks x 3 seeds, about 50 minutes).
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin

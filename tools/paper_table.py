@@ -1,5 +1,5 @@
 r"""The paper's tables in miniature (make paper-table), not a test: Table 1, Table 2, Table 5b/5d and Fig. 6 of RIL on
-each built-in task of ril.py, 3 seeds, every row a ril.py run of its own; about an hour on 2 CPU cores.
+each built-in task of ril.py, 3 seeds, every row a ril.py run of its own; about 50 minutes on 2 CPU cores.
 
     python tools/paper_table.py                              # make paper-table: writes runs/paper_table/table.md
     python tools/paper_table.py --jobs 4 --root /tmp/table   # 4 runs at a time, elsewhere
