@@ -339,6 +339,8 @@ def main(argv=None):
         )
         return
     if a.search is not None:
+        if not all(0 <= i < len(SEARCH) for i in a.search):
+            p.error(f"--search: numbers from 0 to {len(SEARCH) - 1}")
         root = os.path.join(ROOT, "runs", "search") if a.root == p.get_default("root") else a.root
         run_search(root, a.jobs, a.seeds or [0], a.search, a.ril_flags)
         return
