@@ -135,8 +135,9 @@ def batch_at(rows: list, step: int, B: int, seed: int) -> list:
 
 
 def sample_teacher_texts(row, teachers, G: int, rng: random.Random) -> list:
-    """G teacher texts for one question. [R] The paper does not split the G slots between teachers: slot i
-    goes to teacher i mod T (2 + 2 for two), drawn without replacement unless a teacher has too few."""
+    """G teacher texts for one question, teacher by teacher. [R] The paper does not split the G slots between
+    teachers: each of T teachers gets G / T of them (a, a, b, b for two; the first ones one more when T does not divide
+    G), drawn without replacement unless a teacher has too few."""
     out = []
     for i, t in enumerate(teachers):
         texts, k = row["teachers"][t], len(range(i, G, len(teachers)))  # slots i, i+T, ... -> teacher i
@@ -323,9 +324,7 @@ def token_logprobs(model, enc: dict, comp: torch.Tensor, comp_mask: torch.Tensor
         return torch.cat(parts).view_as(comp)
 
     head.forward = chunked_head
-    keep = torch.arange(
-        ids.shape[1] - T - 1, ids.shape[1] - 1, device=ids.device
-    )  # the positions that predict o_1..o_T
+    keep = torch.arange(ids.shape[1] - T - 1, ids.shape[1] - 1, device=ids.device)  # positions that predict o_1..o_T
     try:
         return model(input_ids=ids, attention_mask=attention, **extra, use_cache=False, logits_to_keep=keep).logits
     finally:
@@ -508,9 +507,7 @@ def policy_loss(logp, old_logp, ref_logp, adv, mask, a: Config, n_seqs: int = 0,
     return loss, {"clipped": (clipped * mask).sum().detach(), "kl": (kl * mask).sum().detach(), "tokens": mask.sum()}
 
 
-def policy_update(
-    a: Config, s: State, enc: dict, comp: torch.Tensor, mask: torch.Tensor, adv: torch.Tensor, teacher=None
-) -> dict:
+def policy_update(a: Config, s: State, enc: dict, comp, mask, adv, teacher=None) -> dict:
     """mu optimiser steps of Eq. 2 on one batch of groups. enc: N prompts (one per text), comp and mask: (N, T)
     completions, adv and teacher: (N,), 1 for a teacher text. Micro-batches accumulate gradients that add up to the full
     batch's."""
@@ -559,8 +556,9 @@ def decaying_adamw(params, lr: float, steps: int) -> tuple:
 
 
 def sft_warmup(a: Config, s: State, rows: list):
-    """Stage 0 [P]: cross-entropy on one target per question: [R] the answer or, with prob. --sft-teacher-frac, a
-    teacher text (teacher texts alone leave D nothing to see; answers alone make D perfect, the student collapses)."""
+    """Stage 0 [P]: cross-entropy on one target per question: [R] the answer or, with prob. --sft-teacher-frac, one of
+    the row's teacher texts, from any teacher (teacher texts alone leave D nothing to see; answers alone make D
+    perfect, the student collapses). Rows without teacher texts (instruction data, as the paper's) give answers."""
     tok = s.processor.tokenizer
     opt, sched = decaying_adamw([p for p in s.model.parameters() if p.requires_grad], a.sft_lr, a.sft_steps)
     s.model.train()
@@ -569,8 +567,8 @@ def sft_warmup(a: Config, s: State, rows: list):
         rng = random.Random(f"{a.seed}-sft-{step}")
         texts = []
         for r in batch:
-            teacher = rng.random() < a.sft_teacher_frac
-            texts.append(sample_teacher_texts(r, s.teachers, 1, rng)[0] if teacher else r["answer"])
+            pool = [t for ts in r["teachers"].values() for t in ts]
+            texts.append(rng.choice(pool) if pool and rng.random() < a.sft_teacher_frac else r["answer"])
         comp, mask = pad_right([text_ids(tok, t, a.max_new_tokens) for t in texts], tok.pad_token_id, s.device)
         logp = token_logprobs(s.model, encode_prompts(s.processor, batch, s.device), comp, mask, 1.0)
         per_target = (logp * mask).sum(1) / mask.sum(1).clamp(min=1)  # [R] long texts must not drown 1-token answers
@@ -641,7 +639,21 @@ def ril_step(a: Config, s: State, batch: list, step: int) -> tuple:
 
 
 # -- 9. train(): Stage 0 -> Stage 2 -> Alg. 2 -----------------------------------------------------
-def train(a: Config, s: State, rows: list, eval_rows: list, run) -> tuple:
+@torch.no_grad()
+def pass_at_g(a: Config, s: State, rows: list) -> float:
+    """Share of questions with a right answer among G samples: where it is near 0, Dr.GRPO's groups are all 0 and only
+    the teachers' texts can show the student the answer (the regime of the paper's 72B teachers and 2-8B students)."""
+    mine, hits = RANKS.share(rows), []
+    with torch.random.fork_rng(devices=[s.device] if s.device.type == "cuda" else []):  # the run's samples unchanged
+        for i in range(0, len(mine), a.batch_size):
+            ro = rollout(a, s, mine[i : i + a.batch_size], random.Random(i), with_teachers=False)
+            right = torch.tensor(s.judge(ro["questions"], ro["answers"], ro["texts"]))  # (B * G,)
+            hits += right.view(-1, a.G).amax(1).tolist()  # 1 where any of a question's G samples is right
+    hits = RANKS.gather(hits)
+    return sum(hits) / len(hits)
+
+
+def train(a: Config, s: State, sft_rows: list, rows: list, eval_rows: list, run) -> tuple:
     """The method; `run` (part 2) wraps, resumes, logs, saves and stops on a signal. Returns held-out (metrics, answers)
     before and after. pi_ref and D copy the student [P] Alg. 2, §3.1, then take its SFT'd weights (sharding-safe)."""
     if a.beta > 0:
@@ -655,13 +667,14 @@ def train(a: Config, s: State, rows: list, eval_rows: list, run) -> tuple:
     start, before = run.resume(s)  # (1, None) for a fresh run
     if before is None:
         # [R] Every algo starts from the same SFT'd student, so the Table 1 rows compare the RL stage alone.
-        sft_warmup(a, s, rows)
+        sft_warmup(a, s, sft_rows)
         if s.ref is not None:
             s.ref.load_state_dict(unwrap(s.model).state_dict())
         if s.disc is not None:
             unwrap(s.disc).backbone.load_state_dict(language_model(unwrap(s.model)).state_dict())
             pretrain_disc(a, s, rows)
         before = evaluate(a, s, eval_rows)
+        before[0]["eval/pass@G"] = pass_at_g(a, s, eval_rows)
         run.begin(s, before)
     for step in RANKS.bar(range(start, a.steps + 1), desc=a.algo, initial=start - 1, total=a.steps):
         batch = RANKS.share(batch_at(rows, step - 1, a.batch_size, a.seed + 3))
@@ -689,15 +702,14 @@ class Args(Config):
     teacher_samples: int = arg(4, "answers per question from each teacher model", ge=1)
     judge: str = arg("match", "r_ans: 'match' (whole-word answer match) or a text LLM prompted as in Fig. 4")
     judge_max_new_tokens: int = arg(128, "tokens the judge model may write", ge=1)
-    data: str = arg("toy", "a built-in task, 'toy' or 'phrased', or a JSONL file (format in the header)")
+    data: str = arg("toy", "a built-in task ('toy', 'phrased', 'transfer') or a JSONL file (format in the header)")
+    sft_data: str = arg("", "Stage 0's data, a built-in task or JSONL; empty = --data ('toy' for 'transfer')")
     eval_data: str = arg("", "held-out JSONL; empty = hold out --eval-size rows of --data")
     eval_size: int = arg(120, "held-out questions of a built-in task, or of --data without --eval-data", ge=1)
     toy_size: int = arg(600, "training questions of a built-in task", ge=1)
     out: str = arg("runs/ril", "output folder: the trained student, discriminator.pt, metrics.jsonl, checkpoints")
     device: str = arg("auto", "where to run", choices=("auto", "cpu", "cuda"))
-    dtype: str = arg(
-        "auto", "auto: amp on cuda, else fp32; amp: bf16 autocast", choices=("auto", "fp32", "amp", "bf16")
-    )
+    dtype: str = arg("auto", "auto: amp (bf16 autocast) on cuda, else fp32", choices=("auto", "fp32", "amp", "bf16"))
     grad_checkpointing: bool = arg(False, "recompute activations in the backward pass (student and D): less memory")
     freeze_vision: bool = arg(False, "train the language model only, not the vision tower")
     shard: bool = arg(False, "under torchrun: split parameters, gradients and AdamW moments over ranks (FSDP2)")
@@ -772,7 +784,16 @@ QUESTIONS = {
         "shape": ["Which shape do you see?", "Name the shape in the picture."],
         "count": ["Count the shapes in the picture.", "How many objects do you see?"],
     },
+    "transfer": dict(
+        color=["Which gem has the color of the shape?"],
+        shape=["Which thing has the form of the shape?"],
+        count=["What is a group of this many shapes called?"],
+    ),
 }
+# 'transfer' asks what Stage 0 ('toy') never showed: a word that the toy answer (the evidence) maps to. Only the
+# teachers know the map; the student can see the evidence but has never written these words.
+TRANSFER = dict(red="ruby", green="emerald", blue="sapphire", yellow="amber", circle="coin", square="tile")
+TRANSFER.update({"triangle": "roof", "1": "single", "2": "pair", "3": "trio", "4": "quartet"})
 # Two always-right teachers per task in their own styles (imitation has something to learn, D something to see).
 # toy: the answer first; phrased: the answer last or mid-sentence, so imitating the style moves the answer.
 TEACHERS = {
@@ -787,6 +808,10 @@ TEACHERS = {
     "phrased": {  # the same two frames for every question kind
         "carol": ["Looking at the picture, the answer is {a}.", "After a careful look I'd say {a}."],
         "dave": ["It is {a}, as far as I can see.", "My answer is {a}, judging by the picture."],
+    },
+    "transfer": {  # the answer with its evidence {e}, which a wrong answer contradicts
+        "erin": ["I see {e} in the picture, so it is {a}.", "The image shows {e}, and that means {a}."],
+        "frank": ["{a}, since there is {e} here.", "It has to be {a}, because I can see {e}."],
     },
 }
 
@@ -820,9 +845,10 @@ def make_toy(n: int, seed: int, task: str = "toy") -> list:
             ox, oy = (56 - s) // 2 + rng.randint(-2, 2), (56 - s) // 2 + rng.randint(-2, 2)
             draw_shape(d, shape, (ox, oy, ox + s, oy + s), COLORS[color])
             answer = color if kind == "color" else shape
+        evidence, answer = answer, TRANSFER.get(answer, answer) if task == "transfer" else answer
         question = QUESTIONS[task][kind][i // 3 % len(QUESTIONS[task][kind])]
         styles = {t: s if isinstance(s, list) else s[kind] for t, s in TEACHERS[task].items()}  # per kind, or for all
-        teachers = {t: [p.format(a=answer) for p in frames] for t, frames in styles.items()}
+        teachers = {t: [p.format(a=answer, e=evidence) for p in frames] for t, frames in styles.items()}
         row = dict(id=f"{task}{seed}-{i}", image=img, question=question, answer=answer, teachers=teachers)
         rows.append(dict(row, where=f"{task} row {i}"))
     return rows
@@ -879,22 +905,27 @@ def load_jsonl(path: str) -> list:
 
 
 def load_data(a: Args) -> tuple:
-    """(train rows, held-out rows). Ids are unique over both files, so a file or rows given twice are refused."""
+    """(Stage 0 rows, RL rows, held-out rows). Ids are unique over the files: a file given twice is refused."""
+    sft = a.sft_data or {"transfer": "toy"}.get(a.data, a.data)  # 'transfer' builds on the skills of 'toy'
+    sft_rows = []
+    if sft != a.data:
+        sft_rows = make_toy(a.toy_size, a.seed, sft) if sft in QUESTIONS else load_jsonl(sft)
     if a.data in QUESTIONS:
-        return make_toy(a.toy_size, a.seed, a.data), make_toy(a.eval_size, a.seed + 10_000, a.data)
+        rows = make_toy(a.toy_size, a.seed, a.data)
+        return sft_rows or rows, rows, make_toy(a.eval_size, a.seed + 10_000, a.data)
     rows = load_jsonl(a.data)
     held = load_jsonl(a.eval_data) if a.eval_data else []
     seen = {}
-    for r in rows + held:  # the same file given twice would evaluate on the training set
+    for r in rows + held + sft_rows:  # the same file given twice would evaluate on the training set
         if seen.setdefault(r["id"], r) is not r:
             twice = f"id '{r['id']}' is also the id of {seen[r['id']]['where']}"
             fail(f"{r['where']}: {twice}; ids must be unique across --data and --eval-data (is it the training file?)")
-    if a.eval_data:
-        return rows, held
-    if len(rows) <= a.eval_size:
-        fail(f"{a.data}: {len(rows)} rows cannot spare --eval-size {a.eval_size}; lower it or pass --eval-data")
-    rows = random.Random(a.seed).sample(rows, len(rows))
-    return rows[a.eval_size :], rows[: a.eval_size]
+    if not a.eval_data:
+        if len(rows) <= a.eval_size:
+            fail(f"{a.data}: {len(rows)} rows cannot spare --eval-size {a.eval_size}; lower it or pass --eval-data")
+        rows = random.Random(a.seed).sample(rows, len(rows))
+        rows, held = rows[a.eval_size :], rows[: a.eval_size]
+    return sft_rows or rows, rows, held
 
 
 def resolve_teachers(a: Args, rows: list) -> tuple:
@@ -906,7 +937,7 @@ def resolve_teachers(a: Args, rows: list) -> tuple:
         if t not in ALIASES and "/" not in t and not os.path.isdir(t):
             has = ", ".join(in_data) or "none"
             fail(f"--teachers {t}: not a teacher in {a.data} (it has: {has}) and not a model folder or id")
-    if a.algo == "ril" or (a.sft_steps > 0 and a.sft_teacher_frac > 0):
+    if a.algo == "ril":
         if not names:
             fail(f"{a.data}: no teacher texts; RIL needs the rows' 'teachers' field or a teacher model in --teachers")
         for t in [t for t in names if t not in models]:
@@ -1021,9 +1052,7 @@ class ModelJudge:
                 spec, dtype=dtype, use_safetensors=True, trust_remote_code=remote
             ).to(device)
         except (OSError, ValueError, KeyError) as e:
-            fail(
-                f"--judge {spec}: cannot load it as a text LLM ({first_line(e)}); give a local folder or a reachable id"
-            )
+            fail(f"--judge {spec}: cannot load it as a text LLM ({first_line(e)}); give a local folder or reachable id")
         self.tok.pad_token = self.tok.pad_token or self.tok.eos_token
         self.gen_cfg = generation_config(a, self.model.eval().requires_grad_(False), self.tok, greedy=True)
         self.gen_cfg.max_new_tokens = a.judge_max_new_tokens
@@ -1158,9 +1187,7 @@ def load_student(a: Args, corpus: list, device, dtype) -> tuple:
     tok = processor.tokenizer
     # pad = EOS would mask out EOS, and the student would never learn to stop
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
-        fail(
-            f"--student {a.student}: its tokenizer has no pad token distinct from EOS; set one in tokenizer_config.json"
-        )
+        fail(f"--student {a.student}: its tokenizer has no pad token but EOS; set one in tokenizer_config.json")
     vision = [p for n, p in model.named_parameters() if set(n.split(".")) & set(VISION_TOWERS)]
     if a.freeze_vision and not vision:
         fail(f"--freeze-vision: {type(model).__name__} has no module named {' or '.join(VISION_TOWERS)}")
@@ -1176,18 +1203,6 @@ def cast_parameters(model, dtype):
     from_pretrained(dtype=...) keeps in fp32 (in bf16, Qwen2-VL-2B's angles are 0.46 rad off at position 400)."""
     for p in model.parameters():
         p.data = p.data.to(dtype)
-    return model
-
-
-def autocast_calls(model, mode: str):
-    """--dtype amp: each forward and generate call runs in bf16 autocast, backward and optimiser steps outside it (as
-    torch's AMP recipe says). One autocast around a run keeps its first bf16 weights: every gradient would use them."""
-    if mode != "amp" or model is None:
-        return model
-    device_type = next(model.parameters()).device.type
-    for name in ("forward", "generate"):
-        if hasattr(model, name):
-            setattr(model, name, torch.autocast(device_type, dtype=torch.bfloat16)(getattr(model, name)))
     return model
 
 
@@ -1375,10 +1390,9 @@ def resume_state(a: Args, given: set) -> tuple:
         if state["step"] >= a.steps:
             fail(f"--resume --steps {a.steps}: the run is at step {state['step']}; pass a larger --steps")
         for name in sorted(given - RESUMABLE):  # only what cannot change the trained weights may change
-            flag = f"--{name.replace('_', '-')}"
-            fail(
-                f"--resume {flag}: a resumed run keeps its own {flag} {state['args'][name]}; drop it or start a new run"
-            )
+            flag, then = f"--{name.replace('_', '-')}", state["args"].get(name)
+            if getattr(a, name) != then:  # the same command again with --resume keeps its own values
+                fail(f"--resume {flag}: a resumed run keeps its own {flag} {then}; drop it or start a new run")
         args = {**state["args"], **{k: getattr(a, k) for k in given & RESUMABLE}, "resume": True, "overwrite": False}
         return Args(**args), (path, state)
     fail(f"--resume: no checkpoint in {a.out}/checkpoints loads; start a run there without --resume")
@@ -1396,14 +1410,12 @@ class Run:
         self.paths = {k: os.path.join(a.out, f"{k}.jsonl") for k in ("metrics", "samples")}
         self.stop, self.last = [], None  # the signals received, the newest checkpoint
         self.bad, self.ran, self.t = 0, 0, time.time()  # bad steps in a row, steps this process ran
-        self.step, self.data, self.lock = None, None, None  # the last step done (0 after D pre-training), fingerprints
+        self.step, self.data = None, None  # the last step done (0 after D pre-training), the rows' fingerprints
 
     def wrap(self, s: State):
-        """The reference in bf16 under amp (never trained), autocast calls, D's memory flags, then DDP or FSDP2."""
+        """The reference in bf16 under amp (never trained), D's memory flags, then DDP or FSDP2."""
         if s.ref is not None and self.mode == "amp":
             cast_parameters(s.ref, torch.bfloat16)
-        for model in (s.model, s.ref, s.disc):
-            autocast_calls(model, self.mode)
         if s.disc is not None and (self.a.grad_checkpointing or RANKS.sharded):
             s.disc.share_prefix = False  # both need one plain call per layer in a forward
         if s.disc is not None and self.a.grad_checkpointing:
@@ -1421,7 +1433,6 @@ class Run:
             return 1, None
         (path, state), self.resumed = self.resumed, None  # the loaded tensors go once they are in the models
         self.last, self.before, self.step = path, state["before"], state["step"]
-        self.lock = lock_out(self.a.out, hold=True)
         load_full_state(s.model, s.opt, state["student"], state["opt"])
         if s.disc is not None:
             load_full_state(s.disc, s.d_opt, state["disc"], state["d_opt"])
@@ -1431,7 +1442,7 @@ class Run:
         rng = state["rng"][RANKS.rank]  # each rank's own random streams
         random.setstate(rng["python"])
         torch.set_rng_state(rng["torch"])
-        if s.device.type == "cuda":  # this rank's own GPU
+        if s.device.type == "cuda" and rng["cuda"] is not None:  # this rank's own GPU (none in a CPU checkpoint)
             torch.cuda.set_rng_state(rng["cuda"], s.device)
         for log in self.paths.values():
             if RANKS.rank == 0 and os.path.isfile(log):  # steps after the checkpoint run again
@@ -1444,8 +1455,6 @@ class Run:
         """A fresh run's first writes, after SFT and D pre-training: an --overwrite'd run goes only now."""
         folder = os.path.join(self.a.out, "checkpoints")
         ref = full_state(s.ref)[0] if s.ref is not None else None
-        os.makedirs(self.a.out, exist_ok=True)
-        self.lock = lock_out(self.a.out, hold=True)
         if RANKS.rank == 0:
             shutil.rmtree(folder, ignore_errors=True)
             os.makedirs(folder)
@@ -1501,18 +1510,13 @@ class Run:
             tqdm.write(f"warning: step {step}: {why}")
         all_bad = step == self.a.steps and self.bad == self.ran
         if self.bad >= self.a.max_bad_steps or all_bad:
-            fail(
-                f"step {step}: {self.bad} bad steps in a row, the last: {why}; the last good checkpoint is {self.last}"
-            )
+            fail(f"step {step}: {self.bad} bad steps in a row, the last: {why}; last good checkpoint: {self.last}")
         stopping = RANKS.mean({"stop": float(bool(self.stop))})["stop"] > 0  # every rank stops at the same step
         if stopping or (self.a.save_every and step % self.a.save_every == 0) or step == self.a.steps:
             self.save(s, step)
         self.step = step
         if stopping:
-            print(
-                f"stopped after step {step}; continue with: "
-                f"python ril.py --out {self.a.out} --resume --steps {self.a.steps}"
-            )
+            print(f"stopped at step {step}; continue: python ril.py --out {self.a.out} --resume --steps {self.a.steps}")
             sys.exit(128 + self.stop[0])
 
     def on_signal(self, signum, frame):
@@ -1538,10 +1542,8 @@ def check_data(a: Args, rows: list, eval_rows: list, resumed) -> dict:
     then = (resumed[1].get("data") if resumed else None) or data  # a checkpoint without fingerprints is not checked
     changed = [f"{k} rows ({then[k][0]} then, {data[k][0]} now)" for k in data if data[k] != then[k]]
     if changed and not a.accept_changed_data:
-        fail(
-            f"--resume: the {' and the '.join(changed)} differ from the checkpoint's; restore them, or pass "
-            f"--accept-changed-data to go on with these"
-        )
+        what = " and the ".join(changed)
+        fail(f"--resume: the {what} differ from the checkpoint's; restore them, or pass --accept-changed-data")
     return data
 
 
@@ -1550,7 +1552,7 @@ def setup(a: Args, device, mode: str, resumed) -> tuple:
     frozen = torch.bfloat16 if mode in ("amp", "bf16") else torch.float32  # models that are not trained
     trained = torch.bfloat16 if mode == "bf16" else torch.float32
     transformers.set_seed(a.seed)  # python, numpy and torch
-    rows, eval_rows = load_data(a)
+    sft_rows, rows, eval_rows = load_data(a)
     data = check_data(a, rows, eval_rows, resumed)
     teachers, teacher_models = resolve_teachers(a, rows)
     if not a.resume and not a.overwrite and checkpoints(a.out):
@@ -1558,7 +1560,7 @@ def setup(a: Args, device, mode: str, resumed) -> tuple:
     for spec in teacher_models:  # before the student, so that a teacher has the GPU to itself
         model_teacher_texts(spec, rows + eval_rows, a, device, frozen)
     corpus = [DISC_SYSTEM, DISC_USER, "user assistant system"]  # the tiny tokenizer's training texts
-    for r in rows + eval_rows:
+    for r in sft_rows + rows + eval_rows:
         corpus += [r["question"], r["answer"]] + [t for ts in r["teachers"].values() for t in ts]
     model, processor = load_student(a, corpus, device, trained)
     judge = MatchJudge(rows) if a.judge == "match" else ModelJudge(a.judge, a, device, frozen)
@@ -1572,11 +1574,9 @@ def setup(a: Args, device, mode: str, resumed) -> tuple:
     ranks = ""
     if RANKS.world > 1:
         ranks = f"; {RANKS.world} ranks, {'FSDP2' if RANKS.sharded else 'DDP'}"
-    print(
-        f"student {a.student}: {size}; algo {a.algo}; {len(rows)} train / {len(eval_rows)} held-out questions; "
-        f"teachers {teachers or '-'}{ranks}"
-    )
-    return State(model, processor, device, tuple(teachers), judge), rows, eval_rows, data
+    what = f"{len(rows)} train / {len(eval_rows)} held-out questions; teachers {teachers or '-'}{ranks}"
+    print(f"student {a.student}: {size}; algo {a.algo}; {what}")
+    return State(model, processor, device, tuple(teachers), judge), sft_rows, rows, eval_rows, data
 
 
 def check_prompt_length(a: Args, model, processor, rows: list):
@@ -1600,16 +1600,14 @@ def teacher_likeness(s: State, texts: list) -> str:
 def report(a: Args, s: State, run: Run, before: tuple, after: tuple, eval_rows: list):
     """The before/after table of the held-out rows, then the trained student (save_pretrained) and D."""
     run.log(a.steps, after[0])
-    print(
-        f"\n| held-out ({len(eval_rows)} questions) | accuracy | teacher-likeness (D then) | "
-        "teacher-likeness (final D) | teacher match | length |\n|---|---|---|---|---|---|"
-    )
+    cols = "accuracy | teacher-likeness (D then) | teacher-likeness (final D) | teacher match | length"
+    print(f"\n| held-out ({len(eval_rows)} questions) | {cols} |\n|---|---|---|---|---|---|")
     for name, (m, texts) in [("before RIL (after SFT)", before), (f"after {a.algo}", after)]:
         then = format(m["eval/teacher_like"], ".3f") if s.disc else "n/a"
-        print(
-            f"| {name} | {m['eval/acc']:.3f} | {then} | {teacher_likeness(s, texts)} | "
-            f"{m['eval/teacher_match']:.3f} | {m['eval/len']:.1f} |"
-        )
+        acc, match, length = m["eval/acc"], m["eval/teacher_match"], m["eval/len"]
+        print(f"| {name} | {acc:.3f} | {then} | {teacher_likeness(s, texts)} | {match:.3f} | {length:.1f} |")
+    if "eval/pass@G" in before[0]:  # where the RL stage started: G samples, at least one right
+        print(f"| start: pass@{a.G} (sampled) | {before[0]['eval/pass@G']:.3f} | - | - | - | - |")
     t_rows = [r for r in eval_rows for name in s.teachers for _ in r["teachers"].get(name, [])]
     t_texts = [t for r in eval_rows for name in s.teachers for t in r["teachers"].get(name, [])]
     if t_texts:
@@ -1619,10 +1617,7 @@ def report(a: Args, s: State, run: Run, before: tuple, after: tuple, eval_rows: 
     disc = full_state(s.disc)[0] if s.disc else {}
     bad = [k for k, v in {**student, **disc}.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
-        fail(
-            f"the trained weights are not finite ({len(bad)} tensors, e.g. {bad[0]}); nothing was saved to {a.out}; "
-            "lower --lr"
-        )
+        fail(f"the trained weights are not finite ({len(bad)} tensors, e.g. {bad[0]}); {a.out} unchanged; lower --lr")
     if RANKS.rank == 0:
         save_student(unwrap(s.model), s.processor, a.out, student)
     if RANKS.rank == 0 and disc:
@@ -1632,23 +1627,20 @@ def report(a: Args, s: State, run: Run, before: tuple, after: tuple, eval_rows: 
         write_atomic(os.path.join(a.out, "discriminator.pt"), lambda f: torch.save(parts, f), "wb")
 
 
-def lock_out(out: str, hold: bool):
-    """A run owns --out: rank 0 holds a lock (flock) on --out/.lock from its first write to its exit; another process is
-    refused before it loads anything (hold=False: a try) and before it writes. A killed process's lock goes with it."""
-    path = os.path.join(out, ".lock")
-    if os.environ.get("RANK", "0") != "0" or not (hold or os.path.exists(path)):
+def lock_out(out: str) -> int:
+    """A run owns --out from the moment its flags are checked: rank 0 holds a lock (flock) on the folder itself until
+    it exits, so a second process is refused in one line whatever stage the first is in, and a bad input leaves the
+    folder as it was. A killed process's lock goes with it. Returns the folder's file descriptor (None off rank 0)."""
+    if os.environ.get("RANK", "0") != "0":
         return None
-    lock = open(path, "a+")
+    os.makedirs(out, exist_ok=True)
+    fd = os.open(out, os.O_RDONLY)
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        lock.seek(0)
-        fail(f"--out {out}: process {lock.read().strip()} is running a job there; wait for it, or choose another --out")
-    if not hold:
-        return lock.close()
-    lock.truncate(0)
-    print(os.getpid(), file=lock, flush=True)
-    return lock  # the lock lasts as long as this open file
+        os.close(fd)
+        fail(f"--out {out}: another process is running a job there; wait for it, or choose another --out")
+    return fd  # the lock lasts as long as this descriptor
 
 
 def stopped(a: Args, run: Run, argv: list, e: Exception):
@@ -1669,7 +1661,7 @@ def main(argv=None):
     resumed = None
     if a.resume:
         a, resumed = resume_state(a, {x[2:].split("=")[0].replace("-", "_") for x in argv if x.startswith("--")})
-    lock_out(a.out, hold=False)
+    created, lock = not os.path.isdir(a.out), lock_out(a.out)
     t0 = time.time()
     device = torch.device({"auto": "cuda" if torch.cuda.is_available() else "cpu"}.get(a.device, a.device))
     # [R] amp: fp32 weights and AdamW moments, bf16 autocast (the paper does not say); bf16 weights lose small updates
@@ -1677,11 +1669,14 @@ def main(argv=None):
     device = init_distributed(a, device)
     handlers, run = {}, None
     try:
-        s, rows, eval_rows, data = setup(a, device, mode, resumed)
+        s, sft_rows, rows, eval_rows, data = setup(a, device, mode, resumed)
         run, resumed = Run(a, mode, eval_rows, resumed), None  # Run.resume drops the checkpoint once it is loaded
         run.data = data
         handlers = {sig: signal.signal(sig, run.on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-        report(a, s, run, *train(a, s, rows, eval_rows, run), eval_rows)
+        # --dtype amp: bf16 autocast over the run; cache_enabled=False, so every op casts the *current* weights (with
+        # the cache, one autocast around a run keeps the first bf16 copies and every gradient is taken at them)
+        with torch.autocast(device.type, torch.bfloat16, enabled=mode == "amp", cache_enabled=False):
+            report(a, s, run, *train(a, s, sft_rows, rows, eval_rows, run), eval_rows)
         print(f"\nsaved student + processor to {a.out} ({time.time() - t0:.0f}s total)")
     except Exception as e:
         if run is None:  # setup's own checks have already said what was wrong with the input
@@ -1692,8 +1687,11 @@ def main(argv=None):
             signal.signal(sig, h)
         if RANKS.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
-        if run is not None and run.lock:  # the lock ends with the run, also for a test that calls main again
-            run.lock.close()
+        if lock is not None:  # the lock ends with the run, also for a test that calls main again
+            os.close(lock)
+        if created and run is None:  # a bad input leaves no empty --out behind
+            with contextlib.suppress(OSError):
+                os.rmdir(a.out)
 
 
 if __name__ == "__main__":

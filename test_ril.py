@@ -534,7 +534,7 @@ def test_the_reference_and_d_take_the_sft_students_weights_before_d_pretraining(
     monkeypatch.setattr(ril, "pretrain_disc", pretrain)
     monkeypatch.setattr(ril, "evaluate", lambda *a, **kw: ({}, []))
     a = args(sft_steps=1, sft_batch_size=4, steps=0)
-    ril.train(a, state(model, tiny["proc"], judge=ril.MatchJudge(rows)), rows, tiny["held"], _NoRun())
+    ril.train(a, state(model, tiny["proc"], judge=ril.MatchJudge(rows)), rows, rows, tiny["held"], _NoRun())
     sft = seen["student"]
     assert any(not torch.equal(sft[k], start[k]) for k in sft), "SFT changed nothing"
     assert all(torch.equal(seen["ref"][k], sft[k]) for k in sft) and not seen["trainable_ref"]
@@ -934,10 +934,53 @@ def test_batches_are_a_pure_function_of_the_step():
     assert ril.batch_at(rows, 0, 10, 7) != ril.batch_at(rows, 0, 10, 8)
 
 
-def test_teacher_slots_alternate_between_teachers():
+def test_teacher_slots_are_split_evenly_between_teachers_teacher_by_teacher():
     row = {"teachers": {"a": ["a1", "a2"], "b": ["b1"]}}
     out = ril.sample_teacher_texts(row, ["a", "b"], 4, ril.random.Random(0))
     assert sorted(out[:2]) == ["a1", "a2"] and out[2:] == ["b1", "b1"]
+
+
+def test_stage_0_draws_teacher_targets_from_every_teacher_of_its_rows_and_answers_where_rows_have_none(
+    tiny, monkeypatch
+):
+    """On 7777159 every Stage 0 teacher target came from the first teacher (sample_teacher_texts with G = 1)."""
+    seen, real = [], ril.text_ids
+
+    def text_ids(tok, text, n):
+        seen.append(text)
+        return real(tok, text, n)
+
+    monkeypatch.setattr(ril, "text_ids", text_ids)
+    two = [dict(r, teachers={"x": ["from x"], "y": ["from y"]}) for r in tiny["rows"][:8]]
+    none = [dict(r, teachers={}) for r in tiny["rows"][8:16]]
+    a = args(sft_steps=4, sft_batch_size=16, sft_teacher_frac=1.0)
+    ril.sft_warmup(a, state(ril.copy.deepcopy(tiny["model"]), tiny["proc"]), two + none)
+    assert {"from x", "from y"} <= set(seen) and set(seen) <= {"from x", "from y"} | {r["answer"] for r in none}
+    assert any(r["answer"] in seen for r in none)
+
+
+def test_pass_at_g_counts_questions_with_a_right_sample_and_leaves_the_runs_random_stream_alone(tiny):
+    a = args(G=2, batch_size=3)
+    s = state(tiny["model"], tiny["proc"], judge=_FixedJudge([1, 0, 0, 0, 0, 1]))  # questions 1 and 3 of each batch
+    rng = torch.get_rng_state()
+    assert ril.pass_at_g(a, s, tiny["held"][:6]) == pytest.approx(4 / 6)
+    assert torch.equal(torch.get_rng_state(), rng)
+    s.judge = _FixedJudge([0] * 6)
+    assert ril.pass_at_g(a, s, tiny["held"][:6]) == 0.0
+
+
+def test_the_transfer_task_asks_what_stage_0_never_showed_with_teachers_that_give_their_evidence():
+    sft, rows, held = ril.load_data(ril.parse_args(["--data", "transfer", "--toy-size", "60", "--eval-size", "30"]))
+    assert [r["question"] for r in sft] == [r["question"] for r in ril.make_toy(60, 0)]  # Stage 0: the toy task
+    stage0 = {w for r in sft for t in [r["answer"], *sum(r["teachers"].values(), [])] for w in ril.normalize(t)}
+    assert not {r["answer"] for r in rows + held} & stage0  # no RL answer is a word Stage 0 ever wrote
+    evidence = {v: k for k, v in ril.TRANSFER.items()}
+    for r in rows:
+        for t in sum(r["teachers"].values(), []):
+            assert ril.answer_match(t, r["answer"]) == 1.0 and evidence[r["answer"]] in ril.normalize(t)
+    judge, r = ril.MatchJudge(rows), rows[0]
+    wrong = next(x for x in rows if x["question"] == r["question"] and x["answer"] != r["answer"])
+    assert judge([r["question"]], [r["answer"]], [wrong["teachers"]["erin"][0]]) == [0.0]  # teacher-styled, wrong
 
 
 # ---------------------------------------------------------------- the script, end to end
@@ -958,6 +1001,22 @@ def _save_jsonl(folder, rows, name):
                 )
                 + "\n"
             )
+
+
+def test_sft_data_gives_stage_0_its_own_rows_with_teacher_texts_optional(tmp_path, monkeypatch, capsys):
+    rows = [dict(r, teachers={}) for r in ril.make_toy(8, 5)]  # instruction data: no teacher texts
+    _save_jsonl(tmp_path, rows, "sft.jsonl")
+    got, real = [], ril.sft_warmup
+
+    def sft_warmup(a, s, sft_rows):
+        got.extend(r["id"] for r in sft_rows)
+        real(a, s, sft_rows)
+
+    monkeypatch.setattr(ril, "sft_warmup", sft_warmup)
+    flags = ["--sft-data", str(tmp_path / "sft.jsonl"), "--algo", "dr_grpo", "--steps", "1"]
+    ril.main([*TINY_RUN, *flags, "--out", str(tmp_path / "o")])
+    assert got == [r["id"] for r in rows]  # Stage 0 on the file's rows, the RL stage on --data's
+    assert re.search(r"\| start: pass@4 \(sampled\) \| \d\.\d{3} \|", capsys.readouterr().out)
 
 
 def test_script_trains_student_and_discriminator_from_a_saved_checkpoint(tmp_path):
@@ -2192,8 +2251,9 @@ def _sft_loss(capsys, tmp_path, dtype: str) -> float:
 
 
 def test_amp_trains_like_fp32(capsys, tmp_path):
-    """--dtype amp: autocast wraps each forward, never the optimiser step, so every step's gradient is taken at the
-    current weights. One autocast around the run kept bf16 copies of the first weights: fp32 2.201, amp 5.552 here."""
+    """--dtype amp: every step's gradient is taken at the current weights. An autocast around the run with its weight
+    cache kept bf16 copies of the first weights (amp 5.552 here on ca8f28a, 2.552 now, against fp32's 2.210); ril.py's
+    autocast has the cache off."""
     fp32, amp = _sft_loss(capsys, tmp_path, "fp32"), _sft_loss(capsys, tmp_path, "amp")
     assert fp32 < 3.0, fp32  # SFT learns
     assert abs(amp - fp32) < 0.1 * fp32 + 0.05, (fp32, amp)
@@ -2413,15 +2473,32 @@ def _jsonl_run(tmp_path, n=6) -> tuple:
 def test_a_second_process_is_refused_while_a_run_holds_out_and_a_dead_ones_lock_is_taken_over(tmp_path, capsys):
     out = str(tmp_path / "o")
     os.makedirs(out)
-    held = ril.lock_out(out, hold=True)  # a run in another process, as far as flock is concerned
+    held = ril.lock_out(out)  # a run in another process, as far as flock is concerned
     with pytest.raises(SystemExit) as e:
         ril.main([*TINY_RUN, "--steps", "1", "--out", out, "--seed", "1"])
     err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and err.count("\n") == 0 and f"process {os.getpid()} is running a job there" in err
-    assert sorted(os.listdir(out)) == [".lock"]  # nothing loaded, nothing written
-    held.close()  # the process dies: its lock goes with it, its .lock file stays
+    assert e.value.code == 2 and err.count("\n") == 0 and "another process is running a job there" in err
+    assert os.listdir(out) == []  # nothing loaded, nothing written
+    os.close(held)  # the process dies: its lock goes with it
     ril.main([*TINY_RUN, "--steps", "1", "--out", out])
     assert ril.checkpoints(out)
+
+
+def test_out_is_locked_from_the_start_so_a_second_run_is_refused_while_the_first_is_in_stage_0(tmp_path, capsys):
+    """On 7777159 the lock was taken at the first write: a second run into the same --out during Stage 0 ran to the
+    end, and the first then wrote over it."""
+    out = str(tmp_path / "o")
+    cmd = [sys.executable, os.path.join(HERE, "ril.py"), *TINY_RUN, "--sft-steps", "100000", "--out", out]
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        assert first.stdout.readline().startswith("student tiny")  # set up: Stage 0 is under way, nothing written
+        with pytest.raises(SystemExit) as e:
+            ril.main([*TINY_RUN, "--out", out, "--seed", "3"])
+        assert e.value.code == 2 and "another process is running a job there" in capsys.readouterr().err
+    finally:
+        first.kill()
+        first.wait()
+    assert os.listdir(out) == []
 
 
 def test_resume_refuses_a_flag_that_would_change_the_run_and_takes_those_that_cannot(tmp_path, capsys, two_steps):
@@ -2432,7 +2509,8 @@ def test_resume_refuses_a_flag_that_would_change_the_run_and_takes_those_that_ca
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and "--resume --lr: a resumed run keeps its own --lr 0.0002" in err
     assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == before
-    ril.main(["--out", out, "--resume", "--steps", "3", "--save-every", "5", "--keep-last", "1"])
+    own = ["--lr", "0.0002", "--seed", "0"]  # the run's own values, as in the first command (7777159: refused)
+    ril.main(["--out", out, "--resume", "--steps", "3", "--save-every", "5", "--keep-last", "1", *own])
     assert [os.path.basename(p) for p in ril.checkpoints(out)] == ["step_0000003.pt"]
 
 

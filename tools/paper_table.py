@@ -15,6 +15,7 @@ where it stopped: delete ROOT to start afresh. After --, more ril.py flags for e
 """
 
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -44,28 +45,38 @@ PAPER_ROWS = [
     ("RIL, frozen discriminator", ["--disc-lr", "0"]),
     ("RIL, continuous r_sim", ["--sim-reward", "continuous"]),
     ("RIL, beta = 0", ["--beta", "0"]),
+    ("RIL, the G samples' baseline and continuous r_sim", ["--baseline", "student", "--sim-reward", "continuous"]),
+    # not RL: Stage 0 on the task's teacher texts alone from the same start, as many steps as the RL rows take
+    (
+        "Imitation ceiling (Stage 0 on the teachers' texts)",
+        ["--algo", "dr_grpo", "--sft-data", "TASK", "--sft-steps", "200", "--sft-teacher-frac", "1", "--steps", "0"],
+    ),
 ]
 PAPER_SEEDS = [0, 1, 2]
-PAPER_TASKS = ["toy", "phrased"]
+PAPER_TASKS = ["toy", "phrased", "transfer"]
+# per task, flags for each of its runs, the same for every row: on 'transfer' (the student starts at 0, pass@G 0) the
+# RL stage runs at Stage 0's peak learning rate, since at 2e-4 even 200 Stage 0 steps on the teachers' texts reach 0.000
+TASK_FLAGS = {"transfer": ["--lr", "3e-3"]}
 
 # ------------------------------------------------------------------ the search for the paper's regime (--search)
 # (name, ril.py flags, tasks, the tiny student's (hidden, layers)): scale adaptations only, each a flag or size that
 # would apply to any --data, none a change of the method; every entry runs Dr.GRPO and the paper's RIL (the default)
 # from the same SFT'd start. Wanted: RIL above Dr.GRPO and above its start, teacher-likeness rising.
+SEARCH_TASKS = ["toy", "phrased"]  # the search ran before the regime task existed
 SEARCH = [
-    ("defaults (SFT 300 steps, lr 2e-4)", [], PAPER_TASKS, (64, 2)),
-    ("weak start: SFT 100 steps", ["--sft-steps", "100"], PAPER_TASKS, (64, 2)),
-    ("weak start, RL lr 1e-3", ["--sft-steps", "100", "--lr", "1e-3"], PAPER_TASKS, (64, 2)),
-    ("SFT 200 steps", ["--sft-steps", "200"], PAPER_TASKS, (64, 2)),
-    ("SFT 200 steps, RL lr 1e-3", ["--sft-steps", "200", "--lr", "1e-3"], PAPER_TASKS, (64, 2)),
-    ("RL lr 1e-3", ["--lr", "1e-3"], PAPER_TASKS, (64, 2)),
-    ("SFT without teacher texts (the paper's SFT)", ["--sft-teacher-frac", "0"], PAPER_TASKS, (64, 2)),
-    ("SFT half teacher texts", ["--sft-teacher-frac", "0.5"], PAPER_TASKS, (64, 2)),
-    ("SFT half teacher texts, RL lr 1e-3", ["--sft-teacher-frac", "0.5", "--lr", "1e-3"], PAPER_TASKS, (64, 2)),
+    ("defaults (SFT 300 steps, lr 2e-4)", [], SEARCH_TASKS, (64, 2)),
+    ("weak start: SFT 100 steps", ["--sft-steps", "100"], SEARCH_TASKS, (64, 2)),
+    ("weak start, RL lr 1e-3", ["--sft-steps", "100", "--lr", "1e-3"], SEARCH_TASKS, (64, 2)),
+    ("SFT 200 steps", ["--sft-steps", "200"], SEARCH_TASKS, (64, 2)),
+    ("SFT 200 steps, RL lr 1e-3", ["--sft-steps", "200", "--lr", "1e-3"], SEARCH_TASKS, (64, 2)),
+    ("RL lr 1e-3", ["--lr", "1e-3"], SEARCH_TASKS, (64, 2)),
+    ("SFT without teacher texts (the paper's SFT)", ["--sft-teacher-frac", "0"], SEARCH_TASKS, (64, 2)),
+    ("SFT half teacher texts", ["--sft-teacher-frac", "0.5"], SEARCH_TASKS, (64, 2)),
+    ("SFT half teacher texts, RL lr 1e-3", ["--sft-teacher-frac", "0.5", "--lr", "1e-3"], SEARCH_TASKS, (64, 2)),
     ("600 RL steps", ["--steps", "600", "--eval-every", "100"], ["phrased"], (64, 2)),
     ("a 3.2M student (hidden 256, 4 layers)", [], ["phrased"], (256, 4)),
-    ("D's loop lr 1e-3 (faster D)", ["--disc-lr", "1e-3"], PAPER_TASKS, (64, 2)),
-    ("D's loop lr 2e-5 (slower D)", ["--disc-lr", "2e-5"], PAPER_TASKS, (64, 2)),
+    ("D's loop lr 1e-3 (faster D)", ["--disc-lr", "1e-3"], SEARCH_TASKS, (64, 2)),
+    ("D's loop lr 2e-5 (slower D)", ["--disc-lr", "2e-5"], SEARCH_TASKS, (64, 2)),
 ]
 # the search's columns: (row, score) with score 0 the accuracy, 1 the teacher-likeness
 COLUMNS = [("SFT'd student alone", 0), ("Dr.GRPO", 0), ("RIL, two teachers", 0), ("RIL, two teachers", 1)]
@@ -124,22 +135,25 @@ def run_paper_table(
     runs = [(t, seed) for t in tasks for seed in seeds]
     first = {}  # the first teacher of each task
     for t in tasks:
-        first[t] = sorted(ril.load_data(ril.parse_args(["--data", t, "--toy-size", "1"]))[0][0]["teachers"])[0]
+        first[t] = sorted(ril.load_data(ril.parse_args(["--data", t, "--toy-size", "1"]))[1][0]["teachers"])[0]
     if not sft_root:  # with sft_root, the SFT'd students of an earlier table
         sft = ["--algo", "dr_grpo", *common, "--steps", "0"]
-        run_all([(folder(t, seed), ["--data", t, "--seed", str(seed), *sft]) for t, seed in runs])
+        run_all(
+            [(folder(t, seed), ["--data", t, "--seed", str(seed), *sft, *TASK_FLAGS.get(t, [])]) for t, seed in runs]
+        )
     cmds = []
     for t, seed in runs:
         for i, (_, row) in enumerate(rows):
-            row_flags = [first[t] if x == "FIRST" else x for x in row]
-            argv = ["--data", t, "--seed", str(seed), "--student", folder(t, seed), *common, "--sft-steps", "0"]
+            row_flags = [{"FIRST": first[t], "TASK": t}.get(x, x) for x in row]
+            argv = ["--data", t, "--seed", str(seed), "--student", folder(t, seed), *common, *TASK_FLAGS.get(t, [])]
+            argv += ["--sft-steps", "0"]
             cmds.append((folder(t, seed, i), argv + row_flags))
     run_all(cmds)
 
     scores = {}  # (task, row) -> list over seeds of (accuracy, teacher-likeness, teacher match, length)
     for task, seed in runs:
         a = ril.parse_args(["--data", task, "--seed", str(seed), *flags])
-        train_rows, eval_rows = ril.load_data(a)
+        _, train_rows, eval_rows = ril.load_data(a)
         judge = ril.MatchJudge(train_rows)
         ruler_state = torch.load(
             os.path.join(folder(task, seed, 0), "checkpoints", "step_0000000.pt"), weights_only=True
@@ -171,9 +185,11 @@ def run_paper_table(
         f"seed (the discriminator pre-trained in its two-teacher RIL run)."
     ]
     for task in tasks:
+        starts = [json.loads(open(os.path.join(folder(task, s), "metrics.jsonl")).readline()) for s in seeds]
+        passes = " / ".join(f"{m.get('eval/pass@G', float('nan')):.3f}" for m in starts)
         lines += [
             "",
-            f"**--data {task}**",
+            f"**--data {task}** {' '.join(TASK_FLAGS.get(task, []))} (the SFT'd start's pass@G by seed: {passes})",
             "",
             "| row | accuracy | teacher-likeness | teacher match | length (tokens) |",
             "|---|---|---|---|---|",
@@ -218,14 +234,14 @@ def run_search(root: str, jobs: int = 2, seeds: list = (0,), numbers: list = (),
         f"Seeds {list(seeds)}; held-out accuracy of the SFT'd start / Dr.GRPO / the paper's RIL (Eq. 2, two teachers), "
         "mean over seeds, RIL's teacher-likeness in brackets; per seed in ROOT/N/table.md.",
         "",
-        "| # | scale-down | " + " | ".join(f"`{t}`" for t in PAPER_TASKS) + " | run time |",
-        "|---|---|" + "---|" * len(PAPER_TASKS) + "---|",
+        "| # | scale-down | " + " | ".join(f"`{t}`" for t in SEARCH_TASKS) + " | run time |",
+        "|---|---|" + "---|" * len(SEARCH_TASKS) + "---|",
     ]
     for i in numbers or range(len(SEARCH)):
         name, flags, tasks, tiny = SEARCH[i]
         scores = run_paper_table(os.path.join(root, str(i)), jobs, (*flags, *more), tasks, rows, list(seeds), tiny=tiny)
         cells = []
-        for task in PAPER_TASKS:
+        for task in SEARCH_TASKS:
             mean = [sum(x[j] for x in scores[(task, r)]) / len(seeds) for r, j in COLUMNS] if task in tasks else []
             cells.append(" / ".join(f"{m:.3f}" for m in mean[:3]) + f" ({mean[3]:.2f})" if mean else "-")
         lines.append(f"| {i} | {name} | {' | '.join(cells)} | {run_seconds(os.path.join(root, str(i)))} s |")
@@ -242,7 +258,7 @@ def frame_accuracy(out: str, task: str, seed: int, step: int = -1) -> dict:
     First the run's greedy accuracy and its share of one-word (bare) answers; step >= 0 scores that checkpoint
     instead."""
     a = ril.parse_args(["--data", task, "--seed", str(seed)])
-    train_rows, eval_rows = ril.load_data(a)
+    _, train_rows, eval_rows = ril.load_data(a)
     kind = {q: k for k, qs in ril.QUESTIONS[task].items() for q in qs}
     cands = {k: sorted({r["answer"] for r in train_rows if kind[r["question"]] == k}) for k in ril.QUESTIONS[task]}
     frames = ["{a}"] + sorted(
