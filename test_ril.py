@@ -542,6 +542,44 @@ def test_the_reference_and_d_take_the_sft_students_weights_before_d_pretraining(
     assert lm and set(seen["backbone"]) == set(lm) and all(torch.equal(seen["backbone"][k], lm[k]) for k in lm)
 
 
+def test_each_stage_takes_its_own_learning_rate(tiny, monkeypatch):
+    """--sft-lr reaches Stage 0's AdamW, --disc-pretrain-lr D's pre-training, --lr and --disc-lr the RL stage's
+    (on 7777159 every test still passed with --sft-lr wired to the RL stage)."""
+    lrs, real = [], ril.decaying_adamw
+
+    def decaying_adamw(params, lr, steps):
+        lrs.append(lr)
+        return real(params, lr, steps)
+
+    monkeypatch.setattr(ril, "decaying_adamw", decaying_adamw)
+    monkeypatch.setattr(ril, "evaluate", lambda *a, **kw: ({}, []))
+    monkeypatch.setattr(ril, "pass_at_g", lambda *a, **kw: 0.0)
+    a = args(sft_steps=1, sft_batch_size=4, disc_pretrain_steps=1, batch_size=2, steps=0)
+    a.lr, a.sft_lr, a.disc_lr, a.disc_pretrain_lr = 1e-4, 2e-3, 3e-5, 4e-4
+    s = state(ril.copy.deepcopy(tiny["model"]), tiny["proc"], judge=ril.MatchJudge(tiny["rows"]))
+    ril.train(a, s, tiny["rows"], tiny["rows"], tiny["held"], _NoRun())
+    assert lrs == [2e-3, 4e-4]
+    assert [g["lr"] for g in s.opt.param_groups] == [1e-4] and [g["lr"] for g in s.d_opt.param_groups] == [3e-5]
+
+
+def test_the_sft_loss_is_each_targets_mean_token_loss_averaged_over_targets(tiny, capsys, monkeypatch):
+    """Not a token mean over the batch, which lets a long text drown a 1-token answer (README: phrased, 0.242 after
+    SFT with a token mean, 0.858 with this). Target i's every token gets log-prob -(i + 1)."""
+    answers = ["red", "two shapes of every color are here", "3", "blue square"]
+    rows = [dict(r, answer=x, teachers={}) for r, x in zip(tiny["rows"][:4], answers, strict=True)]
+    seen = {}
+
+    def token_logprobs(model, enc, comp, mask, temperature):
+        seen["lengths"] = mask.sum(1)
+        return -torch.arange(1.0, len(comp) + 1)[:, None].expand(comp.shape).clone().requires_grad_()
+
+    monkeypatch.setattr(ril, "token_logprobs", token_logprobs)
+    ril.sft_warmup(args(sft_steps=1, sft_batch_size=4, sft_teacher_frac=0.0), state(tiny["model"], tiny["proc"]), rows)
+    loss = float(re.search(r"final loss (\S+)", capsys.readouterr().out).group(1))
+    token_mean = (seen["lengths"] * torch.arange(1.0, 5)).sum() / seen["lengths"].sum()
+    assert loss == pytest.approx(2.5, abs=1e-3) and abs(token_mean - 2.5) > 0.1, token_mean
+
+
 def test_discriminator_shares_the_prompt_prefix_without_changing_its_output(tiny):
     """D runs the tokens every text shares (the Fig. 3 prompt) once. Its logits and gradients equal
     those of running every row in full, for texts of different lengths, one that starts with
