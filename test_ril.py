@@ -2129,6 +2129,16 @@ def test_the_plot_tool_draws_every_panel_from_a_runs_metrics(tmp_path, capsys):
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == f"wrote {os.path.join(out, 'metrics.png')}"
     assert Image.open(os.path.join(out, "metrics.png")).size == (1500, 900)
+    _tool("compare").main([out, out])  # make run's table: the start (step 0) and a run's last evaluation
+    table = capsys.readouterr().out.splitlines()
+    start, end = [m for m in lines if "eval/acc" in m][0], [m for m in lines if "eval/acc" in m][-1]
+    assert (
+        table[-2].startswith(f"| start: {out} | {start['eval/acc']:.3f} |")
+        and f"| {start['eval/pass@G']:.3f} |" in table[-2]
+    )
+    assert table[-1].startswith(
+        f"| ril, 3 steps, lr 0.0002: {out} | {end['eval/acc']:.3f} | {end['eval/teacher_like']:.3f} |"
+    )
 
 
 # ---------------------------------------------------------------- several processes: torchrun on CPU with gloo

@@ -7,12 +7,8 @@ discriminator accuracy and loss, KL to the reference, answer length, held-out ev
 import argparse
 import json
 import os
-import sys
 
 from PIL import Image, ImageDraw, ImageFont
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, where ril.py is
-import ril
 
 PANELS = [  # title, y label, [(metric, legend)]
     (
@@ -99,7 +95,8 @@ def plot_metrics(out: str) -> str:
         if not data:
             d.text((x0 + w // 2, y0 + h // 2), "not logged in this run", fill="gray", font=font, anchor="mm")
     path = os.path.join(out, "metrics.png")
-    ril.write_atomic(path, lambda f: img.save(f, format="PNG"), "wb")
+    img.save(path + ".tmp", format="PNG")  # then renamed over the old picture: a kill never leaves half of one
+    os.replace(path + ".tmp", path)
     return path
 
 
