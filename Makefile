@@ -1,8 +1,8 @@
 # Two commands do everything on a fresh machine:
-#   make run    install, then run every stage of RIL on the built-in tiny task (CPU, a few minutes), and draw metrics.png
+#   make run    install, then Dr.GRPO and RIL from one Stage 0 start on the built-in regime task (CPU, ~4 minutes)
 #   make test   install, then check the formatting and lint (make lint) and run the test suite
 # Tools, not tests (tools/): make bench (a RIL step against the bare model calls it needs), make memory (estimated GPU
-# memory of a Qwen2-VL-2B run), make paper-table (the paper's tables in miniature, 2 tasks x 3 seeds, about 50 minutes).
+# memory of a Qwen2-VL-2B run), make paper-table (the paper's tables in miniature, 3 tasks x 3 seeds, about 90 minutes).
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
@@ -15,8 +15,16 @@ $(BIN)/.installed: requirements.txt Makefile
 	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.txt pytest ruff==0.17.6
 	touch $@
 
+# make run: the paper's regime in miniature (--data transfer). Stage 0 once (runs/start: the toy task's skills), then
+# from it, at once, one thread each: Dr.GRPO, the paper's RIL (Eq. 2) and RIL with its two variant flags, all at Stage
+# 0's peak learning rate (--lr 3e-3: at the default 2e-4, 200 steps of imitation learn nothing here); then the table.
+RL_RUN := OMP_NUM_THREADS=1 $(BIN)/python ril.py --data transfer --student runs/start --sft-steps 0 --lr 3e-3 --overwrite
 run: $(BIN)/.installed
-	$(BIN)/python ril.py --out runs/ril --overwrite
+	$(BIN)/python ril.py --data transfer --algo dr_grpo --steps 0 --out runs/start --overwrite
+	$(RL_RUN) --algo dr_grpo --out runs/dr_grpo > runs/dr_grpo.log 2>&1 & a=$$!; \
+	$(RL_RUN) --baseline student --sim-reward continuous --out runs/ril_variants > runs/ril_variants.log 2>&1 & b=$$!; \
+	$(RL_RUN) --out runs/ril && wait $$a && wait $$b
+	$(BIN)/python tools/compare.py runs/start runs/dr_grpo runs/ril runs/ril_variants
 	$(BIN)/python tools/plot.py runs/ril
 
 lint: $(BIN)/.installed

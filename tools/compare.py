@@ -9,6 +9,12 @@ import json
 import os
 import sys
 
+DEFAULTS = {
+    "baseline": "group",
+    "teacher_ratio": "old",
+    "sim_reward": "binary",
+}  # RIL's variant flags, as ril.py has them
+
 
 def evaluations(out: str) -> list:
     """The lines of OUT/metrics.jsonl that hold a held-out evaluation, in order."""
@@ -30,7 +36,8 @@ def main(argv=None):
     for out, a in zip(outs[1:], args[1:], strict=True):
         end = evaluations(out)[-1]
         like = f"{end['eval/teacher_like']:.3f}" if "eval/teacher_like" in end else "n/a"
-        name = f"{a['algo']}, {a['steps']} steps, lr {a['lr']:g}: {out}"
+        variants = [f"--{k.replace('_', '-')} {a[k]}" for k, v in DEFAULTS.items() if a.get(k, v) != v]
+        name = ", ".join([a["algo"], *variants, f"{a['steps']} steps, lr {a['lr']:g}: {out}"])
         print(
             f"| {name} | {end['eval/acc']:.3f} | {like} | {end['eval/teacher_match']:.3f} | {end['eval/len']:.1f} | - |"
         )

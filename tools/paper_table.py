@@ -1,5 +1,5 @@
 r"""The paper's tables in miniature (make paper-table), not a test: Table 1, Table 2, Table 5b/5d and Fig. 6 of RIL on
-each built-in task of ril.py, 3 seeds, every row a ril.py run of its own; about 50 minutes on 2 CPU cores.
+each built-in task of ril.py, 3 seeds, every row a ril.py run of its own; about 90 minutes on 2 CPU cores.
 
     python tools/paper_table.py                              # make paper-table: writes runs/paper_table/table.md
     python tools/paper_table.py --jobs 4 --root /tmp/table   # 4 runs at a time, elsewhere
@@ -311,7 +311,7 @@ def main(argv=None):
         "that change no SFT flag)",
     )
     p.add_argument(
-        "--tasks", nargs="+", choices=PAPER_TASKS, default=PAPER_TASKS, help="built-in tasks (default: both)"
+        "--tasks", nargs="+", choices=PAPER_TASKS, default=PAPER_TASKS, help="built-in tasks (default: all three)"
     )
     p.add_argument("--seeds", nargs="+", type=int, help="seeds (default: 0 1 2; with --search: 0)")
     p.add_argument(
