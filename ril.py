@@ -531,6 +531,7 @@ def policy_update(a: Config, s: State, enc: dict, comp, mask, adv, teacher=None)
         for i, j in parts:
             with grad_sync(s.model, last=j == N):
                 logp = logprobs(s.model, i, j)  # (n, T)
+                # pi_old: the policy without the top-k, top-p and repetition penalty of the sampling (as TRL's)
                 old = logp.detach() if old_logp is None else old_logp[i:j]
                 unclipped = None
                 if teacher is not None and a.teacher_ratio == "one":  # a teacher text's pi_old taken as 1 (README)
