@@ -238,10 +238,14 @@ def sample_top_k_top_p(a: Config, input_ids, scores: torch.Tensor) -> torch.Tens
     then torch.multinomial(probs, 1), as HF's warpers do. Here the sort and the draw run among the top k alone (over
     152k entries HF's were 86% of generate in make bench); the same distribution, by
     test_the_top_k_sampler_draws_from_the_distribution_of_hf_sampling. Returns -inf but at the drawn token."""
-    top, idx = (scores / a.temperature).topk(min(a.top_k or scores.shape[-1], scores.shape[-1]))  # (N, k), descending
-    drop = (top.flip(-1).softmax(-1).cumsum(-1) <= 1 - a.top_p).flip(-1)  # HF's top-p: the tail of mass <= 1 - top_p
-    drop[:, 0] = False  # the best token always stays
-    pick = idx.gather(-1, torch.multinomial(top.masked_fill(drop, -float("inf")).softmax(-1), 1))  # (N, 1)
+    scores = scores / a.temperature
+    if a.top_k == 0 and a.top_p >= 1:  # nothing to cut (TRL's and vLLM's default): no sort, a draw over the vocabulary
+        pick = torch.multinomial(scores.softmax(-1), 1)
+    else:
+        top, idx = scores.topk(min(a.top_k or scores.shape[-1], scores.shape[-1]))  # (N, k), descending
+        drop = (top.flip(-1).softmax(-1).cumsum(-1) <= 1 - a.top_p).flip(-1)  # HF's top-p: the tail of mass <= 1 - p
+        drop[:, 0] = False  # the best token always stays
+        pick = idx.gather(-1, torch.multinomial(top.masked_fill(drop, -float("inf")).softmax(-1), 1))  # (N, 1)
     return torch.full_like(scores, -float("inf")).scatter_(-1, pick, 0.0)
 
 
@@ -920,7 +924,7 @@ def load_data(a: Args) -> tuple:
     for r in rows + held + sft_rows:  # the same file given twice would evaluate on the training set
         if seen.setdefault(r["id"], r) is not r:
             twice = f"id '{r['id']}' is also the id of {seen[r['id']]['where']}"
-            fail(f"{r['where']}: {twice}; ids must be unique across --data and --eval-data (is it the training file?)")
+            fail(f"{r['where']}: {twice}; ids must be unique across the data files (is it the training file?)")
     if not a.eval_data:
         if len(rows) <= a.eval_size:
             fail(f"{a.data}: {len(rows)} rows cannot spare --eval-size {a.eval_size}; lower it or pass --eval-data")
@@ -1049,9 +1053,8 @@ class ModelJudge:
         remote = a.trust_remote_code
         try:
             self.tok = transformers.AutoTokenizer.from_pretrained(spec, padding_side="left", trust_remote_code=remote)
-            self.model = transformers.AutoModelForCausalLM.from_pretrained(
-                spec, dtype=dtype, use_safetensors=True, trust_remote_code=remote
-            ).to(device)
+            load = transformers.AutoModelForCausalLM.from_pretrained
+            self.model = load(spec, dtype=dtype, use_safetensors=True, trust_remote_code=remote).to(device)
         except (OSError, ValueError, KeyError) as e:
             fail(f"--judge {spec}: cannot load it as a text LLM ({first_line(e)}); give a local folder or reachable id")
         self.tok.pad_token = self.tok.pad_token or self.tok.eos_token
@@ -1165,9 +1168,8 @@ def load_vlm(name: str, a: Args, dtype, flag: str) -> tuple:
     """Any AutoModelForImageTextToText with a chat template, and its processor; safetensors only (pickles run code)."""
     path = ALIASES.get(name, name)
     try:
-        model = transformers.AutoModelForImageTextToText.from_pretrained(
-            path, dtype=dtype, use_safetensors=True, trust_remote_code=a.trust_remote_code
-        )
+        load = transformers.AutoModelForImageTextToText.from_pretrained
+        model = load(path, dtype=dtype, use_safetensors=True, trust_remote_code=a.trust_remote_code)
         processor = load_processor(path, a.trust_remote_code)
     except (OSError, ValueError, ImportError, KeyError) as e:
         why = first_line(e, 160)
@@ -1188,7 +1190,7 @@ def load_student(a: Args, corpus: list, device, dtype) -> tuple:
     tok = processor.tokenizer
     # pad = EOS would mask out EOS, and the student would never learn to stop
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
-        fail(f"--student {a.student}: its tokenizer has no pad token but EOS; set one in tokenizer_config.json")
+        fail(f"--student {a.student}: its tokenizer's pad token is missing or EOS; set one in tokenizer_config.json")
     vision = [p for n, p in model.named_parameters() if set(n.split(".")) & set(VISION_TOWERS)]
     if a.freeze_vision and not vision:
         fail(f"--freeze-vision: {type(model).__name__} has no module named {' or '.join(VISION_TOWERS)}")
@@ -1536,9 +1538,8 @@ def check_data(a: Args, rows: list, eval_rows: list, resumed) -> dict:
     whose rows differ from its checkpoint's (batch_at's order depends on them) is refused, or --accept-changed-data."""
     data = {}
     for name, part in (("training", rows), ("held-out", eval_rows)):
-        said = [
-            [r["id"], r["question"], r["answer"], r["teachers"], str(getattr(r["image"], "args", ""))] for r in part
-        ]
+        keys = ("id", "question", "answer", "teachers")
+        said = [[r[k] for k in keys] + [str(getattr(r["image"], "args", ""))] for r in part]
         data[name] = [len(part), hashlib.sha1(json.dumps(said, sort_keys=True).encode()).hexdigest()]
     then = (resumed[1].get("data") if resumed else None) or data  # a checkpoint without fingerprints is not checked
     changed = [f"{k} rows ({then[k][0]} then, {data[k][0]} now)" for k in data if data[k] != then[k]]

@@ -809,6 +809,22 @@ def test_the_top_k_sampler_draws_from_the_distribution_of_hf_sampling(monkeypatc
     assert (freq - want[2]).abs().max() < 0.015
 
 
+def test_with_top_k_off_and_top_p_1_the_sampler_sorts_nothing_and_draws_from_the_softmax(monkeypatch):
+    """--top-k 0 --top-p 1 (TRL's and vLLM's default): on 7777159 a topk over the whole vocabulary at every token
+    (24 s a step at Qwen2's 151,936 entries, against 8.5 s with top-k 50)."""
+    a = args(temperature=0.7, top_k=0, top_p=1.0)
+    scores = torch.randn(1, 300, generator=torch.Generator().manual_seed(0)) * 3
+    scores[:, 7] = -float("inf")
+
+    def no_sort(*x, **kw):
+        raise AssertionError("sorted")
+
+    monkeypatch.setattr(torch.Tensor, "topk", no_sort)
+    monkeypatch.setattr(torch.Tensor, "sort", no_sort)
+    freq = torch.bincount(ril.sample_top_k_top_p(a, None, scores.expand(20000, -1)).argmax(-1), minlength=300) / 20000
+    assert (freq - (scores[0] / 0.7).softmax(-1)).abs().max() < 0.015 and freq[7] == 0
+
+
 def test_truncated_means_no_eos_even_at_the_last_position(tiny, monkeypatch):
     eos, pad = tiny["proc"].tokenizer.eos_token_id, tiny["proc"].tokenizer.pad_token_id
     fake = torch.tensor([[7, 8, eos], [7, 8, 9], [7, eos, pad], [7, 8, 9]])  # ends on EOS / cap / early EOS / cap
