@@ -150,8 +150,7 @@ def encode_prompts(processor, rows: list, device) -> dict:
     image tokens but not pixel_values, the most reported Qwen2-VL crash in RL trainers."""
     msgs = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r["question"]}]}] for r in rows]
     texts = [processor.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in msgs]
-    # an image, or a function that opens one
-    images = [r["image"]() if callable(r["image"]) else r["image"] for r in rows]
+    images = [r["image"]() if callable(r["image"]) else r["image"] for r in rows]  # an image, or a function opening it
     enc = processor(text=texts, images=images, padding=True, return_tensors="pt")
     return {k: v.to(device) for k, v in enc.items()}
 
@@ -267,27 +266,28 @@ def hit_cap(comp, gen_cfg):
 
 def rollout(a: Config, s: State, batch: list, rng: random.Random, with_teachers: bool) -> dict:
     """A group per question: G samples from one batched generate, then G teacher texts (RIL only)."""
-    tok, model = s.processor.tokenizer, unwrap(s.model.eval())
+    tok, model = s.processor.tokenizer, unwrap(s.model)
+    model.eval()
     enc = encode_prompts(s.processor, batch, s.device)
     gen_cfg = generation_config(a, model, tok, greedy=False)
     sampler = functools.partial(sample_top_k_top_p, a)
-    comp, mask = generate(model, repeat_prompts(enc, a.G), gen_cfg, sampler, RANKS.sharded)  # (B * G, T)
-    ids = [c[m.bool()].tolist() for c, m in zip(comp, mask, strict=True)]
-    samples = list(zip(ids, tok.batch_decode(comp, skip_special_tokens=True), strict=True))
-    items, is_teacher, answers, questions = [], [], [], []
+    sampled, mask = generate(model, repeat_prompts(enc, a.G), gen_cfg, sampler, RANKS.sharded)  # (B * G, T)
+    sample_ids = [c[m.bool()].tolist() for c, m in zip(sampled, mask, strict=True)]
+    samples = list(zip(sample_ids, tok.batch_decode(sampled, skip_special_tokens=True), strict=True))
+    items, is_teacher, answers, questions = [], [], [], []  # (token ids, text) of every text, group by group
     for b, row in enumerate(batch):
         group = samples[b * a.G : (b + 1) * a.G]
         if with_teachers:  # D and the judge read what the policy trains on: a text longer than L_max, cut
-            ids = [text_ids(tok, t, a.max_new_tokens) for t in sample_teacher_texts(row, s.teachers, a.G, rng)]
-            group += list(zip(ids, tok.batch_decode(ids, skip_special_tokens=True), strict=True))
+            teacher_ids = [text_ids(tok, t, a.max_new_tokens) for t in sample_teacher_texts(row, s.teachers, a.G, rng)]
+            group += list(zip(teacher_ids, tok.batch_decode(teacher_ids, skip_special_tokens=True), strict=True))
         items += group
         is_teacher += [0] * a.G + [1] * (len(group) - a.G)
         answers += [row["answer"]] * len(group)
         questions += [row["question"]] * len(group)
-    ids, m = pad_right([x for x, _ in items], tok.pad_token_id, s.device)
-    ro = dict(enc=enc, comp=ids, mask=m, texts=[t for _, t in items], answers=answers, questions=questions)
+    comp, comp_mask = pad_right([x for x, _ in items], tok.pad_token_id, s.device)  # every text, right-padded
+    ro = dict(enc=enc, comp=comp, mask=comp_mask, texts=[t for _, t in items], answers=answers, questions=questions)
     ro["is_teacher"] = torch.tensor(is_teacher, device=s.device)
-    ro["truncated"] = hit_cap(comp, gen_cfg).float().mean().item()
+    ro["truncated"] = hit_cap(sampled, gen_cfg).float().mean().item()
     return ro
 
 
@@ -312,7 +312,7 @@ def token_logprobs(model, enc: dict, comp: torch.Tensor, comp_mask: torch.Tensor
     head = unwrap(model).get_output_embeddings()
     project = head.forward
     y = comp.flatten()
-    n = max(1, chunk // len(head.weight))  # tokens a chunk
+    n = max(1, chunk // head.weight.shape[0])  # tokens a chunk: the weight is (vocabulary, hidden)
 
     def logp(h, y):
         """One chunk: (n, d) hidden states and (n,) targets -> (n,) log-probs; the head in its weights' dtype, even
@@ -624,15 +624,15 @@ def ril_step(a: Config, s: State, batch: list, step: int) -> tuple:
     adv = group_advantages(rewards, group, scale_std=(a.algo == "grpo"), base=base)
     # 7: the clipped update over every text of every group, teacher texts included (Eq. 2)
     metrics.update(policy_update(a, s, repeat_prompts(ro["enc"], group), ro["comp"], ro["mask"], adv, ro["is_teacher"]))
-    st = ro["is_teacher"] == 0  # the student's own samples
-    metrics["reward/sim"] = r_sim[st].mean().item()
-    metrics["reward/ans"] = r_ans[st].mean().item()
-    metrics["reward/total"] = rewards[st].mean().item()
-    metrics["len/mean"] = ro["mask"][st].sum(1).float().mean().item()
+    own = ro["is_teacher"] == 0  # the student's own samples
+    metrics["reward/sim"] = r_sim[own].mean().item()
+    metrics["reward/ans"] = r_ans[own].mean().item()
+    metrics["reward/total"] = rewards[own].mean().item()
+    metrics["len/mean"] = ro["mask"][own].sum(1).float().mean().item()
     if ril:
-        metrics["reward/sim_teacher"] = r_sim[~st].mean().item()
-        metrics["reward/ans_teacher"] = r_ans[~st].mean().item()
-        metrics["disc/p_student"] = torch.sigmoid(d_logits[st]).mean().item()
+        metrics["reward/sim_teacher"] = r_sim[~own].mean().item()
+        metrics["reward/ans_teacher"] = r_ans[~own].mean().item()
+        metrics["disc/p_student"] = torch.sigmoid(d_logits[own]).mean().item()
     texts = []  # the first group, to print
     for i in range(group):
         source = "teacher" if ro["is_teacher"][i] else "student"

@@ -2553,7 +2553,8 @@ def test_out_is_locked_from_the_start_so_a_second_run_is_refused_while_the_first
     end, and the first then wrote over it."""
     out = str(tmp_path / "o")
     cmd = [sys.executable, os.path.join(HERE, "ril.py"), *TINY_RUN, "--sft-steps", "100000", "--out", out]
-    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}  # its first line comes as it is printed
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
     try:
         assert first.stdout.readline().startswith("student tiny")  # set up: Stage 0 is under way, nothing written
         with pytest.raises(SystemExit) as e:
