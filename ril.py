@@ -873,7 +873,7 @@ def open_image(image) -> Image.Image:
 def load_jsonl(path: str) -> list:
     """Every row and image checked before training: each problem is one line with file:line and the fix."""
     if not os.path.isfile(path):
-        fail(f"{path}: no such file; --data takes 'toy' or a JSONL file")
+        fail(f"{path}: no such file; a data flag takes a JSONL file or a built-in task: {', '.join(QUESTIONS)}")
     rows = []
     for n, raw in enumerate(open(path, "rb"), 1):
         where = f"{path}:{n}"
