@@ -315,8 +315,7 @@ def token_logprobs(model, enc: dict, comp: torch.Tensor, comp_mask: torch.Tensor
     n = max(1, chunk // head.weight.shape[0])  # tokens a chunk: the weight is (vocabulary, hidden)
 
     def logp(h, y):
-        """One chunk: (n, d) hidden states and (n,) targets -> (n,) log-probs; the head in its weights' dtype, even
-        under amp."""
+        """One chunk: (n, d) hidden states, (n,) targets -> (n,) log-probs; the head in its dtype, even under amp."""
         with torch.autocast(h.device.type, enabled=False):
             logits = project(h.to(head.weight.dtype)).float() / temperature
         return logits.gather(-1, y[:, None]).squeeze(-1) - logits.logsumexp(-1)
@@ -599,8 +598,7 @@ def pretrain_disc(a: Config, s: State, rows: list):
 # -- 8. One step of Alg. 2 -------------------------------------------------------------------------
 def ril_step(a: Config, s: State, batch: list, step: int) -> tuple:
     """One iteration of Alg. 2 [P] (Alg. 1 for the baselines). Returns (metrics, one group to print)."""
-    ril = a.algo == "ril"
-    tok = s.processor.tokenizer
+    ril, tok = a.algo == "ril", s.processor.tokenizer
     # 1-2: G samples from pi_old per question, and G teacher texts from the cache
     ro = rollout(a, s, batch, random.Random(f"{a.seed}-ril-{step}"), with_teachers=ril)
     group = 2 * a.G if ril else a.G
@@ -609,8 +607,7 @@ def ril_step(a: Config, s: State, batch: list, step: int) -> tuple:
     r_ans = torch.tensor(s.judge(ro["questions"], ro["answers"], ro["texts"]), device=s.device)
     if s.judge.unparsed is not None:
         metrics["judge/unparsed"] = s.judge.unparsed  # verdicts without <answer>0|1</answer>, scored 0
-    d_logits = torch.zeros_like(r_ans)
-    r_sim = torch.zeros_like(r_ans)  # the baselines have no D and no r_sim
+    d_logits, r_sim = torch.zeros_like(r_ans), torch.zeros_like(r_ans)  # the baselines have no D and no r_sim
     if ril:
         # 4: update D on this step's texts, students 1 and teachers 0 (Eq. 1, mu = 1)
         if a.disc_lr > 0:
@@ -625,9 +622,8 @@ def ril_step(a: Config, s: State, batch: list, step: int) -> tuple:
     # 7: the clipped update over every text of every group, teacher texts included (Eq. 2)
     metrics.update(policy_update(a, s, repeat_prompts(ro["enc"], group), ro["comp"], ro["mask"], adv, ro["is_teacher"]))
     own = ro["is_teacher"] == 0  # the student's own samples
-    metrics["reward/sim"] = r_sim[own].mean().item()
-    metrics["reward/ans"] = r_ans[own].mean().item()
-    metrics["reward/total"] = rewards[own].mean().item()
+    for name, r in (("sim", r_sim), ("ans", r_ans), ("total", rewards)):
+        metrics[f"reward/{name}"] = r[own].mean().item()
     metrics["len/mean"] = ro["mask"][own].sum(1).float().mean().item()
     if ril:
         metrics["reward/sim_teacher"] = r_sim[~own].mean().item()
@@ -635,10 +631,9 @@ def ril_step(a: Config, s: State, batch: list, step: int) -> tuple:
         metrics["disc/p_student"] = torch.sigmoid(d_logits[own]).mean().item()
     texts = []  # the first group, to print
     for i in range(group):
-        source = "teacher" if ro["is_teacher"][i] else "student"
         D = torch.sigmoid(d_logits[i]).item() if ril else None
         scores = dict(r_sim=r_sim[i].item(), r_ans=r_ans[i].item(), D=D, adv=adv[i].item())
-        texts.append(dict(source=source, text=ro["texts"][i], **scores))
+        texts.append(dict(source="teacher" if ro["is_teacher"][i] else "student", text=ro["texts"][i], **scores))
     dump = dict(ids=[r["id"] for r in batch], question=batch[0]["question"], answer=batch[0]["answer"], texts=texts)
     return metrics, dump
 
