@@ -22,8 +22,10 @@ Labels in comments: [P] the paper says so; [R] our reading where the paper is si
 import argparse
 import contextlib
 import copy
+import datetime
 import fcntl
 import functools
+import gc
 import glob
 import hashlib
 import json
@@ -45,6 +47,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import transformers
 from PIL import Image, ImageDraw, ImageOps
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
@@ -422,10 +425,9 @@ def clip_and_step(opt, params, loss: torch.Tensor, max_norm: float) -> tuple:
 
 
 def grad_sync(model, last: bool):
-    """Under torchrun, gradients are averaged over ranks once a step, in the last micro-batch's backward (DDP: forward
-    and backward inside no_sync; FSDP2: a flag). One process: nothing to do."""
-    if hasattr(model, "set_requires_gradient_sync"):
-        model.set_requires_gradient_sync(last)
+    """Under DDP, gradients are averaged over ranks once a step, in the last micro-batch's backward (forward and
+    backward inside no_sync). FSDP2 reduce-scatters every micro-batch, so that no rank holds whole fp32 gradients (at
+    7B, 30 GB more a rank). One process: nothing to do."""
     if last or not hasattr(model, "no_sync"):
         return contextlib.nullcontext()
     return model.no_sync()
@@ -702,6 +704,10 @@ class Args(Config):
     teacher_samples: int = arg(4, "answers per question from each teacher model", ge=1)
     judge: str = arg("match", "r_ans: 'match' (whole-word answer match) or a text LLM prompted as in Fig. 4")
     judge_max_new_tokens: int = arg(128, "tokens the judge model may write", ge=1)
+    gen_batch: int = arg(64, "sequences a generate call makes for teacher models, the judge and evaluation", ge=1)
+    max_pixels: int = arg(
+        448 * 448, "a loaded model's images are scaled to at most this (the tiny student: 112x112)", ge=784
+    )
     data: str = arg("toy", "a built-in task ('toy', 'phrased', 'transfer') or a JSONL file (format in the header)")
     sft_data: str = arg("", "Stage 0's data, a built-in task or JSONL; empty = --data ('toy' for 'transfer')")
     eval_data: str = arg("", "held-out JSONL; empty = hold out --eval-size rows of --data")
@@ -710,6 +716,7 @@ class Args(Config):
     out: str = arg("runs/ril", "output folder: the trained student, discriminator.pt, metrics.jsonl, checkpoints")
     device: str = arg("auto", "where to run", choices=("auto", "cpu", "cuda"))
     dtype: str = arg("auto", "auto: amp (bf16 autocast) on cuda, else fp32", choices=("auto", "fp32", "amp", "bf16"))
+    save_dtype: str = arg("auto", "the saved student's dtype; auto: its checkpoint's", choices=("auto", "fp32", "bf16"))
     grad_checkpointing: bool = arg(False, "recompute activations in the backward pass (student and D): less memory")
     freeze_vision: bool = arg(False, "train the language model only, not the vision tower")
     shard: bool = arg(False, "under torchrun: split parameters, gradients and AdamW moments over ranks (FSDP2)")
@@ -968,15 +975,15 @@ def normalize(text: str) -> list:
 
 
 @torch.no_grad()
-def evaluate(a: Config, s: State, rows: list, bs: int = 32) -> tuple:
+def evaluate(a: Args, s: State, rows: list) -> tuple:
     """Greedy answers: (metrics, answers); accuracy by the judge, teacher match (word for word), length, 1 - D."""
     model = unwrap(s.model.eval())
     tok = s.processor.tokenizer
     gen_cfg = generation_config(a, model, tok, greedy=True)
     mine = RANKS.share(rows)  # under torchrun, this rank's share
     texts, lengths = [], []
-    for i in range(0, len(mine), bs):
-        enc = encode_prompts(s.processor, mine[i : i + bs], s.device)
+    for i in range(0, len(mine), a.gen_batch):
+        enc = encode_prompts(s.processor, mine[i : i + a.gen_batch], s.device)
         comp, mask = generate(model, enc, gen_cfg, synced=RANKS.sharded)
         texts += tok.batch_decode(comp, skip_special_tokens=True)
         lengths += mask.sum(1).tolist()
@@ -1044,7 +1051,6 @@ class ModelJudge:
     """r_ans by a frozen text LLM [P] §3.1, Fig. 4 (the paper: Qwen2.5-32B); a reply with no <answer>0|1</answer>: 0."""
 
     def __init__(self, spec: str, a: Args, device, dtype):
-        check_fits(spec, dtype, device, "--judge", transformers.AutoModelForCausalLM, a.trust_remote_code)
         remote = a.trust_remote_code
         try:
             self.tok = transformers.AutoTokenizer.from_pretrained(spec, padding_side="left", trust_remote_code=remote)
@@ -1055,7 +1061,7 @@ class ModelJudge:
         self.tok.pad_token = self.tok.pad_token or self.tok.eos_token
         self.gen_cfg = generation_config(a, self.model.eval().requires_grad_(False), self.tok, greedy=True)
         self.gen_cfg.max_new_tokens = a.judge_max_new_tokens
-        self.unparsed = 0.0
+        self.unparsed, self.batch = 0.0, a.gen_batch
 
     @torch.no_grad()
     def complete(self, prompts: list) -> list:
@@ -1063,13 +1069,13 @@ class ModelJudge:
         out = self.model.generate(**enc, generation_config=self.gen_cfg)
         return self.tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
 
-    def __call__(self, questions: list, answers: list, responses: list, bs: int = 32) -> list:
+    def __call__(self, questions: list, answers: list, responses: list) -> list:
         prompts = []
         for q, t, o in zip(questions, answers, responses, strict=True):  # the Fig. 4 prompt
             user = JUDGE_USER.format(question=q, answer=t, response=o)
             msgs = [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
             prompts.append(self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
-        texts = [t for i in range(0, len(prompts), bs) for t in self.complete(prompts[i : i + bs])]
+        texts = [t for i in range(0, len(prompts), self.batch) for t in self.complete(prompts[i : i + self.batch])]
         found = [re.findall(r"<answer>\s*([01])\s*</answer>", t) for t in texts]
         self.unparsed = sum(not f for f in found) / max(len(found), 1)
         return [float(f[-1]) if f else 0.0 for f in found]  # the last verdict counts
@@ -1145,18 +1151,82 @@ def load_processor(path: str, trust_remote_code: bool = False):
     return ImageOnlyQwen2VLProcessor.from_pretrained(path)
 
 
-def check_fits(spec: str, dtype, device, flag: str, auto_class, trust_remote_code: bool):
-    """On a GPU, a teacher or judge whose weights (counted on the meta device) exceed the free memory is refused."""
+def model_sizes(config, auto_class=transformers.AutoModelForImageTextToText) -> tuple:
+    """(all, vision tower, language model) parameters of a model built from its config on the meta device."""
+    with torch.device("meta"):
+        model = auto_class.from_config(config)
+    vision = sum(p.numel() for n, p in model.named_parameters() if set(n.split(".")) & set(VISION_TOWERS))
+    lm = language_model(model) if auto_class is transformers.AutoModelForImageTextToText else model
+    return sum(p.numel() for p in model.parameters()), vision, sum(p.numel() for p in lm.parameters())
+
+
+def kv_cache(config, tokens: int, width: int) -> int:
+    """Bytes of the KV cache of `tokens` tokens (every sequence's together), `width` bytes a value."""
+    c = config.get_text_config()
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * tokens * width
+
+
+def plan(a: Args, configs: dict, world: int = 1) -> dict:
+    """Bytes per GPU at the peak of each phase, {phase: {part: bytes}}, from configs alone: "student", "judge" (a
+    model) and each teacher model. An estimate [R]: weights, gradients and AdamW moments are exact counts;
+    activations are 34 bytes a token per hidden unit and layer (Korthikanti et al. 2022), 2 with --grad-checkpointing
+    plus one layer's 34; a prompt is 64 text tokens and an image's tokens at --max-pixels (Qwen2-VL: one per 28x28)."""
+    w, f, split = 2 if a.dtype == "bf16" else 4, 4 if a.dtype == "fp32" else 2, world if a.shard else 1
+    tokens = a.max_pixels // 28**2 + 64 + a.max_new_tokens  # a prompt and its answer
+    phases = {}
+    for spec in [k for k in configs if k not in ("student", "judge")]:  # one teacher at a time, before the student
+        q = max(1, a.gen_batch // a.teacher_samples) * a.teacher_samples  # sequences a generate call makes
+        weights = f * model_sizes(configs[spec])[0]
+        phases[f"teacher {spec}"] = {"weights": weights, "KV cache": kv_cache(configs[spec], q * tokens, f)}
+    if "student" not in configs:
+        return phases
+    P, V, D = model_sizes(configs["student"])
+    c = configs["student"].get_text_config()
+    seqs = a.batch_size * a.G * (2 if a.algo == "ril" else 1) // world  # the policy update's, on each GPU
+    per_token = c.hidden_size * c.num_hidden_layers * (2 if a.grad_checkpointing else 34)
+    per_token += 34 * c.hidden_size if a.grad_checkpointing else 0
+    act = (a.micro_batch or seqs) * tokens * per_token + (1 << 24) * 14  # and one chunk of the LM head's logits
+    act += 4 * P // c.num_hidden_layers if a.shard else 0  # FSDP2: a gathered layer and the one prefetched
+    rollout = kv_cache(configs["student"], seqs // 2 * tokens, w)
+    trained = P - V if a.freeze_vision else P
+    need = {"student": (w * P + 3 * w * trained) // split, "activations": max(act, rollout)}
+    need["reference"] = f * P // split if a.beta > 0 else 0
+    need["discriminator"] = 4 * w * D // split if a.algo == "ril" else 0
+    if "judge" in configs:
+        judge = f * model_sizes(configs["judge"], transformers.AutoModelForCausalLM)[0]
+        need["judge"] = judge + kv_cache(configs["judge"], a.gen_batch * (400 + a.judge_max_new_tokens), f)
+    return {**phases, "training": need}
+
+
+FIXES = dict(
+    student="--shard under torchrun, or --dtype bf16",
+    activations="--micro-batch 8, --grad-checkpointing or a lower --max-pixels",
+    reference="--shard under torchrun",
+    discriminator="--shard under torchrun",
+    judge="--judge match, or a smaller --judge",
+    weights="put its texts in the rows (generate them on GPUs of their own)",
+)
+FIXES["KV cache"] = "a lower --gen-batch"
+
+
+def check_plan(a: Args, device, teacher_models: list):
+    """On a GPU, before anything loads: a run whose plan exceeds the free memory is refused in one line."""
     if device.type != "cuda":
         return
-    with contextlib.suppress(OSError, ValueError, KeyError):  # a config that does not load: the loader will say why
-        config = transformers.AutoConfig.from_pretrained(ALIASES.get(spec, spec), trust_remote_code=trust_remote_code)
-        with torch.device("meta"):
-            need = sum(p.numel() for p in auto_class.from_config(config).parameters()) * torch.finfo(dtype).bits // 8
-        free = torch.cuda.mem_get_info(device)[0]
-        if need > free:
-            gib = f"{need / 2**30:.1f} GiB, {device} has {free / 2**30:.1f} GiB free"
-            fail(f"{flag} {spec}: its weights need {gib}; serve it on a GPU of its own and put its answers in the rows")
+    configs = {}
+    for key, spec in [("student", a.student), ("judge", a.judge), *[(t, t) for t in teacher_models]]:
+        with contextlib.suppress(OSError, ValueError, KeyError):  # 'tiny', 'match', or no config: the loader says why
+            configs[key] = transformers.AutoConfig.from_pretrained(
+                ALIASES.get(spec, spec), trust_remote_code=a.trust_remote_code
+            )
+    free = torch.cuda.mem_get_info(device)[0]
+    for phase, need in plan(a, configs, RANKS.world).items():
+        if sum(need.values()) > free:
+            parts = ", ".join(f"{k} {v / 2**30:.1f}" for k, v in need.items() if v)
+            top = max(need, key=need.get)
+            gib = f"{sum(need.values()) / 2**30:.1f} GiB per GPU ({parts}); {device} has {free / 2**30:.1f} GiB free"
+            fail(f"the plan of --student {a.student}: {phase} needs {gib}; to fit, {top}: {FIXES[top]}")
 
 
 def load_vlm(name: str, a: Args, dtype, flag: str) -> tuple:
@@ -1174,9 +1244,19 @@ def load_vlm(name: str, a: Args, dtype, flag: str) -> tuple:
         fail(f"{flag} {name}: cannot load '{path}' ({why}); {fix}")
     if not getattr(processor, "chat_template", None) and not processor.tokenizer.chat_template:
         fail(f"{flag} {name}: {type(model).__name__} has no chat template to format prompts; add chat_template.jinja")
+    size = processor.image_processor.size  # Qwen2-VL's own limit is 12.8 MP: up to 16k tokens an image
+    if hasattr(processor.image_processor, "merge_size") and size.get("longest_edge", 0) > a.max_pixels:
+        processor.image_processor.size = {"shortest_edge": size["shortest_edge"], "longest_edge": a.max_pixels}
     processor.tokenizer.padding_side = "left"
     processor.tokenizer.pad_token = processor.tokenizer.pad_token or processor.tokenizer.eos_token  # generate needs one
     return model, processor
+
+
+def release(device):
+    """The memory of a model no longer used, back to the device (what PyTorch caches, mem_get_info counts as used)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def load_student(a: Args, corpus: list, device, dtype) -> tuple:
@@ -1204,23 +1284,42 @@ def cast_parameters(model, dtype):
     return model
 
 
-def save_student(model, processor, folder: str, state_dict=None):
-    """save_pretrained into a temporary folder, then moved into place file by file: never half a weight file."""
+def save_student(model, processor, folder: str, state_dict: dict, dtype=torch.float32):
+    """save_pretrained in `dtype` into a temporary folder, then moved into place file by file: never half a weight
+    file. config.json says `dtype` (save_pretrained would say the training dtype, float32)."""
     tmp = os.path.join(folder, ".tmp_save")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(tmp, state_dict=state_dict)
+        model.save_pretrained(
+            tmp, state_dict={k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+        )
         processor.save_pretrained(tmp)
     except BaseException:  # a full disk or a signal: the half-written folder goes, the old files stay
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    cfg = os.path.join(tmp, "processor_config.json")
-    if isinstance(processor, ImageOnlyQwen2VLProcessor) and os.path.isfile(cfg):  # AutoProcessor builds the stock one
-        stock = {**json.load(open(cfg)), "processor_class": "Qwen2VLProcessor"}
-        write_atomic(cfg, lambda f: json.dump(stock, f, indent=2))
+    fixes = {"config.json": {"dtype": str(dtype).removeprefix("torch.")}}
+    if isinstance(processor, ImageOnlyQwen2VLProcessor):  # AutoProcessor builds the stock one
+        fixes["processor_config.json"] = {"processor_class": "Qwen2VLProcessor"}
+    for name, fix in fixes.items():
+        path = os.path.join(tmp, name)
+        if os.path.isfile(path):
+            fixed = {**json.load(open(path)), **fix}  # in the temporary folder: no need to write atomically
+            json.dump(fixed, open(path, "w"), indent=2)
     for f in os.listdir(tmp):
         os.replace(os.path.join(tmp, f), os.path.join(folder, f))
     os.rmdir(tmp)
+
+
+def saved_dtype(a: Args) -> torch.dtype:
+    """--save-dtype; auto: the dtype the student's checkpoint declares (the tiny student: float32)."""
+    if a.save_dtype != "auto" or a.student == "tiny":
+        return torch.bfloat16 if a.save_dtype == "bf16" else torch.float32
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        config = transformers.AutoConfig.from_pretrained(
+            ALIASES.get(a.student, a.student), trust_remote_code=a.trust_remote_code
+        )
+        return config.dtype if isinstance(config.dtype, torch.dtype) else torch.float32
+    return torch.float32
 
 
 def teacher_cache(spec: str, a: Args) -> str:
@@ -1242,28 +1341,35 @@ def model_teacher_texts(spec: str, rows: list, a: Args, device, dtype):
     stopped. Under torchrun rank 0 generates; the other ranks wait for its lines, in no collective that times out."""
     path = teacher_cache(spec, a)
     lines = cached_lines(path)
-    done = {json.loads(x)["id"] for x in lines}
+    done, t = {json.loads(x)["id"] for x in lines}, time.time()
+    if RANKS.rank > 0 and not done >= {r["id"] for r in rows}:
+        print(f"rank {RANKS.rank}: waiting for rank 0's teacher texts in {path}", file=sys.stderr)
     while RANKS.rank > 0 and not done >= {r["id"] for r in rows}:
+        if time.time() - t > 1800:  # rank 0 died, or this node does not see its --out
+            fail(f"{path}: no new line from rank 0 in 30 minutes; --out must be a folder every node shares", True)
         time.sleep(5)
-        done = {json.loads(x)["id"] for x in cached_lines(path)}
+        now = {json.loads(x)["id"] for x in cached_lines(path)}
+        done, t = now, time.time() if len(now) > len(done) else t
     if RANKS.rank == 0 and lines:  # without a cut line, so that appending starts on a fresh line
         write_atomic(path, lambda f: f.writelines(lines))
     todo, n = [r for r in rows if r["id"] not in done], a.teacher_samples
     if todo:
-        check_fits(spec, dtype, device, "--teachers", transformers.AutoModelForImageTextToText, a.trust_remote_code)
         model, processor = load_vlm(spec, a, dtype, "--teachers")
         gen_cfg = generation_config(a, model.to(device).eval(), processor.tokenizer, greedy=False)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "a") as f, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(a.seed + len(done))  # the student's random stream does not depend on the cache
-            for i in tqdm(range(0, len(todo), a.batch_size), desc=f"teacher {spec}"):
-                enc = repeat_prompts(encode_prompts(processor, todo[i : i + a.batch_size], device), n)
+            q = max(1, a.gen_batch // n)  # questions a call
+            for i in tqdm(range(0, len(todo), q), desc=f"teacher {spec}"):
+                enc = repeat_prompts(encode_prompts(processor, todo[i : i + q], device), n)
                 comp, _ = generate(model, enc, gen_cfg, functools.partial(sample_top_k_top_p, a))
                 texts = processor.tokenizer.batch_decode(comp, skip_special_tokens=True)  # not stripped, as samples
                 cut = hit_cap(comp, gen_cfg).tolist()
-                for j, r in enumerate(todo[i : i + a.batch_size]):
+                for j, r in enumerate(todo[i : i + q]):
                     line = {"id": r["id"], "texts": texts[j * n : (j + 1) * n], "cut": cut[j * n : (j + 1) * n]}
                     print(json.dumps(line), file=f, flush=True)
+        del model  # its memory back before the next teacher or the student: mem_get_info counts PyTorch's cache as used
+        release(device)
     cache = {e["id"]: e for e in map(json.loads, cached_lines(path))}
     for r in rows:
         e = cache[r["id"]]
@@ -1305,7 +1411,8 @@ def init_distributed(a: Args, device) -> torch.device:
     for name in ("batch_size", "sft_batch_size"):
         if getattr(a, name) % world != 0:
             fail(f"--{name.replace('_', '-')} {getattr(a, name)} does not split over {world} ranks")
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    # [R] 1 hour, not NCCL's 10 minutes: the other ranks wait while rank 0 writes a whole checkpoint (~40 GB at 2B)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=1))
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
@@ -1337,25 +1444,15 @@ def parallelize(model, device, mode: str = "fp32"):
 
 
 def full_state(model, opt=None) -> tuple:
-    """(model, optimizer) state dicts, whole: a sharded model's pieces are gathered to the CPU (every rank calls)."""
-    if not RANKS.sharded:
-        return unwrap(model).state_dict(), opt.state_dict() if opt else None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-
-    o = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=o), get_optimizer_state_dict(model, opt, options=o) if opt else None
+    """(model, optimizer) state dicts, whole, on the CPU, of a plain, DDP or FSDP2 model (under torchrun every rank
+    calls it: a sharded model's pieces are gathered). The optimizer's state is keyed by parameter names."""
+    return get_state_dict(model, opt or [], options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def load_full_state(model, opt, state: dict, opt_state: dict):
     """The inverse of full_state: whole state dicts into a model (sharded or not) and its optimiser, if any."""
-    if not RANKS.sharded:
-        unwrap(model).load_state_dict(state)
-        return opt.load_state_dict(opt_state) if opt else None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
-
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
-    if opt is not None:
-        set_optimizer_state_dict(model, opt, opt_state, options=StateDictOptions(full_state_dict=True))
+    options = StateDictOptions(full_state_dict=True)
+    set_state_dict(model, opt or [], model_state_dict=state, optim_state_dict=opt_state or {}, options=options)
 
 
 # -- 15. Checkpoints, resume, logs and signals: the `run` that train() is given ---------------------
@@ -1385,6 +1482,9 @@ def resume_state(a: Args, given: set) -> tuple:
         except Exception as e:  # a truncated or corrupt file: fall back to the one before
             print(f"warning: {path} does not load ({str(e)[:80]}); trying the previous checkpoint", file=sys.stderr)
             continue
+        saved, world = len(state["rng"]), int(os.environ.get("WORLD_SIZE", "1"))  # a random stream per rank
+        if saved != world:
+            fail(f"--resume: {path} was saved by {saved} process(es), this is {world}; resume with as many")
         if state["step"] >= a.steps:
             fail(f"--resume --steps {a.steps}: the run is at step {state['step']}; pass a larger --steps")
         for name in sorted(given - RESUMABLE):  # only what cannot change the trained weights may change
@@ -1554,6 +1654,7 @@ def setup(a: Args, device, mode: str, resumed) -> tuple:
     teachers, teacher_models = resolve_teachers(a, rows)
     if not a.resume and not a.overwrite and checkpoints(a.out):
         fail(f"{a.out}: holds checkpoints of an earlier run; pass --resume to continue it, --overwrite, or a new --out")
+    check_plan(a, device, teacher_models)
     for spec in teacher_models:  # before the student, so that a teacher has the GPU to itself
         model_teacher_texts(spec, rows + eval_rows, a, device, frozen)
     corpus = [DISC_SYSTEM, DISC_USER, "user assistant system"]  # the tiny tokenizer's training texts
@@ -1616,7 +1717,7 @@ def report(a: Args, s: State, run: Run, before: tuple, after: tuple, eval_rows: 
     if bad:
         fail(f"the trained weights are not finite ({len(bad)} tensors, e.g. {bad[0]}); {a.out} unchanged; lower --lr")
     if RANKS.rank == 0:
-        save_student(unwrap(s.model), s.processor, a.out, student)
+        save_student(unwrap(s.model), s.processor, a.out, student, saved_dtype(a))
     if RANKS.rank == 0 and disc:
         parts = {"backbone": {}, "head": {}}  # D's two parts, as discriminator.pt keeps them
         for k, v in disc.items():

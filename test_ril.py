@@ -1834,7 +1834,7 @@ def _tiny_family(family: str, folder) -> str:
         eos_token_id=proc.tokenizer.eos_token_id, pad_token_id=proc.tokenizer.pad_token_id
     )
     os.makedirs(folder, exist_ok=True)
-    ril.save_student(model, proc, str(folder))
+    ril.save_student(model, proc, str(folder), model.state_dict())
     return str(folder)
 
 
@@ -2433,18 +2433,115 @@ def test_under_torchrun_other_ranks_wait_for_rank_0s_teacher_cache_and_never_gen
     assert calls and [r["teachers"]["m/t"] for r in rows] == [["first"]] + [[f"t{r['id']}"] for r in rows[1:]]
 
 
-def test_a_model_too_large_for_the_free_gpu_memory_is_refused_before_it_loads(tmp_path, capsys, monkeypatch):
-    judge = _tiny_judge(tmp_path / "judge")
+# ---------------------------------------------------------------- a real model that fits: the plan, and costs at 2B-7B
+def _qwen2_vl_2b():
+    """Qwen2-VL-2B-Instruct's published config (2.21B parameters), for the plan on the meta device."""
+    text = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12)
+    text.update(num_key_value_heads=2, vocab_size=151936, rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]})
+    vision = dict(depth=32, embed_dim=1280, num_heads=16, hidden_size=1536, mlp_ratio=4, patch_size=14)
+    return transformers.Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True)
+
+
+def test_the_plan_counts_every_model_of_the_run_per_gpu():
+    cfg, judge = _qwen2_vl_2b(), transformers.Qwen2Config(num_hidden_layers=2, hidden_size=256, num_attention_heads=4)
+    P, V, D = ril.model_sizes(cfg)
+    assert 2.2e9 < P < 2.22e9 and 0.6e9 < V < 0.7e9 and D == P - V  # the head is the embedding (tied)
+    a = args(dtype="amp", micro_batch=8, grad_checkpointing=True)
+    need = ril.plan(a, {"student": cfg})["training"]
+    assert need["student"] == 16 * P and need["reference"] == 2 * P and need["discriminator"] == 16 * D
+    assert ril.plan(args(dtype="amp", beta=0.0, algo="dr_grpo"), {"student": cfg})["training"]["reference"] == 0
+    sharded = ril.plan(args(dtype="amp", shard=True), {"student": cfg}, world=8)["training"]
+    assert sharded["student"] == 16 * P // 8 and sharded["discriminator"] == 16 * D // 8
+    more = ril.plan(args(dtype="amp", max_pixels=4 * 448 * 448), {"student": cfg})["training"]
+    assert more["activations"] > ril.plan(args(dtype="amp"), {"student": cfg})["training"]["activations"]
+    both = ril.plan(a, {"student": cfg, "judge": judge, "t/72b": cfg})  # a teacher alone, before the student
+    assert set(both) == {"teacher t/72b", "training"} and both["training"]["judge"] > 0
+    assert both["teacher t/72b"]["weights"] == 2 * P and both["teacher t/72b"]["KV cache"] > 0
+
+
+def test_a_run_whose_plan_does_not_fit_the_gpu_is_refused_before_anything_loads(tmp_path, capsys, monkeypatch):
+    student = _tiny_family("qwen2_vl", tmp_path / "student")
+    monkeypatch.setattr(ril, "load_vlm", lambda *x, **kw: pytest.fail("a model loaded before the plan"))
+    monkeypatch.setattr(ril, "build_tiny", lambda *x, **kw: pytest.fail("a model was built before the plan"))
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1000, 10**10))
     with pytest.raises(SystemExit) as e:
-        ril.check_fits(
-            judge, torch.bfloat16, torch.device("cuda", 0), "--judge", transformers.AutoModelForCausalLM, False
-        )
-    assert e.value.code == 2
+        ril.main([*TINY_RUN, "--student", student, "--device", "cuda", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"--judge {judge}: its weights need" in err and "GiB free" in err
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10**10, 10**10))
-    ril.check_fits(judge, torch.bfloat16, torch.device("cuda", 0), "--judge", transformers.AutoModelForCausalLM, False)
+    assert e.value.code == 2 and err.count("\n") == 1 and "training needs" in err and "GiB free; to fit" in err
+    assert not os.path.exists(tmp_path / "o")  # nothing written
+
+
+def test_fsdp2_reduce_scatters_each_micro_batch_so_no_rank_holds_whole_gradients(tiny, tmp_path):
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        model = fully_shard(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1)))
+        with ril.grad_sync(model, last=False):  # a micro-batch before the last
+            model(torch.randn(3, 4)).sum().backward()
+        assert all(type(p.grad).__name__ == "DTensor" for p in model.parameters())  # reduce-scattered: sharded
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_resume_with_another_number_of_processes_is_refused_in_one_line(two_steps, tmp_path, capsys, monkeypatch):
+    out = copy_of(two_steps, tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as e:
+        ril.resume_state(args(out=out, steps=5), {"out", "steps", "resume"})
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "saved by 1 process(es), this is 2" in err
+
+
+def test_ranks_wait_an_hour_in_a_collective_while_rank_0_writes_a_checkpoint(monkeypatch):
+    seen = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(ril.dist, "init_process_group", lambda *x, **kw: seen.update(kw) or 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        ril.init_distributed(args(), CPU)
+    assert seen["timeout"] >= ril.datetime.timedelta(hours=1)
+
+
+def test_a_rank_waiting_for_teacher_texts_that_never_come_stops_with_a_message(tmp_path, capsys, monkeypatch):
+    rows, clock = ril.make_toy(3, 0), [0.0]
+    monkeypatch.setattr(ril, "RANKS", type("Rank1", (ril.Ranks,), {"rank": 1, "world": 2})())
+    monkeypatch.setattr(ril.time, "time", lambda: clock[0])
+    monkeypatch.setattr(ril.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + 60))
+    with pytest.raises(SystemExit) as e:
+        ril.model_teacher_texts("m/t", rows, args(out=str(tmp_path)), CPU, torch.float32)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "waiting for rank 0" in err and "no new line from rank 0 in 30 minutes" in err
+    assert 1800 <= clock[0] <= 1900
+
+
+def test_a_teacher_generates_in_bounded_batches_and_its_memory_goes_when_it_is_done(tmp_path, monkeypatch):
+    import weakref
+
+    teacher, rows, seen, alive = _tiny_family("qwen2_vl", tmp_path / "t"), ril.make_toy(9, 0), [], []
+    load, generate = ril.load_vlm, ril.generate
+    monkeypatch.setattr(ril, "load_vlm", lambda *x: alive.append(weakref.ref((m := load(*x))[0])) or m)
+    monkeypatch.setattr(ril, "generate", lambda m, enc, *x: seen.append(len(enc["input_ids"])) or generate(m, enc, *x))
+    released = []  # at release (gc.collect, then torch.cuda.empty_cache on a GPU): is the teacher gone?
+    monkeypatch.setattr(ril, "release", lambda device: released.append(alive[0]() is None))
+    a = args(out=str(tmp_path / "o"), teacher_samples=3, gen_batch=7, max_new_tokens=4)
+    ril.model_teacher_texts(teacher, rows, a, CPU, torch.float32)
+    assert seen == [6] * 4 + [3] and all(len(r["teachers"][teacher]) == 3 for r in rows)  # 2 questions x 3 a call
+    assert released == [True]  # the cache is emptied once the teacher is gone, before the student loads
+
+
+def test_images_are_scaled_to_max_pixels_and_the_saved_student_keeps_its_dtype(tmp_path):
+    student = _tiny_family("qwen2_vl", tmp_path / "s")
+    config = json.load(open(os.path.join(student, "config.json")))
+    json.dump({**config, "dtype": "bfloat16"}, open(os.path.join(student, "config.json"), "w"))
+    proc = ril.load_vlm(student, args(max_pixels=56 * 56), torch.float32, "--student")[1]
+    row = dict(ril.make_toy(1, 0)[0], image=ril.Image.new("RGB", (448, 448)))
+    assert ril.encode_prompts(proc, [row], CPU)["image_grid_thw"].prod() == 16  # 4 tokens of 28x28, not 256
+    out = main_out(tmp_path, "--student", student, "--steps", "1")
+    assert json.load(open(os.path.join(out, "config.json")))["dtype"] == "bfloat16"
+    weights = ril.transformers.AutoModelForImageTextToText.from_pretrained(out).state_dict()
+    assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.bfloat16}
+    assert ril.saved_dtype(args(student=student, save_dtype="fp32")) == torch.float32
 
 
 # ---------------------------------------------------------------- entry points of the torchrun tests above (not tools)
