@@ -716,7 +716,6 @@ class Args(Config):
     out: str = arg("runs/ril", "output folder: the trained student, discriminator.pt, metrics.jsonl, checkpoints")
     device: str = arg("auto", "where to run", choices=("auto", "cpu", "cuda"))
     dtype: str = arg("auto", "auto: amp (bf16 autocast) on cuda, else fp32", choices=("auto", "fp32", "amp", "bf16"))
-    save_dtype: str = arg("auto", "the saved student's dtype; auto: its checkpoint's", choices=("auto", "fp32", "bf16"))
     grad_checkpointing: bool = arg(False, "recompute activations in the backward pass (student and D): less memory")
     freeze_vision: bool = arg(False, "train the language model only, not the vision tower")
     shard: bool = arg(False, "under torchrun: split parameters, gradients and AdamW moments over ranks (FSDP2)")
@@ -833,8 +832,7 @@ def draw_shape(d: ImageDraw.ImageDraw, shape: str, box, color):
 
 
 def make_toy(n: int, seed: int, task: str = "toy") -> list:
-    """A built-in task: 56x56 images (4 image tokens), three question kinds: a shape's colour, which shape, how many.
-    'phrased' asks each in two other ways, on other images, and its teachers write the answer later."""
+    """A built-in task: 56x56 images (4 image tokens), three question kinds: a shape's colour, which shape, how many."""
     rng, rows = random.Random(seed if task == "toy" else f"{task}{seed}"), []
     for i in range(n):
         kind = ("color", "shape", "count")[i % 3]
@@ -948,10 +946,10 @@ def resolve_teachers(a: Args, rows: list) -> tuple:
         if not names:
             fail(f"{a.data}: no teacher texts; RIL needs the rows' 'teachers' field or a teacher model in --teachers")
         for t in [t for t in names if t not in models]:
-            lacking = [r for r in rows if not r["teachers"].get(t)]
-            if lacking:
-                where = lacking[0]["where"]
-                fail(f"{where}: teacher '{t}' has no texts for {len(lacking)} row(s); add them or drop it")
+            if lacking := [r for r in rows if not r["teachers"].get(t)]:
+                fail(
+                    f"{lacking[0]['where']}: teacher '{t}' has no texts for {len(lacking)} row(s); add them or drop it"
+                )
     return names, models
 
 
@@ -1066,8 +1064,7 @@ class ModelJudge:
     @torch.no_grad()
     def complete(self, prompts: list) -> list:
         enc = self.tok(prompts, padding=True, return_tensors="pt", add_special_tokens=False).to(self.model.device)
-        out = self.model.generate(**enc, generation_config=self.gen_cfg)
-        return self.tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        return self.tok.batch_decode(generate(self.model, enc, self.gen_cfg)[0], skip_special_tokens=True)
 
     def __call__(self, questions: list, answers: list, responses: list) -> list:
         prompts = []
@@ -1160,25 +1157,28 @@ def model_sizes(config, auto_class=transformers.AutoModelForImageTextToText) -> 
     return sum(p.numel() for p in model.parameters()), vision, sum(p.numel() for p in lm.parameters())
 
 
-def kv_cache(config, tokens: int, width: int) -> int:
-    """Bytes of the KV cache of `tokens` tokens (every sequence's together), `width` bytes a value."""
+def frozen_model(config, width: int, tokens: int, auto_class=transformers.AutoModelForImageTextToText) -> dict:
+    """Bytes of a teacher's or judge's weights and its KV cache of `tokens` tokens (all sequences'), `width` a value."""
     c = config.get_text_config()
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * tokens * width
+    kv = (
+        2
+        * c.num_hidden_layers
+        * c.num_key_value_heads
+        * (getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
+    )
+    return {"weights": width * model_sizes(config, auto_class)[0], "KV cache": kv * tokens * width}
 
 
 def plan(a: Args, configs: dict, world: int = 1) -> dict:
-    """Bytes per GPU at the peak of each phase, {phase: {part: bytes}}, from configs alone: "student", "judge" (a
-    model) and each teacher model. An estimate [R]: weights, gradients and AdamW moments are exact counts;
-    activations are 34 bytes a token per hidden unit and layer (Korthikanti et al. 2022), 2 with --grad-checkpointing
-    plus one layer's 34; a prompt is 64 text tokens and an image's tokens at --max-pixels (Qwen2-VL: one per 28x28)."""
+    """Bytes per GPU at each phase's peak, {phase: {part: bytes}}, from the configs of the student, a judge model and
+    each teacher model. An estimate [R]: weights, gradients and AdamW moments exactly; activations at 34 bytes a token
+    per hidden unit and layer (Korthikanti et al. 2022), 2 with --grad-checkpointing; prompts at --max-pixels."""
     w, f, split = 2 if a.dtype == "bf16" else 4, 4 if a.dtype == "fp32" else 2, world if a.shard else 1
     tokens = a.max_pixels // 28**2 + 64 + a.max_new_tokens  # a prompt and its answer
-    phases = {}
-    for spec in [k for k in configs if k not in ("student", "judge")]:  # one teacher at a time, before the student
-        q = max(1, a.gen_batch // a.teacher_samples) * a.teacher_samples  # sequences a generate call makes
-        weights = f * model_sizes(configs[spec])[0]
-        phases[f"teacher {spec}"] = {"weights": weights, "KV cache": kv_cache(configs[spec], q * tokens, f)}
+    q = max(1, a.gen_batch // a.teacher_samples) * a.teacher_samples  # sequences a teacher's generate call makes
+    phases = {
+        f"teacher {k}": frozen_model(c, f, q * tokens) for k, c in configs.items() if k not in ("student", "judge")
+    }
     if "student" not in configs:
         return phases
     P, V, D = model_sizes(configs["student"])
@@ -1188,45 +1188,36 @@ def plan(a: Args, configs: dict, world: int = 1) -> dict:
     per_token += 34 * c.hidden_size if a.grad_checkpointing else 0
     act = (a.micro_batch or seqs) * tokens * per_token + (1 << 24) * 14  # and one chunk of the LM head's logits
     act += 4 * P // c.num_hidden_layers if a.shard else 0  # FSDP2: a gathered layer and the one prefetched
-    rollout = kv_cache(configs["student"], seqs // 2 * tokens, w)
+    rollout = frozen_model(configs["student"], w, seqs // 2 * tokens)["KV cache"]
     trained = P - V if a.freeze_vision else P
     need = {"student": (w * P + 3 * w * trained) // split, "activations": max(act, rollout)}
     need["reference"] = f * P // split if a.beta > 0 else 0
     need["discriminator"] = 4 * w * D // split if a.algo == "ril" else 0
     if "judge" in configs:
-        judge = f * model_sizes(configs["judge"], transformers.AutoModelForCausalLM)[0]
-        need["judge"] = judge + kv_cache(configs["judge"], a.gen_batch * (400 + a.judge_max_new_tokens), f)
+        tokens = a.gen_batch * (400 + a.judge_max_new_tokens)  # [R] the Fig. 4 prompt: ~400 tokens
+        need["judge"] = sum(frozen_model(configs["judge"], f, tokens, transformers.AutoModelForCausalLM).values())
     return {**phases, "training": need}
 
 
-FIXES = dict(
-    student="--shard under torchrun, or --dtype bf16",
-    activations="--micro-batch 8, --grad-checkpointing or a lower --max-pixels",
-    reference="--shard under torchrun",
-    discriminator="--shard under torchrun",
-    judge="--judge match, or a smaller --judge",
-    weights="put its texts in the rows (generate them on GPUs of their own)",
-)
-FIXES["KV cache"] = "a lower --gen-batch"
+FIXES = {"activations": "--micro-batch 8, --grad-checkpointing or a lower --max-pixels", "KV cache": "--gen-batch 16"}
+FIXES.update(judge="--judge match, or a smaller --judge", weights="its texts in the rows (from GPUs of their own)")
 
 
 def check_plan(a: Args, device, teacher_models: list):
     """On a GPU, before anything loads: a run whose plan exceeds the free memory is refused in one line."""
     if device.type != "cuda":
         return
-    configs = {}
+    configs, remote = {}, a.trust_remote_code
     for key, spec in [("student", a.student), ("judge", a.judge), *[(t, t) for t in teacher_models]]:
         with contextlib.suppress(OSError, ValueError, KeyError):  # 'tiny', 'match', or no config: the loader says why
-            configs[key] = transformers.AutoConfig.from_pretrained(
-                ALIASES.get(spec, spec), trust_remote_code=a.trust_remote_code
-            )
+            configs[key] = transformers.AutoConfig.from_pretrained(ALIASES.get(spec, spec), trust_remote_code=remote)
     free = torch.cuda.mem_get_info(device)[0]
     for phase, need in plan(a, configs, RANKS.world).items():
         if sum(need.values()) > free:
             parts = ", ".join(f"{k} {v / 2**30:.1f}" for k, v in need.items() if v)
-            top = max(need, key=need.get)
             gib = f"{sum(need.values()) / 2**30:.1f} GiB per GPU ({parts}); {device} has {free / 2**30:.1f} GiB free"
-            fail(f"the plan of --student {a.student}: {phase} needs {gib}; to fit, {top}: {FIXES[top]}")
+            top = max(need, key=need.get)  # the student, the reference or D: sharding
+            fail(f"the plan: {phase} needs {gib}; to fit, {top}: {FIXES.get(top, '--shard, or --dtype bf16')}")
 
 
 def load_vlm(name: str, a: Args, dtype, flag: str) -> tuple:
@@ -1261,7 +1252,8 @@ def release(device):
 
 def load_student(a: Args, corpus: list, device, dtype) -> tuple:
     """The student, with --freeze-vision and --grad-checkpointing applied, and its processor."""
-    model, processor = build_tiny(corpus) if a.student == "tiny" else load_vlm(a.student, a, dtype, "--student")
+    # loaded in its checkpoint's dtype, which config.dtype keeps for the saved student, then cast to the trained one
+    model, processor = build_tiny(corpus) if a.student == "tiny" else load_vlm(a.student, a, "auto", "--student")
     tok = processor.tokenizer
     # pad = EOS would mask out EOS, and the student would never learn to stop
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
@@ -1284,19 +1276,16 @@ def cast_parameters(model, dtype):
     return model
 
 
-def save_student(model, processor, folder: str, state_dict: dict, dtype=torch.float32):
-    """save_pretrained in `dtype` into a temporary folder, then moved into place file by file: never half a weight
-    file. config.json says `dtype` (save_pretrained would say the training dtype, float32)."""
+def save_student(model, processor, folder: str, state_dict: dict):
+    """save_pretrained in the dtype the student was loaded in (config.dtype) into a temporary folder, then moved into
+    place file by file: never half a weight file."""
+    dtype = model.config.dtype if isinstance(model.config.dtype, torch.dtype) else torch.float32
     tmp = os.path.join(folder, ".tmp_save")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        model.save_pretrained(
-            tmp, state_dict={k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
-        )
-        processor.save_pretrained(tmp)
-    except BaseException:  # a full disk or a signal: the half-written folder goes, the old files stay
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    shutil.rmtree(tmp, ignore_errors=True)  # what a full disk or a signal left there; the old files stay in place
+    model.save_pretrained(
+        tmp, state_dict={k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+    )
+    processor.save_pretrained(tmp)
     fixes = {"config.json": {"dtype": str(dtype).removeprefix("torch.")}}
     if isinstance(processor, ImageOnlyQwen2VLProcessor):  # AutoProcessor builds the stock one
         fixes["processor_config.json"] = {"processor_class": "Qwen2VLProcessor"}
@@ -1308,18 +1297,6 @@ def save_student(model, processor, folder: str, state_dict: dict, dtype=torch.fl
     for f in os.listdir(tmp):
         os.replace(os.path.join(tmp, f), os.path.join(folder, f))
     os.rmdir(tmp)
-
-
-def saved_dtype(a: Args) -> torch.dtype:
-    """--save-dtype; auto: the dtype the student's checkpoint declares (the tiny student: float32)."""
-    if a.save_dtype != "auto" or a.student == "tiny":
-        return torch.bfloat16 if a.save_dtype == "bf16" else torch.float32
-    with contextlib.suppress(OSError, ValueError, KeyError):
-        config = transformers.AutoConfig.from_pretrained(
-            ALIASES.get(a.student, a.student), trust_remote_code=a.trust_remote_code
-        )
-        return config.dtype if isinstance(config.dtype, torch.dtype) else torch.float32
-    return torch.float32
 
 
 def teacher_cache(spec: str, a: Args) -> str:
@@ -1342,8 +1319,6 @@ def model_teacher_texts(spec: str, rows: list, a: Args, device, dtype):
     path = teacher_cache(spec, a)
     lines = cached_lines(path)
     done, t = {json.loads(x)["id"] for x in lines}, time.time()
-    if RANKS.rank > 0 and not done >= {r["id"] for r in rows}:
-        print(f"rank {RANKS.rank}: waiting for rank 0's teacher texts in {path}", file=sys.stderr)
     while RANKS.rank > 0 and not done >= {r["id"] for r in rows}:
         if time.time() - t > 1800:  # rank 0 died, or this node does not see its --out
             fail(f"{path}: no new line from rank 0 in 30 minutes; --out must be a folder every node shares", True)
@@ -1404,10 +1379,8 @@ def init_distributed(a: Args, device) -> torch.device:
     """One process per GPU (nccl) or CPU worker (gloo); batches are split, so they must divide evenly."""
     global RANKS
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1 and a.shard:
-        fail("--shard needs several processes: torchrun --nproc_per_node N ril.py ...")
     if world == 1:
-        return device
+        return fail("--shard needs several processes: torchrun --nproc_per_node N ril.py ...") if a.shard else device
     for name in ("batch_size", "sft_batch_size"):
         if getattr(a, name) % world != 0:
             fail(f"--{name.replace('_', '-')} {getattr(a, name)} does not split over {world} ranks")
@@ -1431,8 +1404,7 @@ def parallelize(model, device, mode: str = "fp32"):
         return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    bf16 = dict(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    policy = MixedPrecisionPolicy(**bf16) if mode == "amp" else MixedPrecisionPolicy()
+    policy = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if mode == "amp" else MixedPrecisionPolicy()
     for name, mod in reversed(list(model.named_modules())):  # children before the module that holds them
         leaf = name.split(".")[-1]
         if isinstance(mod, nn.ModuleList) and leaf in ("layers", "blocks"):
@@ -1444,15 +1416,17 @@ def parallelize(model, device, mode: str = "fp32"):
 
 
 def full_state(model, opt=None) -> tuple:
-    """(model, optimizer) state dicts, whole, on the CPU, of a plain, DDP or FSDP2 model (under torchrun every rank
-    calls it: a sharded model's pieces are gathered). The optimizer's state is keyed by parameter names."""
+    """(model, optimizer) state dicts, whole, on the CPU, of a plain, DDP or FSDP2 model (every rank calls it)."""
+    if model is None:  # no reference (beta = 0) or no D (the baselines)
+        return None, None
     return get_state_dict(model, opt or [], options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def load_full_state(model, opt, state: dict, opt_state: dict):
     """The inverse of full_state: whole state dicts into a model (sharded or not) and its optimiser, if any."""
     options = StateDictOptions(full_state_dict=True)
-    set_state_dict(model, opt or [], model_state_dict=state, optim_state_dict=opt_state or {}, options=options)
+    if model is not None:
+        set_state_dict(model, opt or [], model_state_dict=state, optim_state_dict=opt_state or {}, options=options)
 
 
 # -- 15. Checkpoints, resume, logs and signals: the `run` that train() is given ---------------------
@@ -1482,9 +1456,8 @@ def resume_state(a: Args, given: set) -> tuple:
         except Exception as e:  # a truncated or corrupt file: fall back to the one before
             print(f"warning: {path} does not load ({str(e)[:80]}); trying the previous checkpoint", file=sys.stderr)
             continue
-        saved, world = len(state["rng"]), int(os.environ.get("WORLD_SIZE", "1"))  # a random stream per rank
-        if saved != world:
-            fail(f"--resume: {path} was saved by {saved} process(es), this is {world}; resume with as many")
+        if len(state["rng"]) != int(os.environ.get("WORLD_SIZE", "1")):  # a random stream per rank
+            fail(f"--resume: {path} was saved by {len(state['rng'])} process(es); resume it with as many")
         if state["step"] >= a.steps:
             fail(f"--resume --steps {a.steps}: the run is at step {state['step']}; pass a larger --steps")
         for name in sorted(given - RESUMABLE):  # only what cannot change the trained weights may change
@@ -1532,8 +1505,7 @@ class Run:
         (path, state), self.resumed = self.resumed, None  # the loaded tensors go once they are in the models
         self.last, self.before, self.step = path, state["before"], state["step"]
         load_full_state(s.model, s.opt, state["student"], state["opt"])
-        if s.disc is not None:
-            load_full_state(s.disc, s.d_opt, state["disc"], state["d_opt"])
+        load_full_state(s.disc, s.d_opt, state["disc"], state["d_opt"])
         if s.ref is not None:
             ref = os.path.join(self.a.out, "checkpoints", "reference.pt")
             load_full_state(s.ref, None, torch.load(ref, map_location="cpu", weights_only=True, mmap=True), None)
@@ -1552,7 +1524,7 @@ class Run:
     def begin(self, s: State, before: tuple):
         """A fresh run's first writes, after SFT and D pre-training: an --overwrite'd run goes only now."""
         folder = os.path.join(self.a.out, "checkpoints")
-        ref = full_state(s.ref)[0] if s.ref is not None else None
+        ref = full_state(s.ref)[0]
         if RANKS.rank == 0:
             shutil.rmtree(folder, ignore_errors=True)
             os.makedirs(folder)
@@ -1563,8 +1535,7 @@ class Run:
                 open(path, "w").close()
         if RANKS.world > 1:  # ranks sample their own answers from here on
             torch.manual_seed(self.a.seed * 1000 + RANKS.rank)
-        self.before = before
-        self.step = 0
+        self.before, self.step = before, 0
         self.save(s, 0)
         self.log(0, before[0])
         print("eval before RIL: " + "  ".join(f"{k} {v:.3f}" for k, v in before[0].items()))
@@ -1578,7 +1549,7 @@ class Run:
     def save(self, s: State, step: int):
         """Models, optimisers, every rank's RNG, the pre-RIL evaluation; batch_at replays the data order."""
         student, opt = full_state(s.model, s.opt)
-        disc, d_opt = full_state(s.disc, s.d_opt) if s.disc else (None, None)
+        disc, d_opt = full_state(s.disc, s.d_opt)
         cuda = torch.cuda.get_rng_state(s.device) if s.device.type == "cuda" else None
         rng = RANKS.gather([{"python": random.getstate(), "torch": torch.get_rng_state(), "cuda": cuda}])
         path = os.path.join(self.a.out, "checkpoints", f"step_{step:07d}.pt")
@@ -1592,8 +1563,7 @@ class Run:
 
     def end_step(self, s: State, step: int, m: dict, dump: dict):
         """Log and print the step; fail after --max-bad-steps bad ones in a row; checkpoint; stop on a signal."""
-        m["time/step"] = time.time() - self.t
-        self.t = time.time()
+        m["time/step"], self.t = time.time() - self.t, time.time()
         self.log(step, m, dump)
         tqdm.write(f"step {step:4d} | " + " ".join(f"{k.split('/')[1]} {m[k]:.3f}" for k in SHOWN.split() if k in m))
         why = ""
@@ -1602,8 +1572,7 @@ class Run:
             why += "or raise --judge-max-new-tokens"
         if m["guard/skipped"] or m.get("guard/disc_skipped"):
             why = "loss or gradient was NaN/inf, so the update was skipped; lower --lr / --disc-lr"
-        self.bad = self.bad + 1 if why else 0
-        self.ran += 1
+        self.bad, self.ran = self.bad + 1 if why else 0, self.ran + 1
         if why:
             tqdm.write(f"warning: step {step}: {why}")
         all_bad = step == self.a.steps and self.bad == self.ran
@@ -1620,8 +1589,10 @@ class Run:
     def on_signal(self, signum, frame):
         """Ctrl-C or SIGTERM: finish the step, save, exit; with no checkpoint yet or on a second signal, at once."""
         if self.last is None or self.stop:
-            saved = self.last or "none, nothing was saved"
-            print(f"\nsignal {signum}: stopped; the last checkpoint: {saved}", file=sys.stderr)
+            print(
+                f"\nsignal {signum}: stopped; the last checkpoint: {self.last or 'none, nothing was saved'}",
+                file=sys.stderr,
+            )
             os._exit(128 + signum)
         self.stop.append(signum)
         tqdm.write(f"signal {signum}: finishing the step, saving a checkpoint, then exiting")
@@ -1668,11 +1639,8 @@ def setup(a: Args, device, mode: str, resumed) -> tuple:
             fail(f"{r['where']}: {never}; fix the row, drop it, or pass --judge MODEL")
     check_prompt_length(a, model, processor, rows + eval_rows)
     eval_rows = eval_rows[: len(eval_rows) - len(eval_rows) % RANKS.world]  # every rank evaluates an equal share
-    size = f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params on {device} ({mode})"
-    ranks = ""
-    if RANKS.world > 1:
-        ranks = f"; {RANKS.world} ranks, {'FSDP2' if RANKS.sharded else 'DDP'}"
-    what = f"{len(rows)} train / {len(eval_rows)} held-out questions; teachers {teachers or '-'}{ranks}"
+    size = f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params on {device} ({mode}, {RANKS.world} rank(s))"
+    what = f"{len(rows)} train / {len(eval_rows)} held-out questions; teachers {teachers or '-'}"
     print(f"student {a.student}: {size}; algo {a.algo}; {what}")
     return State(model, processor, device, tuple(teachers), judge), sft_rows, rows, eval_rows, data
 
@@ -1712,12 +1680,12 @@ def report(a: Args, s: State, run: Run, before: tuple, after: tuple, eval_rows: 
         right = s.judge([r["question"] for r in t_rows], [r["answer"] for r in t_rows], t_texts)
         print(f"| teacher texts | {sum(right) / len(t_texts):.3f} | - | {teacher_likeness(s, t_texts)} | 1.000 | - |")
     student = full_state(s.model)[0]
-    disc = full_state(s.disc)[0] if s.disc else {}
+    disc = full_state(s.disc)[0] or {}
     bad = [k for k, v in {**student, **disc}.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         fail(f"the trained weights are not finite ({len(bad)} tensors, e.g. {bad[0]}); {a.out} unchanged; lower --lr")
     if RANKS.rank == 0:
-        save_student(unwrap(s.model), s.processor, a.out, student, saved_dtype(a))
+        save_student(unwrap(s.model), s.processor, a.out, student)
     if RANKS.rank == 0 and disc:
         parts = {"backbone": {}, "head": {}}  # D's two parts, as discriminator.pt keeps them
         for k, v in disc.items():
@@ -1726,9 +1694,9 @@ def report(a: Args, s: State, run: Run, before: tuple, after: tuple, eval_rows: 
 
 
 def lock_out(out: str) -> int:
-    """A run owns --out from the moment its flags are checked: rank 0 holds a lock (flock) on the folder itself until
-    it exits, so a second process is refused in one line whatever stage the first is in, and a bad input leaves the
-    folder as it was. A killed process's lock goes with it. Returns the folder's file descriptor (None off rank 0)."""
+    """A run owns --out from the moment its flags are checked: rank 0 holds a lock (flock, which a killed process
+    drops) on the folder itself until it exits, so a second process is refused in one line whatever stage the first is
+    in. Returns the folder's file descriptor (None off rank 0)."""
     if os.environ.get("RANK", "0") != "0":
         return None
     os.makedirs(out, exist_ok=True)

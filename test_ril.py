@@ -2491,7 +2491,7 @@ def test_a_resume_with_another_number_of_processes_is_refused_in_one_line(two_st
     with pytest.raises(SystemExit) as e:
         ril.resume_state(args(out=out, steps=5), {"out", "steps", "resume"})
     err = capsys.readouterr().err
-    assert e.value.code == 2 and err.count("\n") == 1 and "saved by 1 process(es), this is 2" in err
+    assert e.value.code == 2 and err.count("\n") == 1 and "saved by 1 process(es); resume it with as many" in err
 
 
 def test_ranks_wait_an_hour_in_a_collective_while_rank_0_writes_a_checkpoint(monkeypatch):
@@ -2511,7 +2511,7 @@ def test_a_rank_waiting_for_teacher_texts_that_never_come_stops_with_a_message(t
     with pytest.raises(SystemExit) as e:
         ril.model_teacher_texts("m/t", rows, args(out=str(tmp_path)), CPU, torch.float32)
     err = capsys.readouterr().err
-    assert e.value.code == 2 and "waiting for rank 0" in err and "no new line from rank 0 in 30 minutes" in err
+    assert e.value.code == 2 and "no new line from rank 0 in 30 minutes" in err
     assert 1800 <= clock[0] <= 1900
 
 
@@ -2541,7 +2541,6 @@ def test_images_are_scaled_to_max_pixels_and_the_saved_student_keeps_its_dtype(t
     assert json.load(open(os.path.join(out, "config.json")))["dtype"] == "bfloat16"
     weights = ril.transformers.AutoModelForImageTextToText.from_pretrained(out).state_dict()
     assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.bfloat16}
-    assert ril.saved_dtype(args(student=student, save_dtype="fp32")) == torch.float32
 
 
 # ---------------------------------------------------------------- entry points of the torchrun tests above (not tools)
