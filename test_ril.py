@@ -2459,6 +2459,16 @@ def test_the_plan_counts_every_model_of_the_run_per_gpu():
     assert both["teacher t/72b"]["weights"] == 2 * P and both["teacher t/72b"]["KV cache"] > 0
 
 
+def test_the_readmes_real_model_commands_fit_the_gpus_they_name_by_the_plan():
+    """make memory plans the README's commands (tools/bench.py); each runs as printed, and fits but the refused one."""
+    bench = _tool("bench")
+    readme = open(os.path.join(HERE, "README.md")).read().replace("\\\n  ", "")
+    for world, gpu, flags in bench.README_COMMANDS + bench.MORE_COMMANDS:
+        assert flags in readme or (world, gpu, flags) in bench.MORE_COMMANDS, flags
+        fits = all(sum(need.values()) <= bench.GPU_FREE for need in bench.plan_command(flags, world).values())
+        assert fits == ("refused" not in gpu), gpu
+
+
 def test_a_run_whose_plan_does_not_fit_the_gpu_is_refused_before_anything_loads(tmp_path, capsys, monkeypatch):
     student = _tiny_family("qwen2_vl", tmp_path / "student")
     monkeypatch.setattr(ril, "load_vlm", lambda *x, **kw: pytest.fail("a model loaded before the plan"))

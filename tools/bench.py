@@ -363,111 +363,102 @@ def run_policy_peaks():
         )
 
 
-# ---------------------------------------------------------------- memory estimate (make memory)
-# Published configs: Qwen2-VL-2B/7B-Instruct; for the 8B row the language model of InternVL3-8B
-# (Qwen2.5-7B), its 0.3B InternViT counted as the 0.67B Qwen2-VL vision tower scaled to 0.30B.
-MEMORY_MODELS = {
-    "Qwen2-VL-2B": dict(hidden=1536, layers=28, inter=8960, heads=12, kv=2, vocab=151936, tied=True, vision=None),
-    "Qwen2-VL-7B": dict(hidden=3584, layers=28, inter=18944, heads=28, kv=4, vocab=152064, tied=False, vision=None),
-    "InternVL3-8B": dict(hidden=3584, layers=28, inter=18944, heads=28, kv=4, vocab=151674, tied=False, vision=0.30e9),
+# ---------------------------------------------------------------- the memory plan (make memory)
+# Published config.json values of each Hugging Face repo, built on the meta device by ril.plan: nothing is downloaded.
+# (hidden, layers, intermediate, heads, KV heads, vocabulary, tied embeddings)
+PUBLISHED = {
+    "Qwen2-VL-2B": ("qwen2_vl", 1536, 28, 8960, 12, 2, 151936, True),
+    "Qwen2-VL-7B": ("qwen2_vl", 3584, 28, 18944, 28, 4, 152064, False),
+    "Qwen/Qwen2.5-VL-72B-Instruct": ("qwen2_5_vl", 8192, 80, 29568, 64, 8, 152064, False),
+    "Qwen/Qwen2.5-32B-Instruct": ("qwen2", 5120, 64, 27648, 40, 8, 152064, False),
+    "Qwen/Qwen2.5-7B-Instruct": ("qwen2", 3584, 28, 18944, 28, 4, 152064, False),
 }
-MEMORY_FLAGS = [
-    "--dtype amp",
-    "--dtype amp --micro-batch 4",
-    "--dtype amp --grad-checkpointing",
-    "--dtype amp --grad-checkpointing --freeze-vision",
-    "--dtype amp --micro-batch 4 --grad-checkpointing --freeze-vision",
-    "--dtype bf16 --micro-batch 4 --grad-checkpointing --freeze-vision",
+# The README's real-model commands: (GPUs, the GPU they are planned for, ril.py flags)
+PAPER_LRS = "--lr 1e-6 --disc-lr 1e-6 --disc-pretrain-lr 1e-5"
+DATA = "--data train.jsonl --eval-data val.jsonl --sft-steps 0 --max-new-tokens 256 --dtype amp"
+README_COMMANDS = [
+    (
+        1,
+        "one 80 GB GPU",
+        f"--student Qwen2-VL-2B --judge Qwen/Qwen2.5-7B-Instruct {DATA} --batch-size 8 --micro-batch 8 "
+        f"--grad-checkpointing --freeze-vision {PAPER_LRS} --out runs/qwen2vl2b",
+    ),
+    (
+        8,
+        "8 x 80 GB GPUs",
+        f"--student Qwen2-VL-2B --judge Qwen/Qwen2.5-32B-Instruct {DATA} --batch-size 64 --gen-batch 16 "
+        f"--micro-batch 8 --grad-checkpointing --freeze-vision --shard {PAPER_LRS} --out runs/8gpu",
+    ),
 ]
+# Two more: a 7B student on 8 GPUs, and the paper's teacher model and judge on one GPU, which ril.py refuses
+MORE_COMMANDS = [
+    (
+        8,
+        "8 x 80 GB GPUs, a 7B student",
+        f"--student Qwen2-VL-7B --judge Qwen/Qwen2.5-7B-Instruct {DATA} --batch-size 64 --micro-batch 8 "
+        f"--grad-checkpointing --freeze-vision --shard {PAPER_LRS} --out runs/8gpu",
+    ),
+    (
+        1,
+        "one 80 GB GPU, the paper's teacher model and judge (refused)",
+        f"--student Qwen2-VL-2B --teachers a,Qwen/Qwen2.5-VL-72B-Instruct --judge Qwen/Qwen2.5-32B-Instruct {DATA} "
+        f"--batch-size 8 --micro-batch 8 --grad-checkpointing --freeze-vision {PAPER_LRS} --out runs/qwen2vl2b",
+    ),
+]
+GPU_FREE = 78 * 2**30  # what torch.cuda.mem_get_info reports free on an idle 80 GB H100
 
 
-def param_counts(hidden, layers, inter, heads, kv, vocab, tied, vision) -> tuple:
-    """(all, vision tower, discriminator) parameters, counted on the meta device."""
-    text = dict(
-        hidden_size=hidden,
-        intermediate_size=inter,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv,
-        vocab_size=vocab,
-        rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
-    )
-    vis = dict(
-        depth=32, embed_dim=1280, num_heads=16, hidden_size=hidden, mlp_ratio=4, patch_size=14, spatial_merge_size=2
-    )
-    with torch.device("meta"):
-        m = transformers.Qwen2VLForConditionalGeneration(
-            transformers.Qwen2VLConfig(text_config=text, vision_config=vis, tie_word_embeddings=tied)
-        )
-    V = sum(p.numel() for n, p in m.named_parameters() if ".visual." in f".{n}")
-    P = sum(p.numel() for p in m.parameters()) - V + (vision or V)
-    return P, vision or V, sum(p.numel() for p in ril.language_model(m).parameters()) + hidden + 1
+def published_config(name: str):
+    """The config of a model in PUBLISHED, or of a local folder (AutoConfig)."""
+    if name not in PUBLISHED:
+        return transformers.AutoConfig.from_pretrained(name)
+    kind, hidden, layers, inter, heads, kv, vocab, tied = PUBLISHED[name]
+    text = dict(hidden_size=hidden, num_hidden_layers=layers, intermediate_size=inter, num_attention_heads=heads)
+    text.update(num_key_value_heads=kv, vocab_size=vocab, tie_word_embeddings=tied)
+    if kind == "qwen2":
+        return transformers.Qwen2Config(**text)
+    text["rope_scaling"] = {"type": "mrope", "mrope_section": [16, 24, 24]}
+    if kind == "qwen2_vl":
+        vision = dict(depth=32, embed_dim=1280, num_heads=16, hidden_size=hidden, mlp_ratio=4, patch_size=14)
+        return transformers.Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tied)
+    vision = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=hidden)
+    return transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tied)
 
 
-def memory_estimate(flags: str, P, V, D, hidden, layers, vocab, ranks: int = 1, shard: bool = False, **_) -> tuple:
-    """GPU bytes per rank at the peak of a step, and the phase. Shapes: 8 questions x 2G=8 texts = 64
-    sequences per step, split over the ranks; 448x448 images; 320 prompt + 256 new tokens."""
-    seqs, S, T, patches, S_d = 64 // ranks, 320 + 256, 256, 1024, 100
-    w = 2 if "bf16" in flags else 4  # bytes per trained weight, gradient and AdamW moment
-    trainable = P - V if "freeze-vision" in flags else P
-    mb, ckpt = (4 if "micro-batch" in flags else seqs), "checkpointing" in flags
-    split = ranks if shard else 1
-    student_w, student_go, ref, disc = w * P / split, 3 * w * trainable / split, 2 * P / split, 4 * w * D / split
-    act = mb * ((2 if ckpt else 34) * S * hidden * layers + (34 * S * hidden if ckpt else 0))
-    if "freeze-vision" not in flags:  # the vision tower's activations (1280 wide, 32 blocks), one image per sequence
-        act += mb * ((2 if ckpt else 34) * patches * 1280 * 32 + (34 * patches * 1280 if ckpt else 0))
-    act += 2 * 2 * P / layers if shard else 0  # FSDP2: one gathered layer (x2 prefetch)
-    # one chunk of token_logprobs: bf16 head output, fp32 logits, exp, gradient
-    logits = min(mb * T * vocab, 1 << 24) * 14
-    policy = student_w + student_go + ref + disc + act + logits
-    d_phase = student_w + 2 * w * trainable / split + ref + disc + mb * 34 * S_d * hidden * layers
-    return max((policy, "policy update"), (d_phase, "D update")), (student_w + student_go, ref, disc, act, logits)
+def plan_command(flags: str, world: int) -> dict:
+    """ril.plan of a ril.py command line, with the configs of its student, judge and teacher models."""
+    a = ril.parse_args(flags.split())
+    names = {"student": a.student, "judge": a.judge, **{t: t for t in a.teachers.split(",") if "/" in t}}
+    configs = {k: published_config(v) for k, v in names.items() if v not in ("tiny", "match")}
+    return ril.plan(a, configs, world)
 
 
-def memory_table():
-    """An estimate, not a measurement (README "Memory"). Weights, gradients and AdamW moments are
-    exact byte counts. Activations use Korthikanti et al.'s 34 bytes x tokens x hidden per layer (bf16,
-    fused attention), or 2 bytes plus one whole layer with --grad-checkpointing; the 2^24 logits of one chunk
-    of token_logprobs take 14 bytes each. Before the chunked head, all
-    64 x 256 positions' logits were held at once: 10 bytes each, 24.9 GB for Qwen2-VL-2B."""
-    GB, spec = 1e9, MEMORY_MODELS["Qwen2-VL-2B"]
-    P, V, D = param_counts(**spec)
-    print(
-        f"Qwen2-VL-2B: {P / 1e9:.3f}B parameters ({V / 1e9:.3f}B vision tower); discriminator {D / 1e9:.3f}B; "
-        f"64 sequences of 576 tokens per step, one GPU"
-    )
-    print(
-        "| flags | student (weights+grads+AdamW) | reference | discriminator (+grads+AdamW) | activations | logits "
-        "| peak (phase) |"
-    )
-    print("|---|---|---|---|---|---|---|")
-    for flags in MEMORY_FLAGS:
-        (peak, when), (st, ref, disc, act, logits) = memory_estimate(flags, P, V, D, **spec)
-        print(
-            f"| `{flags}` | {st / GB:.1f} GB | {ref / GB:.1f} GB | {disc / GB:.1f} GB"
-            f" | {act / GB:.1f} GB | {logits / GB:.1f} GB | **{peak / GB:.1f} GB** ({when}) |"
-        )
-    flags = "--dtype amp --grad-checkpointing --freeze-vision"
-    print(f"\nPer GPU under torchrun, `{flags}` (the same 64 sequences split over the ranks):")
-    print(
-        "| student | parameters | 1 GPU | 2 GPUs, DDP | 8 GPUs, DDP | 2 GPUs, --shard | 4 GPUs, --shard "
-        "| 8 GPUs, --shard |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
-    for name, spec in MEMORY_MODELS.items():
-        P, V, D = param_counts(**spec)
-        cells = [
-            memory_estimate(flags, P, V, D, ranks=n, shard=sh, **spec)[0][0] / GB
-            for n, sh in [(1, False), (2, False), (8, False), (2, True), (4, True), (8, True)]
-        ]
-        print(f"| {name} | {P / 1e9:.2f}B | " + " | ".join(f"{c:.0f} GB" for c in cells) + " |")
+def memory_table(commands=README_COMMANDS + MORE_COMMANDS):
+    """make memory: each command's plan per GPU, phase by phase, as ril.py computes it before it loads anything (and
+    refuses the command when a phase exceeds the GPU's free memory)."""
+    print("# make memory: ril.plan per GPU (GiB), an estimate; ril.py refuses a phase above the GPU's free memory\n")
+    for world, gpu, flags in commands:
+        launch = f"torchrun --nproc_per_node {world} ril.py" if world > 1 else "python ril.py"
+        print(f"## {gpu}: `{launch} {flags}`\n")
+        print("| phase | parts (GiB) | total | fits |\n|---|---|---|---|")
+        for phase, need in plan_command(flags, world).items():
+            parts = ", ".join(f"{k} {v / 2**30:.1f}" for k, v in need.items() if v)
+            total = sum(need.values())
+            print(f"| {phase} | {parts} | **{total / 2**30:.1f}** | {'yes' if total <= GPU_FREE else 'no'} |")
+        print()
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
-        "--memory", action="store_true", help="print the GPU memory estimate instead of benchmarking (make memory)"
+        "--memory",
+        nargs="?",
+        const="",
+        metavar="FLAGS",
+        help="print the memory plan of the README's real-model commands (make memory), or of FLAGS: ril.py's flags "
+        "in one string, with --world N for torchrun's processes",
     )
+    p.add_argument("--world", type=int, default=1, help="with --memory FLAGS: the number of torchrun processes")
     p.add_argument(
         "--policy-peak",
         metavar="VARIANT",
@@ -478,8 +469,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.policy_peak:
         print(*policy_peak(a.policy_peak))
-    elif a.memory:
-        memory_table()
+    elif a.memory is not None:
+        memory_table([(a.world, f"{a.world} GPU(s)", a.memory)] if a.memory else README_COMMANDS + MORE_COMMANDS)
     else:
         run_bench()
         run_policy_peaks()
