@@ -2,7 +2,7 @@
 #   make run    install, then Dr.GRPO and RIL from one Stage 0 start on the built-in regime task (CPU, ~4 minutes)
 #   make test   install, then check the formatting and lint (make lint) and run the test suite
 # Tools, not tests (tools/): make bench (a RIL step against the bare model calls it needs), make memory (estimated GPU
-# memory of a Qwen2-VL-2B run), make paper-table (the paper's tables in miniature, 3 tasks x 3 seeds, about 90 minutes).
+# memory plan of the README's real-model commands), make paper-table (the paper's tables in miniature, 3 tasks x 3 seeds, about 90 minutes).
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin

@@ -1,17 +1,21 @@
 """Benchmarks of ril.py, not tests.
 
-    python tools/bench.py            # make bench (about 7 minutes on 2 CPU cores)
-    python tools/bench.py --memory   # make memory (arithmetic: seconds)
+    python tools/bench.py            # make bench (about 10 minutes on 2 CPU cores)
+    python tools/bench.py --memory   # make memory: ril.plan of the README's real-model commands (seconds)
+    python tools/bench.py --memory "--student Qwen2-VL-7B --shard ..." --world 8   # the plan of any command
 
-make bench: a RIL step, phase by phase, against the bare model calls it cannot avoid (the floor), on three tiny
-workloads; then the policy update's peak memory at the real vocabulary and 256 new tokens, all logits at once against
-ril's chunked LM head, each in a fresh process (--policy-peak). make memory: the estimated GPU memory of a Qwen2-VL-2B
-run under each memory flag, and per GPU under torchrun for 2B to 8B students.
+make bench: a RIL step, phase by phase, against the bare model calls it cannot avoid (the floor), on four tiny
+workloads (the real vocabulary with top-k 50 and with top-k off); a Stage 0 (SFT) step at the tiny default and the real
+vocabulary; then the policy update's peak memory at the real vocabulary and 256 new tokens, all logits at once against
+ril's chunked LM head, each in a fresh process (--policy-peak). make memory: what ril.py plans per GPU, phase by phase,
+from the models' published configs, before it loads anything.
 
 Models are random tiny Qwen2-VLs built here; nothing is downloaded. Runs on CUDA when there is one, else the CPU.
 """
 
 import argparse
+import contextlib
+import io
 import os
 import platform
 import subprocess
@@ -37,6 +41,11 @@ BENCH_WORKLOADS = {
     "real vocabulary (151,936 entries, hidden 64, 2 layers, 8 questions x G=4, 32 new tokens)": (
         dict(),
         dict(batch_size=8, G=4, max_new_tokens=32),
+        151936,
+    ),
+    "real vocabulary, top-k off (--top-k 0 --top-p 1: TRL's and vLLM's default; otherwise as above)": (
+        dict(),
+        dict(batch_size=8, G=4, max_new_tokens=32, top_k=0, top_p=1.0),
         151936,
     ),
 }
@@ -339,7 +348,7 @@ def run_bench():
         )
         print(
             f"generate, the same tokens: {hf:.3f} s with HF's sampling (sampling {(hf - bare) / hf:.0%} of it), "
-            f"{gen:.3f} s with ril's top-k sampler ({(gen - bare) / gen:.0%}), "
+            f"{gen:.3f} s with ril's sampler ({(gen - bare) / gen:.0%}), "
             f"{bare:.3f} s greedy without logits processors"
         )
         print(
@@ -348,8 +357,39 @@ def run_bench():
         )
 
 
+def sft_step_time(vocab: int = 0, steps: int = 7, warmup: int = 2) -> float:
+    """Seconds per Stage 0 step (ril.sft_warmup at the default --sft-batch-size and --max-new-tokens) of the tiny
+    default student, or of it at the real vocabulary: the median time between consecutive optimizer steps."""
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rows = ril.make_toy(64, 0)
+    model, proc = bench_model({}, vocab, rows)
+    done, real = [], ril.clip_and_step
+
+    def stamped(*x, **kw):
+        out = real(*x, **kw)
+        done.append(_clock(dev))
+        return out
+
+    ril.clip_and_step = stamped
+    try:  # quiet: sft_warmup's progress bar and final-loss line
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            ril.sft_warmup(ril.Args(sft_steps=warmup + steps + 1), ril.State(model.to(dev), proc, dev), rows)
+    finally:
+        ril.clip_and_step = real
+    return _median([t1 - t0 for t0, t1 in zip(done[warmup:-1], done[warmup + 1 :], strict=True)])
+
+
+def run_sft_bench():
+    """make bench, second part: a Stage 0 step."""
+    a = ril.Args()
+    print(f"\n## Stage 0 (SFT): {a.sft_batch_size} targets per step, up to {a.max_new_tokens} tokens each\n")
+    print("| student | seconds per SFT step |\n|---|---|")
+    for name, vocab in (("tiny default", 0), ("real vocabulary (151,936 entries, hidden 64, 2 layers)", 151936)):
+        print(f"| {name} | {sft_step_time(vocab):.3f} |")
+
+
 def run_policy_peaks():
-    """make bench, second part: the policy update's memory at 256 new tokens, each variant in a fresh process."""
+    """make bench, third part: the policy update's memory at 256 new tokens, each variant in a fresh process."""
     print("\n## policy update at the real vocabulary, 256 new tokens (2 questions x 2G = 16 sequences)\n")
     print("| log-probs | peak memory of the policy update | at its start | above its start |\n|---|---|---|---|")
     for variant in ("plain", "chunked"):
@@ -473,6 +513,7 @@ def main(argv=None):
         memory_table([(a.world, f"{a.world} GPU(s)", a.memory)] if a.memory else README_COMMANDS + MORE_COMMANDS)
     else:
         run_bench()
+        run_sft_bench()
         run_policy_peaks()
 
 
