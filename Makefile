@@ -1,8 +1,8 @@
 # Two commands do everything on a fresh machine:
 #   make run    install, then Dr.GRPO and RIL from one Stage 0 start on the built-in regime task (CPU, ~4 minutes)
 #   make test   install, then check the formatting and lint (make lint) and run the test suite
-# Tools, not tests (tools/): make bench (a RIL step against the bare model calls it needs), make memory (estimated GPU
-# memory plan of the README's real-model commands), make paper-table (the paper's tables in miniature, 3 tasks x 3 seeds, about 90 minutes).
+# Tools, not tests (tools/): make bench (a RIL step against the bare model calls it needs), make memory (ril.py's GPU
+# memory plan of the README's real-model commands), make paper-table (the paper's tables in miniature, ~90 minutes).
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
