@@ -327,7 +327,7 @@ def token_logprobs(model, enc: dict, comp: torch.Tensor, comp_mask: torch.Tensor
         """Stands in for the head: (N, T, d) hidden states -> (N, T) log-probs, one chunk at a time."""
         h = h.flatten(0, 1)
         parts = [checkpoint(logp, h[i:j], y[i:j], use_reentrant=False) for i, j in chunks(len(y), n)]
-        return torch.cat(parts).view_as(comp)
+        return torch.cat(parts).view_as(comp).clone()  # not a view: FSDP2 warns when a module returns one
 
     head.forward = chunked_head
     keep = torch.arange(ids.shape[1] - T - 1, ids.shape[1] - 1, device=ids.device)  # positions that predict o_1..o_T
@@ -392,7 +392,7 @@ class Discriminator(nn.Module):
         return k
 
 
-@functools.lru_cache(maxsize=1 << 17)  # teacher texts come back every epoch
+@functools.lru_cache(maxsize=1 << 17)  # teacher texts come back every epoch; student samples rarely (bounded)
 def disc_prompt_ids(tokenizer, text: str) -> list:
     """The Fig. 3 prompt around one text. Student samples are decoded and re-encoded like teacher texts, so D sees what
     they say, not how they were tokenised; the text is plain text."""
@@ -705,9 +705,7 @@ class Args(Config):
     judge: str = arg("match", "r_ans: 'match' (whole-word answer match) or a text LLM prompted as in Fig. 4")
     judge_max_new_tokens: int = arg(128, "tokens the judge model may write", ge=1)
     gen_batch: int = arg(64, "sequences a generate call makes for teacher models, the judge and evaluation", ge=1)
-    max_pixels: int = arg(
-        448 * 448, "a loaded model's images are scaled to at most this (the tiny student: 112x112)", ge=784
-    )
+    max_pixels: int = arg(448 * 448, "a loaded model's images are scaled to at most this (tiny: 112x112)", ge=784)
     data: str = arg("toy", "a built-in task ('toy', 'phrased', 'transfer') or a JSONL file (format in the header)")
     sft_data: str = arg("", "Stage 0's data, a built-in task or JSONL; empty = --data ('toy' for 'transfer')")
     eval_data: str = arg("", "held-out JSONL; empty = hold out --eval-size rows of --data")
@@ -947,9 +945,8 @@ def resolve_teachers(a: Args, rows: list) -> tuple:
             fail(f"{a.data}: no teacher texts; RIL needs the rows' 'teachers' field or a teacher model in --teachers")
         for t in [t for t in names if t not in models]:
             if lacking := [r for r in rows if not r["teachers"].get(t)]:
-                fail(
-                    f"{lacking[0]['where']}: teacher '{t}' has no texts for {len(lacking)} row(s); add them or drop it"
-                )
+                where = lacking[0]["where"]
+                fail(f"{where}: teacher '{t}' has no texts for {len(lacking)} row(s); add them or drop it")
     return names, models
 
 
@@ -985,9 +982,8 @@ def evaluate(a: Args, s: State, rows: list) -> tuple:
         comp, mask = generate(model, enc, gen_cfg, synced=RANKS.sharded)
         texts += tok.batch_decode(comp, skip_special_tokens=True)
         lengths += mask.sum(1).tolist()
-    match = []  # 1 if the answer is, word for word, one of the row's teacher texts
-    for o, r in zip(texts, mine, strict=True):
-        match.append(float(any(normalize(o) == normalize(t) for ts in r["teachers"].values() for t in ts)))
+    theirs = [[normalize(t) for ts in r["teachers"].values() for t in ts] for r in mine]
+    match = [float(normalize(o) in t) for o, t in zip(texts, theirs, strict=True)]  # word for word a teacher's text
     acc = s.judge([r["question"] for r in mine], [r["answer"] for r in mine], texts)
     scores = {"eval/acc": acc, "eval/teacher_match": match, "eval/len": lengths}
     if s.disc is not None:
@@ -1013,9 +1009,7 @@ def answer_match(response: str, answer: str, candidates: frozenset = frozenset()
     t = tuple(normalize(answer))
     found = spans(normalize(response), max(3, len(t)))
     others = (found & candidates) - spans(list(t), len(t))  # candidate answers named besides this one
-    if not t or t not in found or others:
-        return 0.0
-    return 1.0
+    return float(bool(t) and t in found and not others)
 
 
 class MatchJudge:
@@ -1049,15 +1043,8 @@ class ModelJudge:
     """r_ans by a frozen text LLM [P] §3.1, Fig. 4 (the paper: Qwen2.5-32B); a reply with no <answer>0|1</answer>: 0."""
 
     def __init__(self, spec: str, a: Args, device, dtype):
-        remote = a.trust_remote_code
-        try:
-            self.tok = transformers.AutoTokenizer.from_pretrained(spec, padding_side="left", trust_remote_code=remote)
-            load = transformers.AutoModelForCausalLM.from_pretrained
-            self.model = load(spec, dtype=dtype, use_safetensors=True, trust_remote_code=remote).to(device)
-        except (OSError, ValueError, KeyError) as e:
-            fail(f"--judge {spec}: cannot load it as a text LLM ({first_line(e)}); give a local folder or reachable id")
-        self.tok.pad_token = self.tok.pad_token or self.tok.eos_token
-        self.gen_cfg = generation_config(a, self.model.eval().requires_grad_(False), self.tok, greedy=True)
+        self.model, self.tok = load_model(spec, a, dtype, "--judge", transformers.AutoModelForCausalLM)
+        self.gen_cfg = generation_config(a, self.model.to(device).eval().requires_grad_(False), self.tok, greedy=True)
         self.gen_cfg.max_new_tokens = a.judge_max_new_tokens
         self.unparsed, self.batch = 0.0, a.gen_batch
 
@@ -1099,6 +1086,9 @@ class ImageOnlyQwen2VLProcessor(transformers.Qwen2VLProcessor):
         self.image_token_id, self.video_token_id = tokenizer.convert_tokens_to_ids([self.image_token, self.video_token])
         transformers.ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template, **kw)
 
+    def to_dict(self) -> dict:  # saved as the stock one, which AutoProcessor builds
+        return {**super().to_dict(), "processor_class": "Qwen2VLProcessor"}
+
 
 def tiny_tokenizer(corpus: list, specials: list = SPECIALS, chat_template: str = TINY_CHAT_TEMPLATE):
     """A byte-level BPE (600 entries) trained on the task's texts, so that words are single tokens; pad != eos."""
@@ -1108,11 +1098,8 @@ def tiny_tokenizer(corpus: list, specials: list = SPECIALS, chat_template: str =
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    trainer = trainers.BpeTrainer(
-        vocab_size=600, special_tokens=specials, initial_alphabet=alphabet, show_progress=False
-    )
-    tok.train_from_iterator(corpus, trainer)
+    kw = dict(special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=600, **kw))
     special = dict(eos_token="<|im_end|>", pad_token="<|endoftext|>", additional_special_tokens=specials[1:])
     special.update(padding_side="left", model_input_names=["input_ids", "attention_mask"], chat_template=chat_template)
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, **special)
@@ -1160,12 +1147,8 @@ def model_sizes(config, auto_class=transformers.AutoModelForImageTextToText) -> 
 def frozen_model(config, width: int, tokens: int, auto_class=transformers.AutoModelForImageTextToText) -> dict:
     """Bytes of a teacher's or judge's weights and its KV cache of `tokens` tokens (all sequences'), `width` a value."""
     c = config.get_text_config()
-    kv = (
-        2
-        * c.num_hidden_layers
-        * c.num_key_value_heads
-        * (getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
-    )
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim
     return {"weights": width * model_sizes(config, auto_class)[0], "KV cache": kv * tokens * width}
 
 
@@ -1176,9 +1159,8 @@ def plan(a: Args, configs: dict, world: int = 1) -> dict:
     w, f, split = 2 if a.dtype == "bf16" else 4, 4 if a.dtype == "fp32" else 2, world if a.shard else 1
     tokens = a.max_pixels // 28**2 + 64 + a.max_new_tokens  # a prompt and its answer
     q = max(1, a.gen_batch // a.teacher_samples) * a.teacher_samples  # sequences a teacher's generate call makes
-    phases = {
-        f"teacher {k}": frozen_model(c, f, q * tokens) for k, c in configs.items() if k not in ("student", "judge")
-    }
+    teachers = {k: c for k, c in configs.items() if k not in ("student", "judge")}
+    phases = {f"teacher {k}": frozen_model(c, f, q * tokens) for k, c in teachers.items()}
     if "student" not in configs:
         return phases
     P, V, D = model_sizes(configs["student"])
@@ -1188,6 +1170,12 @@ def plan(a: Args, configs: dict, world: int = 1) -> dict:
     per_token += 34 * c.hidden_size if a.grad_checkpointing else 0
     act = (a.micro_batch or seqs) * tokens * per_token + (1 << 24) * 14  # and one chunk of the LM head's logits
     act += 4 * P // c.num_hidden_layers if a.shard else 0  # FSDP2: a gathered layer and the one prefetched
+    v = getattr(configs["student"], "vision_config", None)
+    if v is not None and not a.freeze_vision:  # the vision tower's, 4 patches an image token, for its gradients
+        width, depth = getattr(v, "embed_dim", None) or v.hidden_size, getattr(v, "depth", None) or v.num_hidden_layers
+        act += (
+            (a.micro_batch or seqs) * 4 * (a.max_pixels // 28**2) * width * depth * (2 if a.grad_checkpointing else 34)
+        )
     rollout = frozen_model(configs["student"], w, seqs // 2 * tokens)["KV cache"]
     trained = P - V if a.freeze_vision else P
     need = {"student": (w * P + 3 * w * trained) // split, "activations": max(act, rollout)}
@@ -1220,26 +1208,29 @@ def check_plan(a: Args, device, teacher_models: list):
             fail(f"the plan: {phase} needs {gib}; to fit, {top}: {FIXES.get(top, '--shard, or --dtype bf16')}")
 
 
-def load_vlm(name: str, a: Args, dtype, flag: str) -> tuple:
-    """Any AutoModelForImageTextToText with a chat template, and its processor; safetensors only (pickles run code)."""
-    path = ALIASES.get(name, name)
+def load_model(name: str, a: Args, dtype, flag: str, auto_class=transformers.AutoModelForImageTextToText) -> tuple:
+    """A model with a chat template, its processor (a text LLM's: tokenizer); safetensors only (pickles run code)."""
+    path, remote = ALIASES.get(name, name), a.trust_remote_code
+    llm = auto_class is transformers.AutoModelForCausalLM
     try:
-        load = transformers.AutoModelForImageTextToText.from_pretrained
-        model = load(path, dtype=dtype, use_safetensors=True, trust_remote_code=a.trust_remote_code)
-        processor = load_processor(path, a.trust_remote_code)
+        model = auto_class.from_pretrained(path, dtype=dtype, use_safetensors=True, trust_remote_code=remote)
+        load = transformers.AutoTokenizer.from_pretrained if llm else load_processor
+        processor = load(path, trust_remote_code=remote)
     except (OSError, ValueError, ImportError, KeyError) as e:
         why = first_line(e, 160)
-        fix = "give a local image-text-to-text model folder, or a reachable Hugging Face id"
+        kind = "text LLM" if llm else "image-text-to-text model"
+        fix = f"give a local {kind} folder, or a reachable Hugging Face id"
         if "safetensors" in why:
             fix = "weights are read from safetensors only; convert the checkpoint with save_pretrained"
         fail(f"{flag} {name}: cannot load '{path}' ({why}); {fix}")
-    if not getattr(processor, "chat_template", None) and not processor.tokenizer.chat_template:
+    tok = processor if llm else processor.tokenizer
+    if not getattr(processor, "chat_template", None) and not tok.chat_template:
         fail(f"{flag} {name}: {type(model).__name__} has no chat template to format prompts; add chat_template.jinja")
-    size = processor.image_processor.size  # Qwen2-VL's own limit is 12.8 MP: up to 16k tokens an image
-    if hasattr(processor.image_processor, "merge_size") and size.get("longest_edge", 0) > a.max_pixels:
-        processor.image_processor.size = {"shortest_edge": size["shortest_edge"], "longest_edge": a.max_pixels}
-    processor.tokenizer.padding_side = "left"
-    processor.tokenizer.pad_token = processor.tokenizer.pad_token or processor.tokenizer.eos_token  # generate needs one
+    image = getattr(processor, "image_processor", None)  # Qwen2-VL's own limit is 12.8 MP: up to 16k tokens an image
+    if hasattr(image, "merge_size") and image.size.get("longest_edge", 0) > a.max_pixels:
+        image.size = {"shortest_edge": image.size["shortest_edge"], "longest_edge": a.max_pixels}
+    tok.padding_side = "left"
+    tok.pad_token = tok.pad_token or tok.eos_token  # generate needs one
     return model, processor
 
 
@@ -1253,7 +1244,7 @@ def release(device):
 def load_student(a: Args, corpus: list, device, dtype) -> tuple:
     """The student, with --freeze-vision and --grad-checkpointing applied, and its processor."""
     # loaded in its checkpoint's dtype, which config.dtype keeps for the saved student, then cast to the trained one
-    model, processor = build_tiny(corpus) if a.student == "tiny" else load_vlm(a.student, a, "auto", "--student")
+    model, processor = build_tiny(corpus) if a.student == "tiny" else load_model(a.student, a, "auto", "--student")
     tok = processor.tokenizer
     # pad = EOS would mask out EOS, and the student would never learn to stop
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
@@ -1276,24 +1267,16 @@ def cast_parameters(model, dtype):
     return model
 
 
-def save_student(model, processor, folder: str, state_dict: dict):
-    """save_pretrained in the dtype the student was loaded in (config.dtype) into a temporary folder, then moved into
-    place file by file: never half a weight file."""
+def save_student(model, processor, folder: str, weights: dict):
+    """save_pretrained in the loaded dtype (config.dtype) into a temporary folder, moved file by file: no half file."""
     dtype = model.config.dtype if isinstance(model.config.dtype, torch.dtype) else torch.float32
     tmp = os.path.join(folder, ".tmp_save")
     shutil.rmtree(tmp, ignore_errors=True)  # what a full disk or a signal left there; the old files stay in place
-    model.save_pretrained(
-        tmp, state_dict={k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
-    )
+    model.save_pretrained(tmp, state_dict={k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()})
     processor.save_pretrained(tmp)
-    fixes = {"config.json": {"dtype": str(dtype).removeprefix("torch.")}}
-    if isinstance(processor, ImageOnlyQwen2VLProcessor):  # AutoProcessor builds the stock one
-        fixes["processor_config.json"] = {"processor_class": "Qwen2VLProcessor"}
-    for name, fix in fixes.items():
-        path = os.path.join(tmp, name)
-        if os.path.isfile(path):
-            fixed = {**json.load(open(path)), **fix}  # in the temporary folder: no need to write atomically
-            json.dump(fixed, open(path, "w"), indent=2)
+    config = os.path.join(tmp, "config.json")
+    fixed = {**json.load(open(config)), "dtype": str(dtype).removeprefix("torch.")}  # in tmp: no need to be atomic
+    json.dump(fixed, open(config, "w"), indent=2)
     for f in os.listdir(tmp):
         os.replace(os.path.join(tmp, f), os.path.join(folder, f))
     os.rmdir(tmp)
@@ -1308,28 +1291,28 @@ def teacher_cache(spec: str, a: Args) -> str:
     return os.path.join(a.out, "teacher_cache", f"{name}-{tag}.jsonl")
 
 
-def cached_lines(path: str) -> list:
-    """The cache's complete lines: not one that a kill cut short."""
-    return [x for x in open(path) if x.endswith("}\n")] if os.path.isfile(path) else []
+def cached(path: str) -> dict:
+    """The cache's entries by id, from its complete lines: not one that a kill cut short."""
+    lines = [x for x in open(path) if x.endswith("}\n")] if os.path.isfile(path) else []
+    return {e["id"]: e for e in map(json.loads, lines)}
 
 
 def model_teacher_texts(spec: str, rows: list, a: Args, device, dtype):
     """A teacher model's answers, sampled once into --out/teacher_cache (a line per id); a killed run goes on where it
     stopped. Under torchrun rank 0 generates; the other ranks wait for its lines, in no collective that times out."""
     path = teacher_cache(spec, a)
-    lines = cached_lines(path)
-    done, t = {json.loads(x)["id"] for x in lines}, time.time()
-    while RANKS.rank > 0 and not done >= {r["id"] for r in rows}:
+    done, t = cached(path), time.time()
+    while RANKS.rank > 0 and not done.keys() >= {r["id"] for r in rows}:
         if time.time() - t > 1800:  # rank 0 died, or this node does not see its --out
             fail(f"{path}: no new line from rank 0 in 30 minutes; --out must be a folder every node shares", True)
         time.sleep(5)
-        now = {json.loads(x)["id"] for x in cached_lines(path)}
+        now = cached(path)
         done, t = now, time.time() if len(now) > len(done) else t
-    if RANKS.rank == 0 and lines:  # without a cut line, so that appending starts on a fresh line
-        write_atomic(path, lambda f: f.writelines(lines))
+    if RANKS.rank == 0 and done:  # without a cut line, so that appending starts on a fresh line
+        write_atomic(path, lambda f: f.writelines(json.dumps(e) + "\n" for e in done.values()))
     todo, n = [r for r in rows if r["id"] not in done], a.teacher_samples
     if todo:
-        model, processor = load_vlm(spec, a, dtype, "--teachers")
+        model, processor = load_model(spec, a, dtype, "--teachers")
         gen_cfg = generation_config(a, model.to(device).eval(), processor.tokenizer, greedy=False)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "a") as f, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -1345,7 +1328,7 @@ def model_teacher_texts(spec: str, rows: list, a: Args, device, dtype):
                     print(json.dumps(line), file=f, flush=True)
         del model  # its memory back before the next teacher or the student: mem_get_info counts PyTorch's cache as used
         release(device)
-    cache = {e["id"]: e for e in map(json.loads, cached_lines(path))}
+    cache = cached(path)
     for r in rows:
         e = cache[r["id"]]
         r["teachers"][spec] = [Unfinished(t) if c else t for t, c in zip(e["texts"], e["cut"], strict=True)]
@@ -1431,8 +1414,7 @@ def load_full_state(model, opt, state: dict, opt_state: dict):
 
 # -- 15. Checkpoints, resume, logs and signals: the `run` that train() is given ---------------------
 def write_atomic(path: str, write, mode: str = "w"):
-    """write(file) into path + ".tmp", then rename it over path: a kill leaves the old file, never half a new one. A
-    write that fails (no space, permission, quota) leaves no .tmp behind and says which file."""
+    """write(file) into path.tmp, renamed over path: never half a file; a failed write leaves no .tmp, names path."""
     try:
         with open(path + ".tmp", mode) as f:
             write(f)
@@ -1475,13 +1457,12 @@ SHOWN = "reward/total reward/sim reward/ans disc/loss disc/acc_student disc/acc_
 class Run:
     """What train() needs besides the method: torchrun wrapping, resume, logs, checkpoints, signals."""
 
-    def __init__(self, a: Args, mode: str, eval_rows: list, resumed: tuple = None):
-        self.a, self.mode, self.eval_rows = a, mode, eval_rows
+    def __init__(self, a: Args, mode: str, eval_rows: list, resumed: tuple = None, data: dict = None):
+        self.a, self.mode, self.eval_rows, self.data = a, mode, eval_rows, data  # data: the rows' fingerprints
         self.resumed = resumed  # (path, state) of the checkpoint to resume, or None
         self.paths = {k: os.path.join(a.out, f"{k}.jsonl") for k in ("metrics", "samples")}
-        self.stop, self.last = [], None  # the signals received, the newest checkpoint
+        self.stop, self.last, self.step = [], None, None  # signals received, newest checkpoint, last step done (0: SFT)
         self.bad, self.ran, self.t = 0, 0, time.time()  # bad steps in a row, steps this process ran
-        self.step, self.data = None, None  # the last step done (0 after D pre-training), the rows' fingerprints
 
     def wrap(self, s: State):
         """The reference in bf16 under amp (never trained), D's memory flags, then DDP or FSDP2."""
@@ -1589,10 +1570,8 @@ class Run:
     def on_signal(self, signum, frame):
         """Ctrl-C or SIGTERM: finish the step, save, exit; with no checkpoint yet or on a second signal, at once."""
         if self.last is None or self.stop:
-            print(
-                f"\nsignal {signum}: stopped; the last checkpoint: {self.last or 'none, nothing was saved'}",
-                file=sys.stderr,
-            )
+            last = self.last or "none, nothing was saved"
+            print(f"\nsignal {signum}: stopped; the last checkpoint: {last}", file=sys.stderr)
             os._exit(128 + signum)
         self.stop.append(signum)
         tqdm.write(f"signal {signum}: finishing the step, saving a checkpoint, then exiting")
@@ -1637,23 +1616,20 @@ def setup(a: Args, device, mode: str, resumed) -> tuple:
         if a.judge == "match" and not normalize(r["answer"]):
             never = f"answer {r['answer']!r} has no letter or digit, so --judge match can never reward it"
             fail(f"{r['where']}: {never}; fix the row, drop it, or pass --judge MODEL")
-    check_prompt_length(a, model, processor, rows + eval_rows)
-    eval_rows = eval_rows[: len(eval_rows) - len(eval_rows) % RANKS.world]  # every rank evaluates an equal share
-    size = f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params on {device} ({mode}, {RANKS.world} rank(s))"
-    what = f"{len(rows)} train / {len(eval_rows)} held-out questions; teachers {teachers or '-'}"
-    print(f"student {a.student}: {size}; algo {a.algo}; {what}")
-    return State(model, processor, device, tuple(teachers), judge), sft_rows, rows, eval_rows, data
-
-
-def check_prompt_length(a: Args, model, processor, rows: list):
-    """The longest question's prompt, with its image, and --max-new-tokens must fit the student's positions."""
-    lens = [len(x) for x in processor.tokenizer([r["question"] for r in rows])["input_ids"]]
-    row = rows[lens.index(max(lens))]
+    # the longest question's prompt, with its image, and --max-new-tokens must fit the student's positions
+    lens = [len(x) for x in processor.tokenizer([r["question"] for r in rows + eval_rows])["input_ids"]]
+    row = (rows + eval_rows)[lens.index(max(lens))]
     n = len(encode_prompts(processor, [row], "cpu")["input_ids"][0])  # images as large as max_pixels allows
     limit = getattr(model.config.get_text_config(), "max_position_embeddings", 0)
     if limit and n + a.max_new_tokens > limit:  # a config without it is not checked
         what = f"the prompt ({n} tokens) and --max-new-tokens {a.max_new_tokens} exceed the {limit} positions"
         fail(f"{row['where']}: {what} of --student {a.student}; shorten the question or lower --max-new-tokens")
+    eval_rows = eval_rows[: len(eval_rows) - len(eval_rows) % RANKS.world]  # every rank evaluates an equal share
+    ranks = f"{RANKS.world} ranks, {'FSDP2' if RANKS.sharded else 'DDP'}" if RANKS.world > 1 else "one process"
+    size = f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params on {device} ({mode}, {ranks})"
+    what = f"{len(rows)} train / {len(eval_rows)} held-out questions; teachers {teachers or '-'}"
+    print(f"student {a.student}: {size}; algo {a.algo}; {what}")
+    return State(model, processor, device, tuple(teachers), judge), sft_rows, rows, eval_rows, data
 
 
 def teacher_likeness(s: State, texts: list) -> str:
@@ -1695,8 +1671,7 @@ def report(a: Args, s: State, run: Run, before: tuple, after: tuple, eval_rows: 
 
 def lock_out(out: str) -> int:
     """A run owns --out from the moment its flags are checked: rank 0 holds a lock (flock, which a killed process
-    drops) on the folder itself until it exits, so a second process is refused in one line whatever stage the first is
-    in. Returns the folder's file descriptor (None off rank 0)."""
+    drops) on the folder itself until it exits, so a second process is refused in one line whatever stage it is in."""
     if os.environ.get("RANK", "0") != "0":
         return None
     os.makedirs(out, exist_ok=True)
@@ -1712,21 +1687,18 @@ def lock_out(out: str) -> int:
 def stopped(a: Args, run: Run, argv: list, e: Exception):
     """Any failure once the run is under way (an input gone, a write refused, out of memory): one line with what
     failed, what was kept and the command that continues; never a half-updated checkpoint, since none is written."""
-    again = f"python ril.py --out {a.out} --resume --steps {a.steps}"
-    kept = f"the last complete checkpoint is {run.last}"
-    if run.last is None:
-        again, kept = "python ril.py " + " ".join(argv), "nothing was saved"
     where = "SFT or D pre-training" if run.step is None else f"step {run.step + 1}"
-    fail(f"{where} failed: {type(e).__name__}: {first_line(e, 200)}; {kept}; continue with: {again}", all_ranks=True)
+    kept = f"the last complete checkpoint is {run.last}" if run.last else "nothing was saved"
+    cmd = f"--out {a.out} --resume --steps {a.steps}" if run.last else " ".join(argv)
+    fail(f"{where} failed: {type(e).__name__}: {first_line(e, 200)}; {kept}; continue with: python ril.py {cmd}", True)
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     a = parse_args(argv)
     check_args(a)
-    resumed = None
-    if a.resume:
-        a, resumed = resume_state(a, {x[2:].split("=")[0].replace("-", "_") for x in argv if x.startswith("--")})
+    given = {x[2:].split("=")[0].replace("-", "_") for x in argv if x.startswith("--")}
+    a, resumed = resume_state(a, given) if a.resume else (a, None)
     created, lock = not os.path.isdir(a.out), lock_out(a.out)
     t0 = time.time()
     device = torch.device({"auto": "cuda" if torch.cuda.is_available() else "cpu"}.get(a.device, a.device))
@@ -1736,8 +1708,7 @@ def main(argv=None):
     handlers, run = {}, None
     try:
         s, sft_rows, rows, eval_rows, data = setup(a, device, mode, resumed)
-        run, resumed = Run(a, mode, eval_rows, resumed), None  # Run.resume drops the checkpoint once it is loaded
-        run.data = data
+        run, resumed = Run(a, mode, eval_rows, resumed, data), None  # Run.resume drops the checkpoint once it is loaded
         handlers = {sig: signal.signal(sig, run.on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         # --dtype amp: bf16 autocast over the run; cache_enabled=False, so every op casts the *current* weights (with
         # the cache, one autocast around a run keeps the first bf16 copies and every gradient is taken at them)

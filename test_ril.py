@@ -747,7 +747,7 @@ def test_a_teacher_models_texts_keep_their_spaces_and_a_cut_one_gets_no_eos(tmp_
     said = [(" red", True), ("blue blue blue", False), ("3.", True), (" two words", False)]  # (text, ended)
     seqs = [tok(t, add_special_tokens=False)["input_ids"] + ([eos] if ended else []) for t, ended in said]
     comp = torch.nn.utils.rnn.pad_sequence([torch.tensor(x) for x in seqs], batch_first=True, padding_value=pad)
-    monkeypatch.setattr(ril, "load_vlm", lambda *a, **k: (tiny["model"], tiny["proc"]))
+    monkeypatch.setattr(ril, "load_model", lambda *a, **k: (tiny["model"], tiny["proc"]))
     monkeypatch.setattr(ril, "generate", lambda *a, **k: (comp, (comp != pad).long()))
     a = args(teacher_samples=2, out=str(tmp_path))
     for _ in range(2):  # generated, then read from the cache
@@ -2416,7 +2416,7 @@ def test_under_torchrun_other_ranks_wait_for_rank_0s_teacher_cache_and_never_gen
     rows = ril.make_toy(3, 0)
     a = args(out=str(tmp_path), teacher_samples=1)
     monkeypatch.setattr(ril, "RANKS", type("Rank1", (ril.Ranks,), {"rank": 1, "world": 2})())
-    monkeypatch.setattr(ril, "load_vlm", lambda *x, **kw: pytest.fail("rank 1 loaded the teacher"))
+    monkeypatch.setattr(ril, "load_model", lambda *x, **kw: pytest.fail("rank 1 loaded the teacher"))
     calls = []
 
     def rank0_writes(_):  # rank 0 appends its lines while rank 1 waits
@@ -2452,6 +2452,8 @@ def test_the_plan_counts_every_model_of_the_run_per_gpu():
     assert ril.plan(args(dtype="amp", beta=0.0, algo="dr_grpo"), {"student": cfg})["training"]["reference"] == 0
     sharded = ril.plan(args(dtype="amp", shard=True), {"student": cfg}, world=8)["training"]
     assert sharded["student"] == 16 * P // 8 and sharded["discriminator"] == 16 * D // 8
+    frozen = ril.plan(args(dtype="amp", freeze_vision=True), {"student": cfg})["training"]
+    assert frozen["activations"] < ril.plan(args(dtype="amp"), {"student": cfg})["training"]["activations"]
     more = ril.plan(args(dtype="amp", max_pixels=4 * 448 * 448), {"student": cfg})["training"]
     assert more["activations"] > ril.plan(args(dtype="amp"), {"student": cfg})["training"]["activations"]
     both = ril.plan(a, {"student": cfg, "judge": judge, "t/72b": cfg})  # a teacher alone, before the student
@@ -2471,7 +2473,7 @@ def test_the_readmes_real_model_commands_fit_the_gpus_they_name_by_the_plan():
 
 def test_a_run_whose_plan_does_not_fit_the_gpu_is_refused_before_anything_loads(tmp_path, capsys, monkeypatch):
     student = _tiny_family("qwen2_vl", tmp_path / "student")
-    monkeypatch.setattr(ril, "load_vlm", lambda *x, **kw: pytest.fail("a model loaded before the plan"))
+    monkeypatch.setattr(ril, "load_model", lambda *x, **kw: pytest.fail("a model loaded before the plan"))
     monkeypatch.setattr(ril, "build_tiny", lambda *x, **kw: pytest.fail("a model was built before the plan"))
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1000, 10**10))
     with pytest.raises(SystemExit) as e:
@@ -2491,6 +2493,24 @@ def test_fsdp2_reduce_scatters_each_micro_batch_so_no_rank_holds_whole_gradients
         with ril.grad_sync(model, last=False):  # a micro-batch before the last
             model(torch.randn(3, 4)).sum().backward()
         assert all(type(p.grad).__name__ == "DTensor" for p in model.parameters())  # reduce-scattered: sharded
+    finally:
+        dist.destroy_process_group()
+
+
+def test_under_fsdp2_the_log_probs_are_not_a_view_so_fsdp2_does_not_warn(tiny, tmp_path, monkeypatch):
+    import warnings
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        monkeypatch.setattr(ril, "RANKS", type("Sharded", (ril.Ranks,), {"world": 2, "sharded": True})())
+        model = ril.parallelize(ril.copy.deepcopy(tiny["model"]), CPU, "amp")
+        enc, comp = ril.encode_prompts(tiny["proc"], tiny["rows"][:2], CPU), torch.randint(5, 50, (2, 4))
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            ril.token_logprobs(model, enc, comp, torch.ones_like(comp), 1.0).sum().backward()
+        assert not [w for w in seen if "view" in str(w.message)], [str(w.message)[:100] for w in seen]
     finally:
         dist.destroy_process_group()
 
@@ -2529,8 +2549,8 @@ def test_a_teacher_generates_in_bounded_batches_and_its_memory_goes_when_it_is_d
     import weakref
 
     teacher, rows, seen, alive = _tiny_family("qwen2_vl", tmp_path / "t"), ril.make_toy(9, 0), [], []
-    load, generate = ril.load_vlm, ril.generate
-    monkeypatch.setattr(ril, "load_vlm", lambda *x: alive.append(weakref.ref((m := load(*x))[0])) or m)
+    load, generate = ril.load_model, ril.generate
+    monkeypatch.setattr(ril, "load_model", lambda *x: alive.append(weakref.ref((m := load(*x))[0])) or m)
     monkeypatch.setattr(ril, "generate", lambda m, enc, *x: seen.append(len(enc["input_ids"])) or generate(m, enc, *x))
     released = []  # at release (gc.collect, then torch.cuda.empty_cache on a GPU): is the teacher gone?
     monkeypatch.setattr(ril, "release", lambda device: released.append(alive[0]() is None))
@@ -2544,7 +2564,7 @@ def test_images_are_scaled_to_max_pixels_and_the_saved_student_keeps_its_dtype(t
     student = _tiny_family("qwen2_vl", tmp_path / "s")
     config = json.load(open(os.path.join(student, "config.json")))
     json.dump({**config, "dtype": "bfloat16"}, open(os.path.join(student, "config.json"), "w"))
-    proc = ril.load_vlm(student, args(max_pixels=56 * 56), torch.float32, "--student")[1]
+    proc = ril.load_model(student, args(max_pixels=56 * 56), torch.float32, "--student")[1]
     row = dict(ril.make_toy(1, 0)[0], image=ril.Image.new("RGB", (448, 448)))
     assert ril.encode_prompts(proc, [row], CPU)["image_grid_thw"].prod() == 16  # 4 tokens of 28x28, not 256
     out = main_out(tmp_path, "--student", student, "--steps", "1")
