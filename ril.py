@@ -48,6 +48,7 @@ import torch.nn as nn
 import transformers
 from PIL import Image, ImageDraw, ImageOps
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
@@ -113,7 +114,7 @@ class Ranks:
 
     rank, world, sharded = 0, 1, False
     share = mean = gather = staticmethod(lambda x: x)
-    bar = staticmethod(functools.partial(tqdm, leave=False))
+    bar = staticmethod(functools.partial(tqdm, leave=False, disable=os.environ.get("RANK", "0") != "0"))  # rank 0
 
 
 RANKS = Ranks()
@@ -462,18 +463,18 @@ def similarity_reward(d_logits: torch.Tensor, a: Config) -> torch.Tensor:
 
 
 # -- 6. Advantages and the clipped objective (Eq. 2, Dr.GRPO form) ---------------------------------
-def group_advantages(rewards: torch.Tensor, group: int, scale_std: bool, base: int = 0) -> torch.Tensor:
-    """A_i = R_i - mean of its group [P] Eq. 2, no std division (Dr.GRPO). base = k: minus the mean of its first k
+def group_advantages(rewards: torch.Tensor, group: int, scale_std: bool, first: int = 0) -> torch.Tensor:
+    """A_i = R_i - mean of its group [P] Eq. 2, no std division (Dr.GRPO). first = k > 0: minus the mean of its first k
     (the G samples; teacher texts follow), so 2 right answers and 2 teacher texts are not pushed down. scale_std:
     GRPO's A_i / (std + 1e-4).
 
     >>> group_advantages(torch.tensor([2.0, 0.0, 1.0, 1.0]), group=4, scale_std=False).tolist()
     [1.0, -1.0, 0.0, 0.0]
-    >>> group_advantages(torch.tensor([1.0, 1.0, 2.0, 2.0]), group=4, scale_std=False, base=2).tolist()
+    >>> group_advantages(torch.tensor([1.0, 1.0, 2.0, 2.0]), group=4, scale_std=False, first=2).tolist()
     [0.0, 0.0, 1.0, 1.0]
     """
     r = rewards.view(-1, group)  # (B, group)
-    adv = r - r[:, : base or group].mean(1, keepdim=True)
+    adv = r - r[:, : first or group].mean(1, keepdim=True)  # the mean of the first k, or of the whole group
     if scale_std:
         adv = adv / (r.std(1, keepdim=True) + 1e-4)
     return adv.view(-1)
@@ -512,10 +513,9 @@ def policy_loss(logp, old_logp, ref_logp, adv, mask, a: Config, n_seqs: int = 0,
     return loss, {"clipped": (clipped * mask).sum().detach(), "kl": (kl * mask).sum().detach(), "tokens": mask.sum()}
 
 
-def policy_update(a: Config, s: State, enc: dict, comp, mask, adv, teacher=None) -> dict:
+def policy_update(a: Config, s: State, enc: dict, comp, mask, adv, is_teacher=None) -> dict:
     """mu optimiser steps of Eq. 2 on one batch of groups. enc: N prompts (one per text), comp and mask: (N, T)
-    completions, adv and teacher: (N,), 1 for a teacher text. Micro-batches accumulate gradients that add up to the full
-    batch's."""
+    completions, adv and is_teacher (1: a teacher text): (N,). Micro-batches' gradients add up to the full batch's."""
     s.model.train()
     N = len(comp)
     parts = chunks(N, a.micro_batch)
@@ -539,14 +539,14 @@ def policy_update(a: Config, s: State, enc: dict, comp, mask, adv, teacher=None)
                 # pi_old: the policy without the top-k, top-p and repetition penalty of the sampling (as TRL's)
                 old = logp.detach() if old_logp is None else old_logp[i:j]
                 unclipped = None
-                if teacher is not None and a.teacher_ratio == "one":  # a teacher text's pi_old taken as 1 (README)
-                    unclipped = teacher[i:j] > 0
+                if is_teacher is not None and a.teacher_ratio == "one":  # a teacher text's pi_old taken as 1 (README)
+                    unclipped = is_teacher[i:j] > 0
                     old = old.masked_fill(unclipped[:, None], 0.0)
                 ref = None if ref_logp is None else ref_logp[i:j]
-                part, st = policy_loss(logp, old, ref, adv[i:j], mask[i:j], a, n_seqs=N, unclipped=unclipped)
+                part, stats = policy_loss(logp, old, ref, adv[i:j], mask[i:j], a, n_seqs=N, unclipped=unclipped)
                 part.backward()
             loss = loss + part.detach()
-            sums = {k: sums.get(k, 0) + v for k, v in st.items()}
+            sums = {k: sums.get(k, 0) + v for k, v in stats.items()}
         grad_norm, bad = clip_and_step(s.opt, s.model.parameters(), loss, a.max_grad_norm)
         skipped = max(skipped, bad)
     n_tok = sums["tokens"].clamp(min=1)
@@ -619,8 +619,8 @@ def ril_step(a: Config, s: State, batch: list, step: int) -> tuple:
         r_sim = similarity_reward(d_logits, a)
     # 6: R = r_sim + r_ans, unweighted [P] §3.3; A = R - mean of all 2G [P] Eq. 2 (--baseline student: of the G samples)
     rewards = r_sim + r_ans
-    base = a.G if ril and a.baseline == "student" else 0
-    adv = group_advantages(rewards, group, scale_std=(a.algo == "grpo"), base=base)
+    first = a.G if ril and a.baseline == "student" else 0
+    adv = group_advantages(rewards, group, scale_std=(a.algo == "grpo"), first=first)
     # 7: the clipped update over every text of every group, teacher texts included (Eq. 2)
     metrics.update(policy_update(a, s, repeat_prompts(ro["enc"], group), ro["comp"], ro["mask"], adv, ro["is_teacher"]))
     own = ro["is_teacher"] == 0  # the student's own samples
@@ -767,13 +767,6 @@ def check_args(a: Args):
     for path in [a.student, a.judge, *a.teachers.split(",")]:
         if os.path.isdir(path) and os.path.realpath(path) == os.path.realpath(a.out):
             fail(f"--out {a.out} is the model folder {path}, which the run would overwrite: choose another --out")
-    probe = os.path.abspath(a.out)
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    try:  # the nearest part of --out that exists must be a folder this process can write in
-        tempfile.TemporaryFile(dir=probe).close()
-    except OSError as e:
-        fail(f"--out {a.out}: cannot write in {probe} ({e.strerror}); choose another --out")
 
 
 # -- 11. Data: the toy task and JSONL files --------------------------------------------------------
@@ -858,8 +851,8 @@ def make_toy(n: int, seed: int, task: str = "toy") -> list:
 
 
 def open_image(image) -> Image.Image:
-    """A path or image as RGB, as a viewer shows it: EXIF rotation applied, transparency over white, 16-bit grey scaled
-    to 8 bits (convert("RGB") alone turns transparent pixels black and every 16-bit value above 255 white)."""
+    """RGB as a viewer shows it: EXIF rotation, transparency over white, 16-bit grey scaled (convert("RGB") alone
+    turns transparent pixels black and every 16-bit value above 255 white)."""
     img = ImageOps.exif_transpose(image if isinstance(image, Image.Image) else Image.open(image))
     if img.mode.startswith("I;16") or (img.mode == "I" and img.getextrema()[1] > 255):  # 16-bit: 65535 is white
         img = img.convert("I").point(lambda v: v / 256).convert("L")
@@ -885,8 +878,7 @@ def load_jsonl(path: str) -> list:
             continue
         if not isinstance(row, dict):
             fail(f"{where}: expected a JSON object, got {type(row).__name__}")
-        bad = [k for k in ("image", "question", "answer") if not isinstance(row.get(k), str) or not row[k].strip()]
-        if bad:
+        if bad := [k for k in ("image", "question", "answer") if not isinstance(row.get(k), str) or not row[k].strip()]:
             missing = ", ".join(bad)
             fail(f"{where}: missing field(s) {missing}; each row needs image, question and answer as non-empty strings")
         teachers = row.get("teachers", {})
@@ -910,9 +902,7 @@ def load_jsonl(path: str) -> list:
 def load_data(a: Args) -> tuple:
     """(Stage 0 rows, RL rows, held-out rows). Ids are unique over the files: a file given twice is refused."""
     sft = a.sft_data or {"transfer": "toy"}.get(a.data, a.data)  # 'transfer' builds on the skills of 'toy'
-    sft_rows = []
-    if sft != a.data:
-        sft_rows = make_toy(a.toy_size, a.seed, sft) if sft in QUESTIONS else load_jsonl(sft)
+    sft_rows = [] if sft == a.data else make_toy(a.toy_size, a.seed, sft) if sft in QUESTIONS else load_jsonl(sft)
     if a.data in QUESTIONS:
         rows = make_toy(a.toy_size, a.seed, a.data)
         return sft_rows or rows, rows, make_toy(a.eval_size, a.seed + 10_000, a.data)
@@ -938,8 +928,7 @@ def resolve_teachers(a: Args, rows: list) -> tuple:
     models = [t for t in names if t not in in_data]
     for t in models:
         if t not in ALIASES and "/" not in t and not os.path.isdir(t):
-            has = ", ".join(in_data) or "none"
-            fail(f"--teachers {t}: not a teacher in {a.data} (it has: {has}) and not a model folder or id")
+            fail(f"--teachers {t}: not a teacher in {a.data} ({', '.join(in_data) or 'none'}) nor a model folder or id")
     if a.algo == "ril":
         if not names:
             fail(f"{a.data}: no teacher texts; RIL needs the rows' 'teachers' field or a teacher model in --teachers")
@@ -952,7 +941,6 @@ def resolve_teachers(a: Args, rows: list) -> tuple:
 
 # -- 12. Evaluation and r_ans: greedy answers, the answer matcher and the Fig. 4 judge (its prompt as printed) --
 NUMBER_WORDS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
-
 UNSPACED = "\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u2e80-\u9fff\uf900-\ufaff"  # Thai, Lao, Burmese, Khmer, CJK, kana
 
 
@@ -972,8 +960,7 @@ def normalize(text: str) -> list:
 @torch.no_grad()
 def evaluate(a: Args, s: State, rows: list) -> tuple:
     """Greedy answers: (metrics, answers); accuracy by the judge, teacher match (word for word), length, 1 - D."""
-    model = unwrap(s.model.eval())
-    tok = s.processor.tokenizer
+    model, tok = unwrap(s.model.eval()), s.processor.tokenizer
     gen_cfg = generation_config(a, model, tok, greedy=True)
     mine = RANKS.share(rows)  # under torchrun, this rank's share
     texts, lengths = [], []
@@ -1154,8 +1141,8 @@ def frozen_model(config, width: int, tokens: int, auto_class=transformers.AutoMo
 
 def plan(a: Args, configs: dict, world: int = 1) -> dict:
     """Bytes per GPU at each phase's peak, {phase: {part: bytes}}, from the configs of the student, a judge model and
-    each teacher model. An estimate [R]: weights, gradients and AdamW moments exactly; activations at 34 bytes a token
-    per hidden unit and layer (Korthikanti et al. 2022), 2 with --grad-checkpointing; prompts at --max-pixels."""
+    each teacher model [R]: weights, gradients and AdamW moments exactly; activations at 34 bytes kept per token, hidden
+    unit and layer (Korthikanti et al. 2022), 2 with --grad-checkpointing (plus one layer's 34)."""
     w, f, split = 2 if a.dtype == "bf16" else 4, 4 if a.dtype == "fp32" else 2, world if a.shard else 1
     tokens = a.max_pixels // 28**2 + 64 + a.max_new_tokens  # a prompt and its answer
     q = max(1, a.gen_batch // a.teacher_samples) * a.teacher_samples  # sequences a teacher's generate call makes
@@ -1166,16 +1153,14 @@ def plan(a: Args, configs: dict, world: int = 1) -> dict:
     P, V, D = model_sizes(configs["student"])
     c = configs["student"].get_text_config()
     seqs = a.batch_size * a.G * (2 if a.algo == "ril" else 1) // world  # the policy update's, on each GPU
-    per_token = c.hidden_size * c.num_hidden_layers * (2 if a.grad_checkpointing else 34)
-    per_token += 34 * c.hidden_size if a.grad_checkpointing else 0
-    act = (a.micro_batch or seqs) * tokens * per_token + (1 << 24) * 14  # and one chunk of the LM head's logits
+    mb, kept = a.micro_batch or seqs, 2 if a.grad_checkpointing else 34  # sequences a backward, bytes per token kept
+    per_token = c.hidden_size * (c.num_hidden_layers * kept + (34 if a.grad_checkpointing else 0))
+    act = mb * tokens * per_token + (1 << 24) * 14  # and one chunk of the LM head's logits
     act += 4 * P // c.num_hidden_layers if a.shard else 0  # FSDP2: a gathered layer and the one prefetched
     v = getattr(configs["student"], "vision_config", None)
     if v is not None and not a.freeze_vision:  # the vision tower's, 4 patches an image token, for its gradients
         width, depth = getattr(v, "embed_dim", None) or v.hidden_size, getattr(v, "depth", None) or v.num_hidden_layers
-        act += (
-            (a.micro_batch or seqs) * 4 * (a.max_pixels // 28**2) * width * depth * (2 if a.grad_checkpointing else 34)
-        )
+        act += mb * 4 * (a.max_pixels // 28**2) * width * depth * kept
     rollout = frozen_model(configs["student"], w, seqs // 2 * tokens)["KV cache"]
     trained = P - V if a.freeze_vision else P
     need = {"student": (w * P + 3 * w * trained) // split, "activations": max(act, rollout)}
@@ -1187,10 +1172,6 @@ def plan(a: Args, configs: dict, world: int = 1) -> dict:
     return {**phases, "training": need}
 
 
-FIXES = {"activations": "--micro-batch 8, --grad-checkpointing or a lower --max-pixels", "KV cache": "--gen-batch 16"}
-FIXES.update(judge="--judge match, or a smaller --judge", weights="its texts in the rows (from GPUs of their own)")
-
-
 def check_plan(a: Args, device, teacher_models: list):
     """On a GPU, before anything loads: a run whose plan exceeds the free memory is refused in one line."""
     if device.type != "cuda":
@@ -1199,13 +1180,18 @@ def check_plan(a: Args, device, teacher_models: list):
     for key, spec in [("student", a.student), ("judge", a.judge), *[(t, t) for t in teacher_models]]:
         with contextlib.suppress(OSError, ValueError, KeyError):  # 'tiny', 'match', or no config: the loader says why
             configs[key] = transformers.AutoConfig.from_pretrained(ALIASES.get(spec, spec), trust_remote_code=remote)
+    fixes = {
+        "activations": "--micro-batch 8, --grad-checkpointing or a lower --max-pixels",
+        "KV cache": "--gen-batch 16",
+    }
+    fixes.update(judge="--judge match, or a smaller --judge", weights="its texts in the rows (from GPUs of their own)")
     free = torch.cuda.mem_get_info(device)[0]
     for phase, need in plan(a, configs, RANKS.world).items():
         if sum(need.values()) > free:
             parts = ", ".join(f"{k} {v / 2**30:.1f}" for k, v in need.items() if v)
             gib = f"{sum(need.values()) / 2**30:.1f} GiB per GPU ({parts}); {device} has {free / 2**30:.1f} GiB free"
             top = max(need, key=need.get)  # the student, the reference or D: sharding
-            fail(f"the plan: {phase} needs {gib}; to fit, {top}: {FIXES.get(top, '--shard, or --dtype bf16')}")
+            fail(f"the plan: {phase} needs {gib}; to fit, {top}: {fixes.get(top, '--shard, or --dtype bf16')}")
 
 
 def load_model(name: str, a: Args, dtype, flag: str, auto_class=transformers.AutoModelForImageTextToText) -> tuple:
@@ -1218,8 +1204,7 @@ def load_model(name: str, a: Args, dtype, flag: str, auto_class=transformers.Aut
         processor = load(path, trust_remote_code=remote)
     except (OSError, ValueError, ImportError, KeyError) as e:
         why = first_line(e, 160)
-        kind = "text LLM" if llm else "image-text-to-text model"
-        fix = f"give a local {kind} folder, or a reachable Hugging Face id"
+        fix = "give a local model folder, or a reachable Hugging Face id"
         if "safetensors" in why:
             fix = "weights are read from safetensors only; convert the checkpoint with save_pretrained"
         fail(f"{flag} {name}: cannot load '{path}' ({why}); {fix}")
@@ -1232,13 +1217,6 @@ def load_model(name: str, a: Args, dtype, flag: str, auto_class=transformers.Aut
     tok.padding_side = "left"
     tok.pad_token = tok.pad_token or tok.eos_token  # generate needs one
     return model, processor
-
-
-def release(device):
-    """The memory of a model no longer used, back to the device (what PyTorch caches, mem_get_info counts as used)."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def load_student(a: Args, corpus: list, device, dtype) -> tuple:
@@ -1327,7 +1305,8 @@ def model_teacher_texts(spec: str, rows: list, a: Args, device, dtype):
                     line = {"id": r["id"], "texts": texts[j * n : (j + 1) * n], "cut": cut[j * n : (j + 1) * n]}
                     print(json.dumps(line), file=f, flush=True)
         del model  # its memory back before the next teacher or the student: mem_get_info counts PyTorch's cache as used
-        release(device)
+        gc.collect()
+        torch.cuda.empty_cache()  # a no-op without CUDA
     cache = cached(path)
     for r in rows:
         e = cache[r["id"]]
@@ -1345,12 +1324,8 @@ class TorchrunRanks(Ranks):
     def share(self, rows):
         return rows[self.rank :: self.world]
 
-    def bar(self, it, **kw):
-        return tqdm(it, leave=False, disable=self.rank > 0, **kw)
-
     def mean(self, m: dict) -> dict:
-        parts = self.gather([m])
-        return {k: sum(p[k] for p in parts) / self.world for k in m}
+        return {k: sum(p[k] for p in self.gather([m])) / self.world for k in m}
 
     def gather(self, xs: list) -> list:
         parts = [None] * self.world
@@ -1379,14 +1354,12 @@ def init_distributed(a: Args, device) -> torch.device:
 
 
 def parallelize(model, device, mode: str = "fp32"):
-    """DDP: copies, averaged gradients. FSDP2 (--shard): units are each block, the vision tower (generate runs it
-    alone), the root; under amp they gather bf16 weights and reduce fp32 gradients."""
+    """DDP, or FSDP2 (--shard) over each block, the vision tower (generate runs it alone) and the root: under amp it
+    gathers bf16 weights and reduces fp32 gradients."""
     if RANKS.world == 1 or model is None:
         return model
     if not RANKS.sharded:
         return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
     policy = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if mode == "amp" else MixedPrecisionPolicy()
     for name, mod in reversed(list(model.named_modules())):  # children before the module that holds them
         leaf = name.split(".")[-1]
@@ -1449,9 +1422,6 @@ def resume_state(a: Args, given: set) -> tuple:
         args = {**state["args"], **{k: getattr(a, k) for k in given & RESUMABLE}, "resume": True, "overwrite": False}
         return Args(**args), (path, state)
     fail(f"--resume: no checkpoint in {a.out}/checkpoints loads; start a run there without --resume")
-
-
-SHOWN = "reward/total reward/sim reward/ans disc/loss disc/acc_student disc/acc_teacher policy/grad_norm policy/kl"
 
 
 class Run:
@@ -1519,7 +1489,6 @@ class Run:
         self.before, self.step = before, 0
         self.save(s, 0)
         self.log(0, before[0])
-        print("eval before RIL: " + "  ".join(f"{k} {v:.3f}" for k, v in before[0].items()))
 
     def log(self, step: int, m: dict, dump: dict = None):
         """A line of metrics.jsonl and, with a dump, of samples.jsonl (rank 0)."""
@@ -1529,8 +1498,7 @@ class Run:
 
     def save(self, s: State, step: int):
         """Models, optimisers, every rank's RNG, the pre-RIL evaluation; batch_at replays the data order."""
-        student, opt = full_state(s.model, s.opt)
-        disc, d_opt = full_state(s.disc, s.d_opt)
+        (student, opt), (disc, d_opt) = full_state(s.model, s.opt), full_state(s.disc, s.d_opt)
         cuda = torch.cuda.get_rng_state(s.device) if s.device.type == "cuda" else None
         rng = RANKS.gather([{"python": random.getstate(), "torch": torch.get_rng_state(), "cuda": cuda}])
         path = os.path.join(self.a.out, "checkpoints", f"step_{step:07d}.pt")
@@ -1546,11 +1514,11 @@ class Run:
         """Log and print the step; fail after --max-bad-steps bad ones in a row; checkpoint; stop on a signal."""
         m["time/step"], self.t = time.time() - self.t, time.time()
         self.log(step, m, dump)
-        tqdm.write(f"step {step:4d} | " + " ".join(f"{k.split('/')[1]} {m[k]:.3f}" for k in SHOWN.split() if k in m))
+        shown = "reward/total reward/sim reward/ans disc/loss disc/acc_student disc/acc_teacher policy/kl"
+        tqdm.write(f"step {step:4d} | " + " ".join(f"{k.split('/')[1]} {m[k]:.3f}" for k in shown.split() if k in m))
         why = ""
         if m.get("judge/unparsed") == 1:
-            why = "no judge reply had <answer>0|1</answer>, so every r_ans was 0; use an instruction-tuned --judge "
-            why += "or raise --judge-max-new-tokens"
+            why = "no judge reply had <answer>0|1</answer>; use an instruct --judge or raise --judge-max-new-tokens"
         if m["guard/skipped"] or m.get("guard/disc_skipped"):
             why = "loss or gradient was NaN/inf, so the update was skipped; lower --lr / --disc-lr"
         self.bad, self.ran = self.bad + 1 if why else 0, self.ran + 1
@@ -1579,8 +1547,7 @@ class Run:
 
 # -- 16. main: validate and load everything, train(), report and save ------------------------------
 def check_data(a: Args, rows: list, eval_rows: list, resumed) -> dict:
-    """The rows' fingerprints: how many, and a hash of ids, questions, answers, teacher texts and image paths. A resume
-    whose rows differ from its checkpoint's (batch_at's order depends on them) is refused, or --accept-changed-data."""
+    """The rows' fingerprints (counts, a hash of every field): a resume on other rows is refused (batch_at's order)."""
     data = {}
     for name, part in (("training", rows), ("held-out", eval_rows)):
         keys = ("id", "question", "answer", "teachers")
@@ -1648,34 +1615,32 @@ def report(a: Args, s: State, run: Run, before: tuple, after: tuple, eval_rows: 
         then = format(m["eval/teacher_like"], ".3f") if s.disc else "n/a"
         acc, match, length = m["eval/acc"], m["eval/teacher_match"], m["eval/len"]
         print(f"| {name} | {acc:.3f} | {then} | {teacher_likeness(s, texts)} | {match:.3f} | {length:.1f} |")
-    if "eval/pass@G" in before[0]:  # where the RL stage started: G samples, at least one right
-        print(f"| start: pass@{a.G} (sampled) | {before[0]['eval/pass@G']:.3f} | - | - | - | - |")
+    print(f"| start: pass@{a.G} (sampled) | {before[0]['eval/pass@G']:.3f} | - | - | - | - |")  # G samples, one right
     t_rows = [r for r in eval_rows for name in s.teachers for _ in r["teachers"].get(name, [])]
     t_texts = [t for r in eval_rows for name in s.teachers for t in r["teachers"].get(name, [])]
     if t_texts:
         right = s.judge([r["question"] for r in t_rows], [r["answer"] for r in t_rows], t_texts)
         print(f"| teacher texts | {sum(right) / len(t_texts):.3f} | - | {teacher_likeness(s, t_texts)} | 1.000 | - |")
-    student = full_state(s.model)[0]
-    disc = full_state(s.disc)[0] or {}
-    bad = [k for k, v in {**student, **disc}.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    (student, _), (disc, _) = full_state(s.model), full_state(s.disc)
+    bad = [k for k, v in {**student, **(disc or {})}.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         fail(f"the trained weights are not finite ({len(bad)} tensors, e.g. {bad[0]}); {a.out} unchanged; lower --lr")
     if RANKS.rank == 0:
         save_student(unwrap(s.model), s.processor, a.out, student)
-    if RANKS.rank == 0 and disc:
-        parts = {"backbone": {}, "head": {}}  # D's two parts, as discriminator.pt keeps them
-        for k, v in disc.items():
-            parts[k.split(".")[0]][k.split(".", 1)[1]] = v
-        write_atomic(os.path.join(a.out, "discriminator.pt"), lambda f: torch.save(parts, f), "wb")
+    if RANKS.rank == 0 and disc:  # Discriminator(student).load_state_dict(torch.load(it)) takes it back
+        write_atomic(os.path.join(a.out, "discriminator.pt"), lambda f: torch.save(disc, f), "wb")
 
 
 def lock_out(out: str) -> int:
-    """A run owns --out from the moment its flags are checked: rank 0 holds a lock (flock, which a killed process
-    drops) on the folder itself until it exits, so a second process is refused in one line whatever stage it is in."""
+    """--out is the run's from its checks on: rank 0 makes it, writes there, and flocks it until it exits."""
     if os.environ.get("RANK", "0") != "0":
         return None
-    os.makedirs(out, exist_ok=True)
-    fd = os.open(out, os.O_RDONLY)
+    try:
+        os.makedirs(out, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+        fd = os.open(out, os.O_RDONLY)
+    except OSError as e:
+        fail(f"--out {out}: cannot write in it ({e.strerror}); choose another --out")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -1685,8 +1650,7 @@ def lock_out(out: str) -> int:
 
 
 def stopped(a: Args, run: Run, argv: list, e: Exception):
-    """Any failure once the run is under way (an input gone, a write refused, out of memory): one line with what
-    failed, what was kept and the command that continues; never a half-updated checkpoint, since none is written."""
+    """A failure once the run is under way: one line with what failed, what was kept and the command that continues."""
     where = "SFT or D pre-training" if run.step is None else f"step {run.step + 1}"
     kept = f"the last complete checkpoint is {run.last}" if run.last else "nothing was saved"
     cmd = f"--out {a.out} --resume --steps {a.steps}" if run.last else " ".join(argv)
