@@ -1375,14 +1375,15 @@ def full_state(model, opt=None) -> tuple:
     """(model, optimizer) state dicts, whole, on the CPU, of a plain, DDP or FSDP2 model (every rank calls it)."""
     if model is None:  # no reference (beta = 0) or no D (the baselines)
         return None, None
-    return get_state_dict(model, opt or [], options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    opt = opt if opt is not None and opt.state else []  # an empty AdamW: DCP would take a step to fill it (count 1)
+    return get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def load_full_state(model, opt, state: dict, opt_state: dict):
     """The inverse of full_state: whole state dicts into a model (sharded or not) and its optimiser, if any."""
-    options = StateDictOptions(full_state_dict=True)
+    options, opt = StateDictOptions(full_state_dict=True), opt if opt_state else []  # an empty one stays empty
     if model is not None:
-        set_state_dict(model, opt or [], model_state_dict=state, optim_state_dict=opt_state or {}, options=options)
+        set_state_dict(model, opt, model_state_dict=state, optim_state_dict=opt_state or {}, options=options)
 
 
 # -- 15. Checkpoints, resume, logs and signals: the `run` that train() is given ---------------------

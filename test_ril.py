@@ -2520,6 +2520,22 @@ def test_under_fsdp2_the_log_probs_are_not_a_view_so_fsdp2_does_not_warn(tiny, t
         dist.destroy_process_group()
 
 
+def test_a_checkpoint_of_a_fresh_optimiser_leaves_it_fresh():
+    """torch.distributed.checkpoint fills an empty AdamW's state by a step at lr 0 (its step count becomes 1, and
+    Adam's bias correction then differs from a run that never saved): full_state and load_full_state must not."""
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    state, opt_state = ril.full_state(model, opt)
+    ril.load_full_state(model, opt, state, opt_state)
+    assert not opt.state and not opt_state
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    copy = torch.nn.Linear(3, 2)
+    other = torch.optim.AdamW(copy.parameters(), lr=1e-3)
+    ril.load_full_state(copy, other, *ril.full_state(model, opt))
+    assert [s["step"].item() for s in other.state.values()] == [1.0, 1.0]
+
+
 def test_a_resume_with_another_number_of_processes_is_refused_in_one_line(two_steps, tmp_path, capsys, monkeypatch):
     out = copy_of(two_steps, tmp_path)
     monkeypatch.setenv("WORLD_SIZE", "2")

@@ -18,6 +18,7 @@ import contextlib
 import io
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import threading
@@ -49,10 +50,6 @@ BENCH_WORKLOADS = {
         151936,
     ),
 }
-
-
-def _median(xs):
-    return sorted(xs)[len(xs) // 2]
 
 
 def _clock(dev) -> float:
@@ -224,16 +221,19 @@ def bench_workload(name: str, size: dict, overrides: dict, vocab: int = 0, steps
             for k, t0, t1_ in zip(floor, t[:-1], t[1:], strict=True):
                 floor[k].append(t1_ - t0)
             shared.append(_clock(dev) - t1)
-    floor = {k: _median(v) for k, v in floor.items()}
-    ph = {k: _median([p.get(k, 0.0) for p in phases]) for k in ("generate", "ref", "disc", "policy", "optimizer")}
+    floor = {k: statistics.median(v) for k, v in floor.items()}
+    ph = {
+        k: statistics.median([p.get(k, 0.0) for p in phases])
+        for k in ("generate", "ref", "disc", "policy", "optimizer")
+    }
     mem.on = False
     return dict(
         name=name,
-        step=_median(step_t),
+        step=statistics.median(step_t),
         phases=ph,
         floor=floor,
         floor_total=sum(floor.values()),
-        shared=_median(shared),
+        shared=statistics.median(shared),
         peaks={k: v / 2**20 for k, v in peaks.items()},
         device=str(dev),
         sampling=sampling_share(model, enc_g, a, tok),
@@ -376,7 +376,7 @@ def sft_step_time(vocab: int = 0, steps: int = 7, warmup: int = 2) -> float:
             ril.sft_warmup(ril.Args(sft_steps=warmup + steps + 1), ril.State(model.to(dev), proc, dev), rows)
     finally:
         ril.clip_and_step = real
-    return _median([t1 - t0 for t0, t1 in zip(done[warmup:-1], done[warmup + 1 :], strict=True)])
+    return statistics.median([t1 - t0 for t0, t1 in zip(done[warmup:-1], done[warmup + 1 :], strict=True)])
 
 
 def run_sft_bench():
