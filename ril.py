@@ -1253,8 +1253,8 @@ def save_student(model, processor, folder: str, weights: dict):
     model.save_pretrained(tmp, state_dict={k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()})
     processor.save_pretrained(tmp)
     config = os.path.join(tmp, "config.json")
-    fixed = {**json.load(open(config)), "dtype": str(dtype).removeprefix("torch.")}  # in tmp: no need to be atomic
-    json.dump(fixed, open(config, "w"), indent=2)
+    fixed = {**json.load(open(config)), "dtype": str(dtype).removeprefix("torch.")}
+    write_atomic(config, lambda f: json.dump(fixed, f, indent=2))  # the file closed, as every other write
     for f in os.listdir(tmp):
         os.replace(os.path.join(tmp, f), os.path.join(folder, f))
     os.rmdir(tmp)
