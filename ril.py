@@ -434,8 +434,8 @@ def grad_sync(model, last: bool):
     return model.no_sync()
 
 
-def disc_update(disc, opt, tokenizer, texts: list, is_teacher: torch.Tensor, a: Config, device) -> tuple:
-    """Eq. 1, max log D(student) + log(1 - D(teacher)), as one BCE step (student 1, teacher 0) -> (metrics, logits)."""
+def disc_update(disc, opt, tokenizer, texts: list, is_teacher: torch.Tensor, a: Config, device) -> dict:
+    """Eq. 1, max log D(student) + log(1 - D(teacher)), as one BCE step (student 1, teacher 0) -> metrics."""
     disc.train()
     order = torch.argsort(is_teacher, stable=True).tolist()  # students first, then teachers
     labels, n = 1.0 - is_teacher.float(), len(texts)  # (N,)
@@ -451,7 +451,7 @@ def disc_update(disc, opt, tokenizer, texts: list, is_teacher: torch.Tensor, a: 
     _, skipped = clip_and_step(opt, disc.parameters(), loss, a.max_grad_norm)
     right = ((logits > 0).float() == labels).float()
     metrics = {"disc/loss": loss.item(), "disc/acc_student": right[labels == 1].mean().item()}
-    return {**metrics, "disc/acc_teacher": right[labels == 0].mean().item(), "guard/disc_skipped": skipped}, logits
+    return {**metrics, "disc/acc_teacher": right[labels == 0].mean().item(), "guard/disc_skipped": skipped}
 
 
 def similarity_reward(d_logits: torch.Tensor, a: Config) -> torch.Tensor:
@@ -613,7 +613,7 @@ def ril_step(a: Config, s: State, batch: list, step: int) -> tuple:
     if ril:
         # 4: update D on this step's texts, students 1 and teachers 0 (Eq. 1, mu = 1)
         if a.disc_lr > 0:
-            metrics.update(disc_update(s.disc, s.d_opt, tok, ro["texts"], ro["is_teacher"], a, s.device)[0])
+            metrics.update(disc_update(s.disc, s.d_opt, tok, ro["texts"], ro["is_teacher"], a, s.device))
         # 5: r_sim of all 2G texts by the just-updated D [P] Alg. 2
         d_logits = disc_logits(s.disc.eval(), tok, ro["texts"], s.device, a.micro_batch)  # (B * 2G,)
         r_sim = similarity_reward(d_logits, a)
@@ -1077,9 +1077,14 @@ class ImageOnlyQwen2VLProcessor(transformers.Qwen2VLProcessor):
         return {**super().to_dict(), "processor_class": "Qwen2VLProcessor"}
 
 
-def tiny_tokenizer(corpus: list, specials: list = SPECIALS, chat_template: str = TINY_CHAT_TEMPLATE):
-    """A byte-level BPE (600 entries) trained on the task's texts, so that words are single tokens; pad != eos."""
+def tiny_tokenizer(rows: list, texts=(), specials: list = SPECIALS, chat_template: str = TINY_CHAT_TEMPLATE):
+    """A byte-level BPE (600 entries) trained on D's prompt, the chat roles, every text of the rows and `texts`, so that
+    words are single tokens; pad != eos. The tests and make bench build theirs here too."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    corpus = [DISC_SYSTEM, DISC_USER, "user assistant system", *texts]
+    for r in rows:
+        corpus += [r["question"], r["answer"]] + [t for ts in r["teachers"].values() for t in ts]
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -1092,9 +1097,9 @@ def tiny_tokenizer(corpus: list, specials: list = SPECIALS, chat_template: str =
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, **special)
 
 
-def build_tiny(corpus: list, hidden: int = 64, layers: int = 2) -> tuple:
+def build_tiny(rows: list, hidden: int = 64, layers: int = 2) -> tuple:
     """A random tiny Qwen2-VL (a 1-block vision tower) and its processor: 64 wide learns the toy task on a CPU."""
-    tok = tiny_tokenizer(corpus)
+    tok = tiny_tokenizer(rows)
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIALS}
     half = hidden // 8  # M-RoPE sections (t, h, w) add up to head_dim / 2, with 4 heads
     mrope = {"type": "mrope", "mrope_section": [half - 2 * (half // 3), half // 3, half // 3]}
@@ -1219,10 +1224,10 @@ def load_model(name: str, a: Args, dtype, flag: str, auto_class=transformers.Aut
     return model, processor
 
 
-def load_student(a: Args, corpus: list, device, dtype) -> tuple:
-    """The student, with --freeze-vision and --grad-checkpointing applied, and its processor."""
+def load_student(a: Args, rows: list, device, dtype) -> tuple:
+    """The student, with --freeze-vision and --grad-checkpointing applied, and its processor (tiny: from the rows)."""
     # loaded in its checkpoint's dtype, which config.dtype keeps for the saved student, then cast to the trained one
-    model, processor = build_tiny(corpus) if a.student == "tiny" else load_model(a.student, a, "auto", "--student")
+    model, processor = build_tiny(rows) if a.student == "tiny" else load_model(a.student, a, "auto", "--student")
     tok = processor.tokenizer
     # pad = EOS would mask out EOS, and the student would never learn to stop
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
@@ -1575,10 +1580,7 @@ def setup(a: Args, device, mode: str, resumed) -> tuple:
     check_plan(a, device, teacher_models)
     for spec in teacher_models:  # before the student, so that a teacher has the GPU to itself
         model_teacher_texts(spec, rows + eval_rows, a, device, frozen)
-    corpus = [DISC_SYSTEM, DISC_USER, "user assistant system"]  # the tiny tokenizer's training texts
-    for r in sft_rows + rows + eval_rows:
-        corpus += [r["question"], r["answer"]] + [t for ts in r["teachers"].values() for t in ts]
-    model, processor = load_student(a, corpus, device, trained)
+    model, processor = load_student(a, sft_rows + rows + eval_rows, device, trained)
     judge = MatchJudge(rows) if a.judge == "match" else ModelJudge(a.judge, a, device, frozen)
     for r in rows + eval_rows:
         if a.judge == "match" and not normalize(r["answer"]):

@@ -103,16 +103,11 @@ def plain_token_logprobs(model, enc, comp, comp_mask, temperature, chunk=None):
     return logits.gather(-1, comp[..., None]).squeeze(-1) - logits.logsumexp(-1)
 
 
-def corpus(rows: list) -> list:
-    """Every text of the rows, to train the tiny tokenizer on."""
-    return [s for r in rows for s in [r["question"], r["answer"]] + [t for ts in r["teachers"].values() for t in ts]]
-
-
 def bench_model(size: dict, vocab: int = 0, rows: list = ()) -> tuple:
     """A random tiny Qwen2-VL; with vocab, its (tied) embedding and LM head grown to that many entries, as a real
     student's."""
     torch.manual_seed(0)
-    model, proc = ril.build_tiny(corpus(list(rows)) + [ril.DISC_SYSTEM, ril.DISC_USER], **size)
+    model, proc = ril.build_tiny(list(rows), **size)
     if vocab:
         model.resize_token_embeddings(vocab)
     return model, proc
