@@ -144,7 +144,7 @@ def sample_teacher_texts(row, teachers, G: int, rng: random.Random) -> list:
     G), drawn without replacement unless a teacher has too few."""
     out = []
     for i, t in enumerate(teachers):
-        texts, k = row["teachers"][t], len(range(i, G, len(teachers)))  # slots i, i+T, ... -> teacher i
+        texts, k = row["teachers"][t], len(range(i, G, len(teachers)))  # slots i, i+T, ...
         out += rng.sample(texts, k) if k <= len(texts) else [rng.choice(texts) for _ in range(k)]
     return out
 
@@ -154,7 +154,7 @@ def encode_prompts(processor, rows: list, device) -> dict:
     image tokens but not pixel_values, the most reported Qwen2-VL crash in RL trainers."""
     msgs = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r["question"]}]}] for r in rows]
     texts = [processor.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in msgs]
-    images = [r["image"]() if callable(r["image"]) else r["image"] for r in rows]  # an image, or a function opening it
+    images = [r["image"]() if callable(r["image"]) else r["image"] for r in rows]  # or a function opening it
     enc = processor(text=texts, images=images, padding=True, return_tensors="pt")
     return {k: v.to(device) for k, v in enc.items()}
 
@@ -242,11 +242,11 @@ def sample_top_k_top_p(a: Config, input_ids, scores: torch.Tensor) -> torch.Tens
     152k entries HF's were 86% of generate in make bench); the same distribution, by
     test_the_top_k_sampler_draws_from_the_distribution_of_hf_sampling. Returns -inf but at the drawn token."""
     scores = scores / a.temperature
-    if a.top_k == 0 and a.top_p >= 1:  # nothing to cut (TRL's and vLLM's default): no sort, a draw over the vocabulary
+    if a.top_k == 0 and a.top_p >= 1:  # nothing to cut (TRL's and vLLM's default): no sort
         pick = torch.multinomial(scores.softmax(-1), 1)
     else:
-        top, idx = scores.topk(min(a.top_k or scores.shape[-1], scores.shape[-1]))  # (N, k), descending
-        drop = (top.flip(-1).softmax(-1).cumsum(-1) <= 1 - a.top_p).flip(-1)  # HF's top-p: the tail of mass <= 1 - p
+        top, idx = scores.topk(min(a.top_k or scores.shape[-1], scores.shape[-1]))  # (N, k)
+        drop = (top.flip(-1).softmax(-1).cumsum(-1) <= 1 - a.top_p).flip(-1)  # HF's top-p
         drop[:, 0] = False  # the best token always stays
         pick = idx.gather(-1, torch.multinomial(top.masked_fill(drop, -float("inf")).softmax(-1), 1))  # (N, 1)
     return torch.full_like(scores, -float("inf")).scatter_(-1, pick, 0.0)
@@ -275,20 +275,20 @@ def rollout(a: Config, s: State, batch: list, rng: random.Random, with_teachers:
     enc = encode_prompts(s.processor, batch, s.device)
     gen_cfg = generation_config(a, model, tok, greedy=False)
     sampler = functools.partial(sample_top_k_top_p, a)
-    sampled, mask = generate(model, repeat_prompts(enc, a.G), gen_cfg, sampler, RANKS.sharded)  # (B * G, T)
+    sampled, mask = generate(model, repeat_prompts(enc, a.G), gen_cfg, sampler, RANKS.sharded)
     sample_ids = [c[m.bool()].tolist() for c, m in zip(sampled, mask, strict=True)]
     samples = list(zip(sample_ids, tok.batch_decode(sampled, skip_special_tokens=True), strict=True))
-    items, is_teacher, answers, questions = [], [], [], []  # (token ids, text) of every text, group by group
+    items, is_teacher, answers, questions = [], [], [], []  # items: (token ids, text)
     for b, row in enumerate(batch):
         group = samples[b * a.G : (b + 1) * a.G]
-        if with_teachers:  # D and the judge read what the policy trains on: a text longer than L_max, cut
+        if with_teachers:  # D and the judge read what the policy trains on: cut to L_max
             teacher_ids = [text_ids(tok, t, a.max_new_tokens) for t in sample_teacher_texts(row, s.teachers, a.G, rng)]
             group += list(zip(teacher_ids, tok.batch_decode(teacher_ids, skip_special_tokens=True), strict=True))
         items += group
         is_teacher += [0] * a.G + [1] * (len(group) - a.G)
         answers += [row["answer"]] * len(group)
         questions += [row["question"]] * len(group)
-    comp, comp_mask = pad_right([x for x, _ in items], tok.pad_token_id, s.device)  # every text, right-padded
+    comp, comp_mask = pad_right([x for x, _ in items], tok.pad_token_id, s.device)
     ro = dict(enc=enc, comp=comp, mask=comp_mask, texts=[t for _, t in items], answers=answers, questions=questions)
     ro["is_teacher"] = torch.tensor(is_teacher, device=s.device)
     ro["truncated"] = hit_cap(sampled, gen_cfg).float().mean().item()
@@ -309,7 +309,7 @@ def token_logprobs(model, enc: dict, comp: torch.Tensor, comp_mask: torch.Tensor
     M-RoPE positions itself (1-D ones silently corrupt the logits). Divided by the sampling temperature, as TRL does."""
     T = comp.shape[1]
     extra = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
-    for k in [k for k in extra if "token_type_ids" in k]:  # per-token types: the completion's are 0, text
+    for k in [k for k in extra if "token_type_ids" in k]:  # the completion is text: 0
         extra[k] = torch.cat([extra[k], torch.zeros_like(comp)], 1)
     ids = torch.cat([enc["input_ids"], comp], 1)
     attention = torch.cat([enc["attention_mask"], comp_mask], 1)
@@ -328,10 +328,10 @@ def token_logprobs(model, enc: dict, comp: torch.Tensor, comp_mask: torch.Tensor
         """Stands in for the head: (N, T, d) hidden states -> (N, T) log-probs, one chunk at a time."""
         h = h.flatten(0, 1)
         parts = [checkpoint(logp, h[i:j], y[i:j], use_reentrant=False) for i, j in chunks(len(y), n)]
-        return torch.cat(parts).view_as(comp).clone()  # not a view: FSDP2 warns when a module returns one
+        return torch.cat(parts).view_as(comp).clone()  # FSDP2 warns of a view
 
     head.forward = chunked_head
-    keep = torch.arange(ids.shape[1] - T - 1, ids.shape[1] - 1, device=ids.device)  # positions that predict o_1..o_T
+    keep = torch.arange(ids.shape[1] - T - 1, ids.shape[1] - 1, device=ids.device)  # predict o_1..o_T
     try:
         return model(input_ids=ids, attention_mask=attention, **extra, use_cache=False, logits_to_keep=keep).logits
     finally:
@@ -361,7 +361,7 @@ class Discriminator(nn.Module):
     """D_phi [P] §3.1: the student's language model (its weights: the paper's answer to GAN imbalance) with a d x 1
     head for the LM head, read at the last token. sigmoid(D(o)) = P(student)."""
 
-    share_prefix = True  # off under --shard and --grad-checkpointing (they need one plain call per layer)
+    share_prefix = True  # off under --shard and --grad-checkpointing: one plain call per layer
 
     def __init__(self, student):
         super().__init__()
@@ -382,7 +382,7 @@ class Discriminator(nn.Module):
         out = self.backbone(input_ids=ids[:, k:], attention_mask=mask, past_key_values=cache, use_cache=False)
         last = mask.sum(1) - 1 - k  # (N,) each row's last real token
         h = out.last_hidden_state[torch.arange(len(ids), device=ids.device), last]  # (N, d)
-        return self.head(h).squeeze(-1).float().clone()  # a fresh tensor: FSDP2 hooks its backward onto the output
+        return self.head(h).squeeze(-1).float().clone()  # FSDP2 hooks the output
 
     def shared_prefix(self, ids, mask) -> int:
         """How many leading tokens all rows share, each row keeping its last token; 0 if under 8 or switched off."""
@@ -393,13 +393,13 @@ class Discriminator(nn.Module):
         return k
 
 
-@functools.lru_cache(maxsize=1 << 17)  # teacher texts come back every epoch; student samples rarely (bounded)
+@functools.lru_cache(maxsize=1 << 17)  # teacher texts come back every epoch (bounded)
 def disc_prompt_ids(tokenizer, text: str) -> list:
     """The Fig. 3 prompt around one text. Student samples are decoded and re-encoded like teacher texts, so D sees what
     they say, not how they were tokenised; the text is plain text."""
     msgs = [{"role": "system", "content": DISC_SYSTEM}, {"role": "user", "content": DISC_USER}]
     pre, post = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True).split("{response}")
-    pre = tokenizer(pre, add_special_tokens=False)["input_ids"]  # the prompt's own special tokens stay special
+    pre = tokenizer(pre, add_special_tokens=False)["input_ids"]  # its special tokens stay
     post = tokenizer(post, add_special_tokens=False)["input_ids"]
     return pre + plain_ids(tokenizer, text) + post
 
@@ -417,7 +417,7 @@ def clip_and_step(opt, params, loss: torch.Tensor, max_norm: float) -> tuple:
     """Clip the gradient, step only if it and the loss are finite (one NaN step would poison every weight and
     the AdamW moments with it), then set the gradients to None. Returns (gradient norm, 1.0 if skipped)."""
     norm = nn.utils.clip_grad_norm_(params, max_norm)
-    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2 returns a sharded norm
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: a sharded norm
     ok = bool(torch.isfinite(loss) and torch.isfinite(norm))
     if ok:
         opt.step()
@@ -474,7 +474,7 @@ def group_advantages(rewards: torch.Tensor, group: int, scale_std: bool, first: 
     [0.0, 0.0, 1.0, 1.0]
     """
     r = rewards.view(-1, group)  # (B, group)
-    adv = r - r[:, : first or group].mean(1, keepdim=True)  # the mean of the first k, or of the whole group
+    adv = r - r[:, : first or group].mean(1, keepdim=True)  # (B, 1)
     if scale_std:
         adv = adv / (r.std(1, keepdim=True) + 1e-4)
     return adv.view(-1)
@@ -497,7 +497,7 @@ def policy_loss(logp, old_logp, ref_logp, adv, mask, a: Config, n_seqs: int = 0,
     ratio = torch.exp((logp - old_logp).clamp(-20, 20))  # clamped, so exp cannot overflow
     A = adv[:, None]
     per_token = torch.min(ratio * A, ratio.clamp(1 - a.eps, 1 + a.eps) * A)  # (n, T)
-    if unclipped is not None:  # a ratio pi_theta <= 1 clipped at 1 - eps would get no gradient when A < 0
+    if unclipped is not None:  # pi_theta <= 1 clipped at 1 - eps: no gradient when A < 0
         per_token = torch.where(unclipped[:, None], ratio * A, per_token)
     kl = torch.zeros_like(logp)
     if ref_logp is not None:  # [R] k3, the estimator GRPO and TRL use; the paper names none
@@ -508,7 +508,7 @@ def policy_loss(logp, old_logp, ref_logp, adv, mask, a: Config, n_seqs: int = 0,
         loss = -((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).mean() * (len(mask) / n_seqs)
     else:
         loss = -(per_token * mask).sum() / (n_seqs * a.max_new_tokens)
-    clipped = ((ratio > 1 + a.eps) & (A > 0)) | ((ratio < 1 - a.eps) & (A < 0))  # the clips that bind, as TRL counts
+    clipped = ((ratio > 1 + a.eps) & (A > 0)) | ((ratio < 1 - a.eps) & (A < 0))  # as TRL counts
     clipped = clipped.float()
     return loss, {"clipped": (clipped * mask).sum().detach(), "kl": (kl * mask).sum().detach(), "tokens": mask.sum()}
 
@@ -523,7 +523,7 @@ def policy_update(a: Config, s: State, enc: dict, comp, mask, adv, is_teacher=No
     def logprobs(model, i, j):
         return token_logprobs(model, select_prompts(enc, list(range(i, j))), comp[i:j], mask[i:j], a.temperature)
 
-    with torch.no_grad():  # with mu = 1 pi_old is the current policy: its log-probs need no extra forward
+    with torch.no_grad():  # with mu = 1 pi_old is the current policy: no extra forward
         old_logp = None
         if a.mu > 1:
             old_logp = torch.cat([logprobs(s.model, i, j) for i, j in parts])
@@ -536,10 +536,10 @@ def policy_update(a: Config, s: State, enc: dict, comp, mask, adv, is_teacher=No
         for i, j in parts:
             with grad_sync(s.model, last=j == N):
                 logp = logprobs(s.model, i, j)  # (n, T)
-                # pi_old: the policy without the top-k, top-p and repetition penalty of the sampling (as TRL's)
+                # pi_old: the policy without the sampling's top-k, top-p and repetition penalty (as TRL)
                 old = logp.detach() if old_logp is None else old_logp[i:j]
                 unclipped = None
-                if is_teacher is not None and a.teacher_ratio == "one":  # a teacher text's pi_old taken as 1 (README)
+                if is_teacher is not None and a.teacher_ratio == "one":  # pi_old = 1
                     unclipped = is_teacher[i:j] > 0
                     old = old.masked_fill(unclipped[:, None], 0.0)
                 ref = None if ref_logp is None else ref_logp[i:j]
@@ -605,19 +605,19 @@ def ril_step(a: Config, s: State, batch: list, step: int) -> tuple:
     ro = rollout(a, s, batch, random.Random(f"{a.seed}-ril-{step}"), with_teachers=ril)
     group = 2 * a.G if ril else a.G
     metrics = {"len/truncated_frac": ro["truncated"]}
-    # 3: r_ans in {0, 1} of every text [P] §3.3: the Fig. 4 LLM judge, or a whole-word answer matcher (part 2)
+    # 3: r_ans in {0, 1} of every text [P] §3.3: the Fig. 4 LLM judge, or an answer matcher (part 2)
     r_ans = torch.tensor(s.judge(ro["questions"], ro["answers"], ro["texts"]), device=s.device)
     if s.judge.unparsed is not None:
-        metrics["judge/unparsed"] = s.judge.unparsed  # verdicts without <answer>0|1</answer>, scored 0
-    d_logits, r_sim = torch.zeros_like(r_ans), torch.zeros_like(r_ans)  # the baselines have no D and no r_sim
+        metrics["judge/unparsed"] = s.judge.unparsed  # no <answer>0|1</answer>: 0
+    d_logits, r_sim = torch.zeros_like(r_ans), torch.zeros_like(r_ans)  # none in the baselines
     if ril:
         # 4: update D on this step's texts, students 1 and teachers 0 (Eq. 1, mu = 1)
         if a.disc_lr > 0:
             metrics.update(disc_update(s.disc, s.d_opt, tok, ro["texts"], ro["is_teacher"], a, s.device))
         # 5: r_sim of all 2G texts by the just-updated D [P] Alg. 2
-        d_logits = disc_logits(s.disc.eval(), tok, ro["texts"], s.device, a.micro_batch)  # (B * 2G,)
+        d_logits = disc_logits(s.disc.eval(), tok, ro["texts"], s.device, a.micro_batch)
         r_sim = similarity_reward(d_logits, a)
-    # 6: R = r_sim + r_ans, unweighted [P] §3.3; A = R - mean of all 2G [P] Eq. 2 (--baseline student: of the G samples)
+    # 6: R = r_sim + r_ans, unweighted [P] §3.3; A = R - mean of all 2G [P] Eq. 2 (or of the G samples)
     rewards = r_sim + r_ans
     first = a.G if ril and a.baseline == "student" else 0
     adv = group_advantages(rewards, group, scale_std=(a.algo == "grpo"), first=first)
@@ -650,7 +650,7 @@ def pass_at_g(a: Config, s: State, rows: list) -> float:
         for i in range(0, len(mine), a.batch_size):
             ro = rollout(a, s, mine[i : i + a.batch_size], random.Random(i), with_teachers=False)
             right = torch.tensor(s.judge(ro["questions"], ro["answers"], ro["texts"]))  # (B * G,)
-            hits += right.view(-1, a.G).amax(1).tolist()  # 1 where any of a question's G samples is right
+            hits += right.view(-1, a.G).amax(1).tolist()  # any of G right
     hits = RANKS.gather(hits)
     return sum(hits) / len(hits)
 
@@ -663,12 +663,12 @@ def train(a: Config, s: State, sft_rows: list, rows: list, eval_rows: list, run)
     if a.algo == "ril":
         s.disc = Discriminator(s.model)
     run.wrap(s)
-    s.opt = torch.optim.AdamW([p for p in s.model.parameters() if p.requires_grad], lr=a.lr)  # constant LRs [P] App. C
+    s.opt = torch.optim.AdamW([p for p in s.model.parameters() if p.requires_grad], lr=a.lr)  # constant
     if s.disc is not None:
         s.d_opt = torch.optim.AdamW(s.disc.parameters(), lr=a.disc_lr)
     start, before = run.resume(s)  # (1, None) for a fresh run
     if before is None:
-        # [R] Every algo starts from the same SFT'd student, so the Table 1 rows compare the RL stage alone.
+        # [R] Every algo starts from the same SFT'd student: the Table 1 rows compare the RL stage alone
         sft_warmup(a, s, sft_rows)
         if s.ref is not None:
             s.ref.load_state_dict(unwrap(s.model).state_dict())
