@@ -814,12 +814,9 @@ TEACHERS = {
 
 
 def draw_shape(d: ImageDraw.ImageDraw, shape: str, box, color):
-    if shape == "circle":
-        d.ellipse(box, fill=color)
-    elif shape == "square":
-        d.rectangle(box, fill=color)
-    else:
-        d.polygon([((box[0] + box[2]) / 2, box[1]), (box[2], box[3]), (box[0], box[3])], fill=color)
+    if shape == "triangle":  # its apex mid-top, its base the box's bottom edge
+        box = [((box[0] + box[2]) / 2, box[1]), (box[2], box[3]), (box[0], box[3])]
+    {"circle": d.ellipse, "square": d.rectangle, "triangle": d.polygon}[shape](box, fill=color)
 
 
 def make_toy(n: int, seed: int, task: str = "toy") -> list:
@@ -879,8 +876,7 @@ def load_jsonl(path: str) -> list:
         if not isinstance(row, dict):
             fail(f"{where}: expected a JSON object, got {type(row).__name__}")
         if bad := [k for k in ("image", "question", "answer") if not isinstance(row.get(k), str) or not row[k].strip()]:
-            missing = ", ".join(bad)
-            fail(f"{where}: missing field(s) {missing}; each row needs image, question and answer as non-empty strings")
+            fail(f"{where}: missing field(s) {', '.join(bad)}; each row needs them as non-empty strings")
         teachers = row.get("teachers", {})
         texts = teachers.values() if isinstance(teachers, dict) else [None]
         if not all(isinstance(v, list) and all(isinstance(t, str) for t in v) for v in texts):
@@ -891,7 +887,7 @@ def load_jsonl(path: str) -> list:
         try:  # Pillow reads the size from the header first and refuses a decompression bomb before decoding it
             Image.open(image).verify()
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            fail(f"{where}: cannot decode image {image} ({str(e).splitlines()[0][:80]}); replace it or drop the row")
+            fail(f"{where}: cannot decode image {image} ({first_line(e, 80)}); replace it or drop the row")
         row = dict(id=str(row.get("id", where)), question=row["question"], answer=row["answer"], teachers=teachers)
         rows.append(dict(row, image=functools.partial(open_image, image), where=where))
     if not rows:
@@ -964,8 +960,8 @@ def evaluate(a: Args, s: State, rows: list) -> tuple:
     gen_cfg = generation_config(a, model, tok, greedy=True)
     mine = RANKS.share(rows)  # under torchrun, this rank's share
     texts, lengths = [], []
-    for i in range(0, len(mine), a.gen_batch):
-        enc = encode_prompts(s.processor, mine[i : i + a.gen_batch], s.device)
+    for i, j in chunks(len(mine), a.gen_batch):
+        enc = encode_prompts(s.processor, mine[i:j], s.device)
         comp, mask = generate(model, enc, gen_cfg, synced=RANKS.sharded)
         texts += tok.batch_decode(comp, skip_special_tokens=True)
         lengths += mask.sum(1).tolist()
@@ -1035,8 +1031,7 @@ class ModelJudge:
         self.gen_cfg.max_new_tokens = a.judge_max_new_tokens
         self.unparsed, self.batch = 0.0, a.gen_batch
 
-    @torch.no_grad()
-    def complete(self, prompts: list) -> list:
+    def complete(self, prompts: list) -> list:  # generate() runs without gradients
         enc = self.tok(prompts, padding=True, return_tensors="pt", add_special_tokens=False).to(self.model.device)
         return self.tok.batch_decode(generate(self.model, enc, self.gen_cfg)[0], skip_special_tokens=True)
 
@@ -1046,7 +1041,7 @@ class ModelJudge:
             user = JUDGE_USER.format(question=q, answer=t, response=o)
             msgs = [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
             prompts.append(self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
-        texts = [t for i in range(0, len(prompts), self.batch) for t in self.complete(prompts[i : i + self.batch])]
+        texts = [t for i, j in chunks(len(prompts), self.batch) for t in self.complete(prompts[i:j])]
         found = [re.findall(r"<answer>\s*([01])\s*</answer>", t) for t in texts]
         self.unparsed = sum(not f for f in found) / max(len(found), 1)
         return [float(f[-1]) if f else 0.0 for f in found]  # the last verdict counts
@@ -1133,7 +1128,7 @@ def model_sizes(config, auto_class=transformers.AutoModelForImageTextToText) -> 
         model = auto_class.from_config(config)
     vision = sum(p.numel() for n, p in model.named_parameters() if set(n.split(".")) & set(VISION_TOWERS))
     lm = language_model(model) if auto_class is transformers.AutoModelForImageTextToText else model
-    return sum(p.numel() for p in model.parameters()), vision, sum(p.numel() for p in lm.parameters())
+    return model.num_parameters(), vision, sum(p.numel() for p in lm.parameters())
 
 
 def frozen_model(config, width: int, tokens: int, auto_class=transformers.AutoModelForImageTextToText) -> dict:
@@ -1185,11 +1180,9 @@ def check_plan(a: Args, device, teacher_models: list):
     for key, spec in [("student", a.student), ("judge", a.judge), *[(t, t) for t in teacher_models]]:
         with contextlib.suppress(OSError, ValueError, KeyError):  # 'tiny', 'match', or no config: the loader says why
             configs[key] = transformers.AutoConfig.from_pretrained(ALIASES.get(spec, spec), trust_remote_code=remote)
-    fixes = {
-        "activations": "--micro-batch 8, --grad-checkpointing or a lower --max-pixels",
-        "KV cache": "--gen-batch 16",
-    }
-    fixes.update(judge="--judge match, or a smaller --judge", weights="its texts in the rows (from GPUs of their own)")
+    fixes = {"KV cache": "--gen-batch 16", "judge": "--judge match, or a smaller --judge"}
+    fixes.update(activations="--micro-batch 8, --grad-checkpointing or a lower --max-pixels")
+    fixes.update(weights="its texts in the rows (from GPUs of their own)")
     free = torch.cuda.mem_get_info(device)[0]
     for phase, need in plan(a, configs, RANKS.world).items():
         if sum(need.values()) > free:
@@ -1587,8 +1580,7 @@ def setup(a: Args, device, mode: str, resumed) -> tuple:
             never = f"answer {r['answer']!r} has no letter or digit, so --judge match can never reward it"
             fail(f"{r['where']}: {never}; fix the row, drop it, or pass --judge MODEL")
     # the longest question's prompt, with its image, and --max-new-tokens must fit the student's positions
-    lens = [len(x) for x in processor.tokenizer([r["question"] for r in rows + eval_rows])["input_ids"]]
-    row = (rows + eval_rows)[lens.index(max(lens))]
+    row = max(rows + eval_rows, key=lambda r: len(processor.tokenizer(r["question"])["input_ids"]))
     n = len(encode_prompts(processor, [row], "cpu")["input_ids"][0])  # images as large as max_pixels allows
     limit = getattr(model.config.get_text_config(), "max_position_embeddings", 0)
     if limit and n + a.max_new_tokens > limit:  # a config without it is not checked
@@ -1596,7 +1588,7 @@ def setup(a: Args, device, mode: str, resumed) -> tuple:
         fail(f"{row['where']}: {what} of --student {a.student}; shorten the question or lower --max-new-tokens")
     eval_rows = eval_rows[: len(eval_rows) - len(eval_rows) % RANKS.world]  # every rank evaluates an equal share
     ranks = f"{RANKS.world} ranks, {'FSDP2' if RANKS.sharded else 'DDP'}" if RANKS.world > 1 else "one process"
-    size = f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params on {device} ({mode}, {ranks})"
+    size = f"{model.num_parameters() / 1e6:.2f}M params on {device} ({mode}, {ranks})"
     what = f"{len(rows)} train / {len(eval_rows)} held-out questions; teachers {teachers or '-'}"
     print(f"student {a.student}: {size}; algo {a.algo}; {what}")
     return State(model, processor, device, tuple(teachers), judge), sft_rows, rows, eval_rows, data
@@ -1642,13 +1634,12 @@ def lock_out(out: str) -> int:
         os.makedirs(out, exist_ok=True)
         tempfile.TemporaryFile(dir=out).close()
         fd = os.open(out, os.O_RDONLY)
-    except OSError as e:
-        fail(f"--out {out}: cannot write in it ({e.strerror}); choose another --out")
-    try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    except BlockingIOError:  # flock's: the lock is held (an OSError, so caught first)
         os.close(fd)
         fail(f"--out {out}: another process is running a job there; wait for it, or choose another --out")
+    except OSError as e:
+        fail(f"--out {out}: cannot write in it ({e.strerror}); choose another --out")
     return fd  # the lock lasts as long as this descriptor
 
 
