@@ -731,29 +731,14 @@ CHECKS = {"gt": (operator.gt, ">"), "ge": (operator.ge, ">="), "lt": (operator.l
 
 
 def parse_args(argv=None) -> Args:
-    """Every field of Config and Args is a flag, --name-with-dashes, with its help and default."""
+    """Every Config and Args field is a flag, --name-with-dashes, with its help and default; all are
+    checked before anything is loaded or written: one line names a bad flag and what it must be."""
     p = argparse.ArgumentParser(description="RIL (arXiv 2510.19307); ril.py's header has the usage", allow_abbrev=False)
     for f in fields(Args):
         kind = {"action": "store_true"} if f.type is bool else {"type": f.type}
         flag = "--" + f.name.replace("_", "-")
         p.add_argument(flag, **kind, default=f.default, help=f"{f.metadata['help']} (default: {f.default})")
-    return Args(**vars(p.parse_args(argv)))
-
-
-def first_line(e: Exception, n: int = 120) -> str:
-    """An exception's first line, at most n characters, or its type's name."""
-    return (str(e).strip() or type(e).__name__).splitlines()[0][:n]
-
-
-def fail(msg: str, all_ranks: bool = False):
-    """User mistakes get one actionable line (once, from rank 0 under torchrun) and exit code 2, never a traceback."""
-    if all_ranks or os.environ.get("RANK", "0") == "0":
-        print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
-def check_args(a: Args):
-    """Every flag before anything is loaded or written: one line naming the flag and what it must be."""
+    a = Args(**vars(p.parse_args(argv)))
     for f in fields(a):
         value = getattr(a, f.name)
         flag = f"--{f.name.replace('_', '-')} {value}"
@@ -767,6 +752,19 @@ def check_args(a: Args):
     for path in [a.student, a.judge, *a.teachers.split(",")]:
         if os.path.isdir(path) and os.path.realpath(path) == os.path.realpath(a.out):
             fail(f"--out {a.out} is the model folder {path}, which the run would overwrite: choose another --out")
+    return a
+
+
+def first_line(e: Exception, n: int = 120) -> str:
+    """An exception's first line, at most n characters, or its type's name."""
+    return (str(e).strip() or type(e).__name__).splitlines()[0][:n]
+
+
+def fail(msg: str, all_ranks: bool = False):
+    """User mistakes get one actionable line (once, from rank 0 under torchrun) and exit code 2, never a traceback."""
+    if all_ranks or os.environ.get("RANK", "0") == "0":
+        print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
 
 
 # -- 11. Data: the toy task and JSONL files --------------------------------------------------------
@@ -925,13 +923,12 @@ def resolve_teachers(a: Args, rows: list) -> tuple:
     for t in models:
         if t not in ALIASES and "/" not in t and not os.path.isdir(t):
             fail(f"--teachers {t}: not a teacher in {a.data} ({', '.join(in_data) or 'none'}) nor a model folder or id")
-    if a.algo == "ril":
-        if not names:
-            fail(f"{a.data}: no teacher texts; RIL needs the rows' 'teachers' field or a teacher model in --teachers")
-        for t in [t for t in names if t not in models]:
-            if lacking := [r for r in rows if not r["teachers"].get(t)]:
-                where = lacking[0]["where"]
-                fail(f"{where}: teacher '{t}' has no texts for {len(lacking)} row(s); add them or drop it")
+    if a.algo == "ril" and not names:
+        fail(f"{a.data}: no teacher texts; RIL needs the rows' 'teachers' field or a teacher model in --teachers")
+    for t in [t for t in names if a.algo == "ril" and t not in models]:
+        if lacking := [r for r in rows if not r["teachers"].get(t)]:
+            where = lacking[0]["where"]
+            fail(f"{where}: teacher '{t}' has no texts for {len(lacking)} row(s); add them or drop it")
     return names, models
 
 
@@ -1654,7 +1651,6 @@ def stopped(a: Args, run: Run, argv: list, e: Exception):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     a = parse_args(argv)
-    check_args(a)
     given = {x[2:].split("=")[0].replace("-", "_") for x in argv if x.startswith("--")}
     a, resumed = resume_state(a, given) if a.resume else (a, None)
     created, lock = not os.path.isdir(a.out), lock_out(a.out)
