@@ -1320,7 +1320,8 @@ class TorchrunRanks(Ranks):
         return rows[self.rank :: self.world]
 
     def mean(self, m: dict) -> dict:
-        return {k: sum(p[k] for p in self.gather([m])) / self.world for k in m}
+        every = self.gather([m])  # one collective for all the metrics
+        return {k: sum(p[k] for p in every) / self.world for k in m}
 
     def gather(self, xs: list) -> list:
         parts = [None] * self.world

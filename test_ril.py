@@ -2413,6 +2413,21 @@ def test_gradients_are_reduced_once_per_step_not_once_per_micro_batch(tiny, tmp_
         dist.destroy_process_group()
 
 
+def test_a_steps_metrics_are_averaged_over_ranks_in_one_gather(monkeypatch):
+    """RANKS.mean runs every step: one all_gather_object for the whole dict, not one a metric (there are ~20)."""
+    calls = []
+
+    def fake_all_gather(parts, xs):  # rank 1 reports each metric 2 higher
+        calls.append(xs)
+        parts[:] = [xs, [{k: v + 2 for k, v in xs[0].items()}]]
+
+    monkeypatch.setattr(ril.dist, "all_gather_object", fake_all_gather)
+    ranks = object.__new__(ril.TorchrunRanks)
+    ranks.rank, ranks.world, ranks.sharded = 0, 2, False
+    assert ranks.mean({"a": 1.0, "b": 3.0, "c": 0.0}) == {"a": 2.0, "b": 4.0, "c": 1.0}
+    assert len(calls) == 1
+
+
 def test_under_torchrun_other_ranks_wait_for_rank_0s_teacher_cache_and_never_generate(tmp_path, monkeypatch):
     rows = ril.make_toy(3, 0)
     a = args(out=str(tmp_path), teacher_samples=1)
