@@ -231,7 +231,8 @@ def generation_config(a: Config, model, tokenizer, greedy: bool) -> transformers
     names = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id", "image_token_index")
     vision = sorted({getattr(model.config, n) for n in names if isinstance(getattr(model.config, n, None), int)})
     cfg = transformers.GenerationConfig(do_sample=False, max_new_tokens=a.max_new_tokens, suppress_tokens=vision)
-    cfg.pad_token_id, cfg.eos_token_id = tokenizer.pad_token_id, sorted(set(eos) | {tokenizer.eos_token_id})
+    cfg.pad_token_id = tokenizer.pad_token_id
+    cfg.eos_token_id = sorted(set(eos) | {tokenizer.eos_token_id})
     cfg.repetition_penalty = 1.0 if greedy else a.repetition_penalty
     return cfg
 
@@ -775,7 +776,7 @@ QUESTIONS = {
         color=["What color is the shape?"], shape=["What shape is in the image?"], count=["How many shapes are there?"]
     ),
     "phrased": {
-        "color": ["Which color does the shape have?", "Name the color of the object."],  # two phrasings each
+        "color": ["Which color does the shape have?", "Name the color of the object."],  # two phrasings
         "shape": ["Which shape do you see?", "Name the shape in the picture."],
         "count": ["Count the shapes in the picture.", "How many objects do you see?"],
     },
@@ -825,10 +826,12 @@ def make_toy(n: int, seed: int, task: str = "toy") -> list:
         img = Image.new("RGB", (56, 56), "white")
         d = ImageDraw.Draw(img)
         color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
-        if kind == "count":  # 1-4 small shapes, one per 28x28 quadrant, so each image token sees one
+        if kind == "count":  # 1-4 small shapes, one per 28x28 quadrant: one per image token
             k = rng.randint(1, 4)
             for q in rng.sample(range(4), k):
-                ox, oy, s = 28 * (q % 2) + rng.randint(2, 6), 28 * (q // 2) + rng.randint(2, 6), rng.randint(14, 20)
+                ox = 28 * (q % 2) + rng.randint(2, 6)
+                oy = 28 * (q // 2) + rng.randint(2, 6)
+                s = rng.randint(14, 20)
                 draw_shape(d, rng.choice(SHAPES), (ox, oy, ox + s, oy + s), COLORS[rng.choice(list(COLORS))])
             answer = str(k)
         else:  # one big shape near the centre: each quadrant token sees a corner of it
@@ -838,7 +841,7 @@ def make_toy(n: int, seed: int, task: str = "toy") -> list:
             answer = color if kind == "color" else shape
         evidence, answer = answer, TRANSFER.get(answer, answer) if task == "transfer" else answer
         question = QUESTIONS[task][kind][i // 3 % len(QUESTIONS[task][kind])]
-        styles = {t: s if isinstance(s, list) else s[kind] for t, s in TEACHERS[task].items()}  # per kind, or for all
+        styles = {t: s if isinstance(s, list) else s[kind] for t, s in TEACHERS[task].items()}  # per kind
         teachers = {t: [p.format(a=answer, e=evidence) for p in frames] for t, frames in styles.items()}
         row = dict(id=f"{task}{seed}-{i}", image=img, question=question, answer=answer, teachers=teachers)
         rows.append(dict(row, where=f"{task} row {i}"))
@@ -849,7 +852,7 @@ def open_image(image) -> Image.Image:
     """RGB as a viewer shows it: EXIF rotation, transparency over white, 16-bit grey scaled (convert("RGB") alone
     turns transparent pixels black and every 16-bit value above 255 white)."""
     img = ImageOps.exif_transpose(image if isinstance(image, Image.Image) else Image.open(image))
-    if img.mode.startswith("I;16") or (img.mode == "I" and img.getextrema()[1] > 255):  # 16-bit: 65535 is white
+    if img.mode.startswith("I;16") or (img.mode == "I" and img.getextrema()[1] > 255):  # 16-bit
         img = img.convert("I").point(lambda v: v / 256).convert("L")
     if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
         img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA"))
@@ -864,7 +867,7 @@ def load_jsonl(path: str) -> list:
     for n, raw in enumerate(open(path, "rb"), 1):
         where = f"{path}:{n}"
         try:
-            row = json.loads(raw.decode("utf-8-sig"))  # a byte-order mark, as some editors write, is read as UTF-8
+            row = json.loads(raw.decode("utf-8-sig"))  # a byte-order mark is fine
         except UnicodeDecodeError as e:
             fail(f"{where}: not UTF-8 (byte {e.start}); re-save the file as UTF-8")
         except json.JSONDecodeError as e:
@@ -879,10 +882,10 @@ def load_jsonl(path: str) -> list:
         texts = teachers.values() if isinstance(teachers, dict) else [None]
         if not all(isinstance(v, list) and all(isinstance(t, str) for t in v) for v in texts):
             fail(f'{where}: "teachers" must map a teacher name to a list of texts')
-        image = os.path.join(os.path.dirname(os.path.abspath(path)), row["image"])  # an absolute path stays as it is
+        image = os.path.join(os.path.dirname(os.path.abspath(path)), row["image"])  # or absolute
         if not os.path.isfile(image):
             fail(f"{where}: image not found: {image} (paths are relative to the JSONL file's folder)")
-        try:  # Pillow reads the size from the header first and refuses a decompression bomb before decoding it
+        try:  # Pillow reads the header first and refuses a decompression bomb before decoding
             Image.open(image).verify()
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             fail(f"{where}: cannot decode image {image} ({first_line(e, 80)}); replace it or drop the row")
@@ -895,7 +898,7 @@ def load_jsonl(path: str) -> list:
 
 def load_data(a: Args) -> tuple:
     """(Stage 0 rows, RL rows, held-out rows). Ids are unique over the files: a file given twice is refused."""
-    sft = a.sft_data or {"transfer": "toy"}.get(a.data, a.data)  # 'transfer' builds on the skills of 'toy'
+    sft = a.sft_data or {"transfer": "toy"}.get(a.data, a.data)  # 'transfer' builds on 'toy'
     sft_rows = [] if sft == a.data else make_toy(a.toy_size, a.seed, sft) if sft in QUESTIONS else load_jsonl(sft)
     if a.data in QUESTIONS:
         rows = make_toy(a.toy_size, a.seed, a.data)
@@ -934,7 +937,7 @@ def resolve_teachers(a: Args, rows: list) -> tuple:
 
 # -- 12. Evaluation and r_ans: greedy answers, the answer matcher and the Fig. 4 judge (its prompt as printed) --
 NUMBER_WORDS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
-UNSPACED = "\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u2e80-\u9fff\uf900-\ufaff"  # Thai, Lao, Burmese, Khmer, CJK, kana
+UNSPACED = "\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u2e80-\u9fff\uf900-\ufaff"  # Thai ... CJK
 
 
 def normalize(text: str) -> list:
@@ -963,14 +966,14 @@ def evaluate(a: Args, s: State, rows: list) -> tuple:
         texts += tok.batch_decode(comp, skip_special_tokens=True)
         lengths += mask.sum(1).tolist()
     theirs = [[normalize(t) for ts in r["teachers"].values() for t in ts] for r in mine]
-    match = [float(normalize(o) in t) for o, t in zip(texts, theirs, strict=True)]  # word for word a teacher's text
+    match = [float(normalize(o) in t) for o, t in zip(texts, theirs, strict=True)]  # word for word
     acc = s.judge([r["question"] for r in mine], [r["answer"] for r in mine], texts)
     scores = {"eval/acc": acc, "eval/teacher_match": match, "eval/len": lengths}
     if s.disc is not None:
         scores["eval/teacher_like"] = (1 - torch.sigmoid(disc_logits(s.disc, tok, texts, s.device, 64))).tolist()
     gathered = {k: RANKS.gather(v) for k, v in scores.items()}  # every rank's share
     metrics = {k: sum(v) / len(v) for k, v in gathered.items()}
-    order = RANKS.gather(RANKS.share(list(range(len(rows)))))  # every answer, in row order, on every rank
+    order = RANKS.gather(RANKS.share(list(range(len(rows)))))  # rows' order
     return metrics, [t for _, t in sorted(zip(order, RANKS.gather(texts), strict=True))]
 
 
@@ -988,7 +991,7 @@ def answer_match(response: str, answer: str, candidates: frozenset = frozenset()
     containment is gamed within 100 steps on the toy task: the policy learns to list every answer ("3 count 4 4 4")."""
     t = tuple(normalize(answer))
     found = spans(normalize(response), max(3, len(t)))
-    others = (found & candidates) - spans(list(t), len(t))  # candidate answers named besides this one
+    others = (found & candidates) - spans(list(t), len(t))  # other answers named
     return float(bool(t) and t in found and not others)
 
 
@@ -1054,7 +1057,7 @@ TINY_CHAT_TEMPLATE = (
     "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-VISION_TOWERS = ("visual", "vision_tower", "vision_model")  # the vision encoder's module name in the families we know
+VISION_TOWERS = ("visual", "vision_tower", "vision_model")  # the families we know
 
 
 class ImageOnlyQwen2VLProcessor(transformers.Qwen2VLProcessor):
@@ -1140,23 +1143,27 @@ def plan(a: Args, configs: dict, world: int = 1) -> dict:
     """Bytes per GPU at each phase's peak, {phase: {part: bytes}}, from the configs of the student, a judge model and
     each teacher model [R]: weights, gradients and AdamW moments exactly; activations at 34 bytes kept per token, hidden
     unit and layer (Korthikanti et al. 2022), 2 with --grad-checkpointing (plus one layer's 34)."""
-    w, f, split = 2 if a.dtype == "bf16" else 4, 4 if a.dtype == "fp32" else 2, world if a.shard else 1
+    w = 2 if a.dtype == "bf16" else 4  # bytes a trained weight, and each of its gradient and AdamW moments
+    f = 4 if a.dtype == "fp32" else 2  # bytes a frozen weight: teachers, the judge, the reference
+    split = world if a.shard else 1
     tokens = a.max_pixels // 28**2 + 64 + a.max_new_tokens  # a prompt and its answer
-    q = max(1, a.gen_batch // a.teacher_samples) * a.teacher_samples  # sequences a teacher's generate call makes
+    q = max(1, a.gen_batch // a.teacher_samples) * a.teacher_samples  # a teacher's generate call
     teachers = {k: c for k, c in configs.items() if k not in ("student", "judge")}
     phases = {f"teacher {k}": frozen_model(c, f, q * tokens) for k, c in teachers.items()}
     if "student" not in configs:
         return phases
     P, V, D = model_sizes(configs["student"])
     c = configs["student"].get_text_config()
-    seqs = a.batch_size * a.G * (2 if a.algo == "ril" else 1) // world  # the policy update's, on each GPU
-    mb, kept = a.micro_batch or seqs, 2 if a.grad_checkpointing else 34  # sequences a backward, bytes per token kept
+    seqs = a.batch_size * a.G * (2 if a.algo == "ril" else 1) // world  # a GPU's policy update
+    mb = a.micro_batch or seqs  # sequences a backward
+    kept = 2 if a.grad_checkpointing else 34  # bytes a token keeps, per hidden unit and layer
     per_token = c.hidden_size * (c.num_hidden_layers * kept + (34 if a.grad_checkpointing else 0))
     act = mb * tokens * per_token + (1 << 24) * 14  # and one chunk of the LM head's logits
-    act += 4 * P // c.num_hidden_layers if a.shard else 0  # FSDP2: a gathered layer and the one prefetched
+    act += 4 * P // c.num_hidden_layers if a.shard else 0  # FSDP2: 2 gathered layers
     v = getattr(configs["student"], "vision_config", None)
-    if v is not None and not a.freeze_vision:  # the vision tower's, 4 patches an image token, for its gradients
-        width, depth = getattr(v, "embed_dim", None) or v.hidden_size, getattr(v, "depth", None) or v.num_hidden_layers
+    if v is not None and not a.freeze_vision:  # trained: 4 patches an image token
+        width = getattr(v, "embed_dim", None) or v.hidden_size
+        depth = getattr(v, "depth", None) or v.num_hidden_layers
         act += mb * 4 * (a.max_pixels // 28**2) * width * depth * kept
     rollout = frozen_model(configs["student"], w, seqs // 2 * tokens)["KV cache"]
     trained = P - V if a.freeze_vision else P
@@ -1175,7 +1182,7 @@ def check_plan(a: Args, device, teacher_models: list):
         return
     configs, remote = {}, a.trust_remote_code
     for key, spec in [("student", a.student), ("judge", a.judge), *[(t, t) for t in teacher_models]]:
-        with contextlib.suppress(OSError, ValueError, KeyError):  # 'tiny', 'match', or no config: the loader says why
+        with contextlib.suppress(OSError, ValueError, KeyError):  # the loader says why
             configs[key] = transformers.AutoConfig.from_pretrained(ALIASES.get(spec, spec), trust_remote_code=remote)
     fixes = {"KV cache": "--gen-batch 16", "judge": "--judge match, or a smaller --judge"}
     fixes.update(activations="--micro-batch 8, --grad-checkpointing or a lower --max-pixels")
@@ -1244,12 +1251,12 @@ def save_student(model, processor, folder: str, weights: dict):
     """save_pretrained in the loaded dtype (config.dtype) into a temporary folder, moved file by file: no half file."""
     dtype = model.config.dtype if isinstance(model.config.dtype, torch.dtype) else torch.float32
     tmp = os.path.join(folder, ".tmp_save")
-    shutil.rmtree(tmp, ignore_errors=True)  # what a full disk or a signal left there; the old files stay in place
+    shutil.rmtree(tmp, ignore_errors=True)  # what a full disk or a signal left
     model.save_pretrained(tmp, state_dict={k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()})
     processor.save_pretrained(tmp)
     config = os.path.join(tmp, "config.json")
     fixed = {**json.load(open(config)), "dtype": str(dtype).removeprefix("torch.")}
-    write_atomic(config, lambda f: json.dump(fixed, f, indent=2))  # the file closed, as every other write
+    write_atomic(config, lambda f: json.dump(fixed, f, indent=2))
     for f in os.listdir(tmp):
         os.replace(os.path.join(tmp, f), os.path.join(folder, f))
     os.rmdir(tmp)
@@ -1283,18 +1290,19 @@ def model_teacher_texts(spec: str, rows: list, a: Args, device, dtype):
         done, t = now, time.time() if len(now) > len(done) else t
     if RANKS.rank == 0 and done:  # without a cut line, so that appending starts on a fresh line
         write_atomic(path, lambda f: f.writelines(json.dumps(e) + "\n" for e in done.values()))
-    todo, n = [r for r in rows if r["id"] not in done], a.teacher_samples
+    todo = [r for r in rows if r["id"] not in done]
+    n = a.teacher_samples
     if todo:
         model, processor = load_model(spec, a, dtype, "--teachers")
         gen_cfg = generation_config(a, model.to(device).eval(), processor.tokenizer, greedy=False)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "a") as f, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(a.seed + len(done))  # the student's random stream does not depend on the cache
+            torch.manual_seed(a.seed + len(done))  # the student's RNG: not the cache's
             q = max(1, a.gen_batch // n)  # questions a call
             for i in tqdm(range(0, len(todo), q), desc=f"teacher {spec}"):
                 enc = repeat_prompts(encode_prompts(processor, todo[i : i + q], device), n)
                 comp, _ = generate(model, enc, gen_cfg, functools.partial(sample_top_k_top_p, a))
-                texts = processor.tokenizer.batch_decode(comp, skip_special_tokens=True)  # not stripped, as samples
+                texts = processor.tokenizer.batch_decode(comp, skip_special_tokens=True)  # as samples
                 cut = hit_cap(comp, gen_cfg).tolist()
                 for j, r in enumerate(todo[i : i + q]):
                     line = {"id": r["id"], "texts": texts[j * n : (j + 1) * n], "cut": cut[j * n : (j + 1) * n]}
@@ -1357,7 +1365,7 @@ def parallelize(model, device, mode: str = "fp32"):
     if not RANKS.sharded:
         return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     policy = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if mode == "amp" else MixedPrecisionPolicy()
-    for name, mod in reversed(list(model.named_modules())):  # children before the module that holds them
+    for name, mod in reversed(list(model.named_modules())):  # children first
         leaf = name.split(".")[-1]
         if isinstance(mod, nn.ModuleList) and leaf in ("layers", "blocks"):
             for block in mod:
@@ -1371,13 +1379,14 @@ def full_state(model, opt=None) -> tuple:
     """(model, optimizer) state dicts, whole, on the CPU, of a plain, DDP or FSDP2 model (every rank calls it)."""
     if model is None:  # no reference (beta = 0) or no D (the baselines)
         return None, None
-    opt = opt if opt is not None and opt.state else []  # an empty AdamW: DCP would take a step to fill it (count 1)
+    opt = opt if opt is not None and opt.state else []  # DCP would fill an empty AdamW by a step
     return get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def load_full_state(model, opt, state: dict, opt_state: dict):
     """The inverse of full_state: whole state dicts into a model (sharded or not) and its optimiser, if any."""
-    options, opt = StateDictOptions(full_state_dict=True), opt if opt_state else []  # an empty one stays empty
+    opt = opt if opt_state else []  # an empty one stays empty
+    options = StateDictOptions(full_state_dict=True)
     if model is not None:
         set_state_dict(model, opt, model_state_dict=state, optim_state_dict=opt_state or {}, options=options)
 
@@ -1397,14 +1406,14 @@ def write_atomic(path: str, write, mode: str = "w"):
 
 def checkpoints(out: str) -> list:
     """Complete checkpoints, oldest first (each one is written under another name, then renamed)."""
-    return sorted(glob.glob(os.path.join(glob.escape(out), "checkpoints", "step_*.pt")))  # step numbers are zero-padded
+    return sorted(glob.glob(os.path.join(glob.escape(out), "checkpoints", "step_*.pt")))  # zero-padded
 
 
 def resume_state(a: Args, given: set) -> tuple:
     """The run's own arguments and newest loadable checkpoint, with this command's --out and --steps."""
     for path in reversed(checkpoints(a.out)):
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # each rank; GPU or not
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:  # a truncated or corrupt file: fall back to the one before
             print(f"warning: {path} does not load ({str(e)[:80]}); trying the previous checkpoint", file=sys.stderr)
             continue
@@ -1412,9 +1421,9 @@ def resume_state(a: Args, given: set) -> tuple:
             fail(f"--resume: {path} was saved by {len(state['rng'])} process(es); resume it with as many")
         if state["step"] >= a.steps:
             fail(f"--resume --steps {a.steps}: the run is at step {state['step']}; pass a larger --steps")
-        for name in sorted(given - RESUMABLE):  # only what cannot change the trained weights may change
+        for name in sorted(given - RESUMABLE):  # what would change the trained weights
             flag, then = f"--{name.replace('_', '-')}", state["args"].get(name)
-            if getattr(a, name) != then:  # the same command again with --resume keeps its own values
+            if getattr(a, name) != then:  # the same command again with --resume is fine
                 fail(f"--resume {flag}: a resumed run keeps its own {flag} {then}; drop it or start a new run")
         args = {**state["args"], **{k: getattr(a, k) for k in given & RESUMABLE}, "resume": True, "overwrite": False}
         return Args(**args), (path, state)
@@ -1425,10 +1434,10 @@ class Run:
     """What train() needs besides the method: torchrun wrapping, resume, logs, checkpoints, signals."""
 
     def __init__(self, a: Args, mode: str, eval_rows: list, resumed: tuple = None, data: dict = None):
-        self.a, self.mode, self.eval_rows, self.data = a, mode, eval_rows, data  # data: the rows' fingerprints
+        self.a, self.mode, self.eval_rows, self.data = a, mode, eval_rows, data  # data: fingerprints
         self.resumed = resumed  # (path, state) of the checkpoint to resume, or None
         self.paths = {k: os.path.join(a.out, f"{k}.jsonl") for k in ("metrics", "samples")}
-        self.stop, self.last, self.step = [], None, None  # signals received, newest checkpoint, last step done (0: SFT)
+        self.stop, self.last, self.step = [], None, None  # signals, newest checkpoint, last step (0: SFT)
         self.bad, self.ran, self.t = 0, 0, time.time()  # bad steps in a row, steps this process ran
 
     def wrap(self, s: State):
@@ -1439,10 +1448,10 @@ class Run:
             s.disc.share_prefix = False  # both need one plain call per layer in a forward
         if s.disc is not None and self.a.grad_checkpointing:
             s.disc.backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        s.ref = parallelize(s.ref, s.device, self.mode) if RANKS.sharded else s.ref  # DDP: never trained, no copy
+        s.ref = parallelize(s.ref, s.device, self.mode) if RANKS.sharded else s.ref  # DDP: no copy
         s.disc = parallelize(s.disc, s.device, self.mode)
         s.model = parallelize(s.model, s.device, self.mode)
-        if RANKS.sharded:  # one full forward before the first generate, so that every FSDP2 unit is set up
+        if RANKS.sharded:  # one full forward before generate sets every FSDP2 unit up
             with torch.no_grad():
                 s.model(**encode_prompts(s.processor, self.eval_rows[:1], s.device))
 
@@ -1450,7 +1459,7 @@ class Run:
         """(first step, held-out results before RIL) from the checkpoint resume_state found; (1, None) when fresh."""
         if self.resumed is None:
             return 1, None
-        (path, state), self.resumed = self.resumed, None  # the loaded tensors go once they are in the models
+        (path, state), self.resumed = self.resumed, None  # freed once loaded
         self.last, self.before, self.step = path, state["before"], state["step"]
         load_full_state(s.model, s.opt, state["student"], state["opt"])
         load_full_state(s.disc, s.d_opt, state["disc"], state["d_opt"])
@@ -1460,7 +1469,7 @@ class Run:
         rng = state["rng"][RANKS.rank]  # each rank's own random streams
         random.setstate(rng["python"])
         torch.set_rng_state(rng["torch"])
-        if s.device.type == "cuda" and rng["cuda"] is not None:  # this rank's own GPU (none in a CPU checkpoint)
+        if s.device.type == "cuda" and rng["cuda"] is not None:  # not in a CPU checkpoint
             torch.cuda.set_rng_state(rng["cuda"], s.device)
         for log in self.paths.values():
             if RANKS.rank == 0 and os.path.isfile(log):  # steps after the checkpoint run again
@@ -1524,7 +1533,7 @@ class Run:
         all_bad = step == self.a.steps and self.bad == self.ran
         if self.bad >= self.a.max_bad_steps or all_bad:
             fail(f"step {step}: {self.bad} bad steps in a row, the last: {why}; last good checkpoint: {self.last}")
-        stopping = RANKS.mean({"stop": float(bool(self.stop))})["stop"] > 0  # every rank stops at the same step
+        stopping = RANKS.mean({"stop": float(bool(self.stop))})["stop"] > 0  # all ranks at once
         if stopping or (self.a.save_every and step % self.a.save_every == 0) or step == self.a.steps:
             self.save(s, step)
         self.step = step
@@ -1550,7 +1559,7 @@ def check_data(a: Args, rows: list, eval_rows: list, resumed) -> dict:
         keys = ("id", "question", "answer", "teachers")
         said = [[r[k] for k in keys] + [str(getattr(r["image"], "args", ""))] for r in part]
         data[name] = [len(part), hashlib.sha1(json.dumps(said, sort_keys=True).encode()).hexdigest()]
-    then = (resumed[1].get("data") if resumed else None) or data  # a checkpoint without fingerprints is not checked
+    then = (resumed[1].get("data") if resumed else None) or data  # none: not checked
     changed = [f"{k} rows ({then[k][0]} then, {data[k][0]} now)" for k in data if data[k] != then[k]]
     if changed and not a.accept_changed_data:
         what = " and the ".join(changed)
@@ -1560,7 +1569,7 @@ def check_data(a: Args, rows: list, eval_rows: list, resumed) -> dict:
 
 def setup(a: Args, device, mode: str, resumed) -> tuple:
     """Everything validated and loaded before --out is touched: (state, train rows, held-out rows, fingerprints)."""
-    frozen = torch.bfloat16 if mode in ("amp", "bf16") else torch.float32  # models that are not trained
+    frozen = torch.bfloat16 if mode in ("amp", "bf16") else torch.float32  # not trained
     trained = torch.bfloat16 if mode == "bf16" else torch.float32
     transformers.set_seed(a.seed)  # python, numpy and torch
     sft_rows, rows, eval_rows = load_data(a)
@@ -1579,12 +1588,12 @@ def setup(a: Args, device, mode: str, resumed) -> tuple:
             fail(f"{r['where']}: {never}; fix the row, drop it, or pass --judge MODEL")
     # the longest question's prompt, with its image, and --max-new-tokens must fit the student's positions
     row = max(rows + eval_rows, key=lambda r: len(processor.tokenizer(r["question"])["input_ids"]))
-    n = len(encode_prompts(processor, [row], "cpu")["input_ids"][0])  # images as large as max_pixels allows
+    n = len(encode_prompts(processor, [row], "cpu")["input_ids"][0])  # up to max_pixels
     limit = getattr(model.config.get_text_config(), "max_position_embeddings", 0)
     if limit and n + a.max_new_tokens > limit:  # a config without it is not checked
         what = f"the prompt ({n} tokens) and --max-new-tokens {a.max_new_tokens} exceed the {limit} positions"
         fail(f"{row['where']}: {what} of --student {a.student}; shorten the question or lower --max-new-tokens")
-    eval_rows = eval_rows[: len(eval_rows) - len(eval_rows) % RANKS.world]  # every rank evaluates an equal share
+    eval_rows = eval_rows[: len(eval_rows) - len(eval_rows) % RANKS.world]  # equal shares
     ranks = f"{RANKS.world} ranks, {'FSDP2' if RANKS.sharded else 'DDP'}" if RANKS.world > 1 else "one process"
     size = f"{model.num_parameters() / 1e6:.2f}M params on {device} ({mode}, {ranks})"
     what = f"{len(rows)} train / {len(eval_rows)} held-out questions; teachers {teachers or '-'}"
@@ -1608,7 +1617,7 @@ def report(a: Args, s: State, run: Run, before: tuple, after: tuple, eval_rows: 
         then = format(m["eval/teacher_like"], ".3f") if s.disc else "n/a"
         acc, match, length = m["eval/acc"], m["eval/teacher_match"], m["eval/len"]
         print(f"| {name} | {acc:.3f} | {then} | {teacher_likeness(s, texts)} | {match:.3f} | {length:.1f} |")
-    print(f"| start: pass@{a.G} (sampled) | {before[0]['eval/pass@G']:.3f} | - | - | - | - |")  # G samples, one right
+    print(f"| start: pass@{a.G} (sampled) | {before[0]['eval/pass@G']:.3f} | - | - | - | - |")
     t_rows = [r for r in eval_rows for name in s.teachers for _ in r["teachers"].get(name, [])]
     t_texts = [t for r in eval_rows for name in s.teachers for t in r["teachers"].get(name, [])]
     if t_texts:
@@ -1620,7 +1629,7 @@ def report(a: Args, s: State, run: Run, before: tuple, after: tuple, eval_rows: 
         fail(f"the trained weights are not finite ({len(bad)} tensors, e.g. {bad[0]}); {a.out} unchanged; lower --lr")
     if RANKS.rank == 0:
         save_student(unwrap(s.model), s.processor, a.out, student)
-    if RANKS.rank == 0 and disc:  # Discriminator(student).load_state_dict(torch.load(it)) takes it back
+    if RANKS.rank == 0 and disc:  # for Discriminator(student).load_state_dict
         write_atomic(os.path.join(a.out, "discriminator.pt"), lambda f: torch.save(disc, f), "wb")
 
 
@@ -1654,7 +1663,8 @@ def main(argv=None):
     a = parse_args(argv)
     given = {x[2:].split("=")[0].replace("-", "_") for x in argv if x.startswith("--")}
     a, resumed = resume_state(a, given) if a.resume else (a, None)
-    created, lock = not os.path.isdir(a.out), lock_out(a.out)
+    created = not os.path.isdir(a.out)
+    lock = lock_out(a.out)  # the folder is this run's from here on
     t0 = time.time()
     device = torch.device({"auto": "cuda" if torch.cuda.is_available() else "cpu"}.get(a.device, a.device))
     # [R] amp: fp32 weights and AdamW moments, bf16 autocast (the paper does not say); bf16 weights lose small updates
@@ -1663,7 +1673,7 @@ def main(argv=None):
     handlers, run = {}, None
     try:
         s, sft_rows, rows, eval_rows, data = setup(a, device, mode, resumed)
-        run, resumed = Run(a, mode, eval_rows, resumed, data), None  # Run.resume drops the checkpoint once it is loaded
+        run, resumed = Run(a, mode, eval_rows, resumed, data), None  # Run frees it
         handlers = {sig: signal.signal(sig, run.on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         # --dtype amp: bf16 autocast over the run; cache_enabled=False, so every op casts the *current* weights (with
         # the cache, one autocast around a run keeps the first bf16 copies and every gradient is taken at them)
