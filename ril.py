@@ -55,7 +55,7 @@ from tqdm import tqdm
 
 # -- 1. Hyperparameters and state ------------------------------------------------------------------
 def arg(default, help: str, **checks):
-    """A field of Config or Args: its default, its --help, and the checks run on it (gt, ge, lt, le, choices)."""
+    """A Config or Args field: its default, its --help and its checks (gt, ge, lt, le, choices)."""
     return field(default=default, metadata={"help": help, **checks})
 
 
@@ -110,7 +110,7 @@ class State:
 
 
 class Ranks:
-    """One process. Under torchrun part 2 puts a subclass in RANKS: share, mean and gather go over ranks."""
+    """One process. Under torchrun, a subclass in RANKS shares, means and gathers over ranks."""
 
     rank, world, sharded = 0, 1, False
     share = mean = gather = staticmethod(lambda x: x)
@@ -132,8 +132,8 @@ def epoch_order(seed: int, epoch: int, n: int) -> list:
 
 
 def batch_at(rows: list, step: int, B: int, seed: int) -> list:
-    """The B questions of `step`: epoch-wise shuffles, a pure function of (seed, step), so a resumed run
-    sees exactly the questions the uninterrupted run would have."""
+    """The B questions of `step`: epoch-wise shuffles, a pure function of (seed, step), so a resumed
+    run sees exactly the questions the uninterrupted run would have."""
     n = len(rows)
     return [rows[epoch_order(seed, i // n, n)[i % n]] for i in range(step * B, step * B + B)]
 
@@ -207,13 +207,13 @@ class Unfinished(str):
 
 
 def plain_ids(tokenizer, text: str) -> list:
-    """Token ids of a text as plain text: "<|im_end|>" in it is characters, not the token, which would end it early."""
+    """A text's token ids as plain text: "<|im_end|>" in it is characters, not the ending token."""
     return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
 
 @functools.lru_cache(maxsize=1 << 17, typed=True)  # teacher texts come back every epoch
 def text_ids(tokenizer, text: str, max_len: int) -> list:
-    """A teacher text in the *student's* tokens (only text crosses over [P]), + EOS if it ended, cut to L_max."""
+    """A teacher text in student tokens (only text crosses [P]), + EOS if it ended, cut to L_max."""
     ids = plain_ids(tokenizer, text)
     if not isinstance(text, Unfinished):
         ids = ids + [tokenizer.eos_token_id]
@@ -222,10 +222,10 @@ def text_ids(tokenizer, text: str, max_len: int) -> list:
 
 # -- 3. Rollout: G student samples + G teacher texts per question ----------------------------------
 def generation_config(a: Config, model, tokenizer, greedy: bool) -> transformers.GenerationConfig:
-    """Generation settings: every EOS the model knows, the vision placeholders suppressed (a sampled <|image_pad|>
-    crashes the next forward) and, unless greedy, the paper's repetition penalty. do_sample stays False even when
-    sampling: sample_top_k_top_p, a logits processor, then leaves one token above -inf, its draw, which greedy search
-    picks."""
+    """Generation settings: every EOS the model knows, the vision placeholders suppressed (a sampled
+    <|image_pad|> crashes the next forward) and, unless greedy, the paper's repetition penalty.
+    do_sample stays False even when sampling: sample_top_k_top_p, a logits processor, then leaves
+    one token above -inf, its draw, which greedy search picks."""
     eos = model.generation_config.eos_token_id
     eos = [eos] if isinstance(eos, int) else list(eos or [])
     names = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id", "image_token_index")
@@ -270,7 +270,7 @@ def hit_cap(comp, gen_cfg):
 
 
 def rollout(a: Config, s: State, batch: list, rng: random.Random, with_teachers: bool) -> dict:
-    """A group per question: G samples from one batched generate, then G teacher texts (RIL only)."""
+    """A group per question: G samples from one batched generate, then G teacher texts (RIL)."""
     tok, model = s.processor.tokenizer, unwrap(s.model)
     model.eval()
     enc = encode_prompts(s.processor, batch, s.device)
@@ -320,13 +320,13 @@ def token_logprobs(model, enc: dict, comp: torch.Tensor, comp_mask: torch.Tensor
     n = max(1, chunk // head.weight.shape[0])  # tokens a chunk: the weight is (vocabulary, hidden)
 
     def logp(h, y):
-        """One chunk: (n, d) hidden states, (n,) targets -> (n,) log-probs; the head in its dtype, even under amp."""
+        """(n, d) hidden, (n,) targets -> (n,) log-probs; the head in its dtype, even under amp."""
         with torch.autocast(h.device.type, enabled=False):
             logits = project(h.to(head.weight.dtype)).float() / temperature
         return logits.gather(-1, y[:, None]).squeeze(-1) - logits.logsumexp(-1)
 
     def chunked_head(h):
-        """Stands in for the head: (N, T, d) hidden states -> (N, T) log-probs, one chunk at a time."""
+        """The head's stand-in: (N, T, d) hidden states -> (N, T) log-probs, a chunk at a time."""
         h = h.flatten(0, 1)
         parts = [checkpoint(logp, h[i:j], y[i:j], use_reentrant=False) for i, j in chunks(len(y), n)]
         return torch.cat(parts).view_as(comp).clone()  # FSDP2 warns of a view
@@ -353,7 +353,7 @@ DISC_USER = (
 
 
 def language_model(vlm):
-    """The decoder stack without the LM head: model.language_model (Qwen2-VL, LLaVA, ...) or get_decoder()."""
+    """The decoder without the LM head: model.language_model (Qwen2-VL, LLaVA) or get_decoder()."""
     inner = getattr(vlm, "model", None)
     return getattr(inner, "language_model", None) or getattr(inner, "text_model", None) or vlm.get_decoder()
 
@@ -371,9 +371,9 @@ class Discriminator(nn.Module):
         self.head = nn.Linear(student.config.get_text_config().hidden_size, 1).to(p.device, p.dtype)
 
     def forward(self, ids, mask):
-        """Right-padded (N, T) -> logits (N,). Plainly: head(backbone(input_ids, attention_mask) at each row's last
-        token). The k leading tokens that every row shares (the Fig. 3 prompt's start) run once and their keys and
-        values serve every row: equal within 1e-5,
+        """Right-padded (N, T) -> logits (N,). Plainly: head(backbone(input_ids, attention_mask) at
+        each row's last token). The k leading tokens that every row shares (the Fig. 3 prompt's
+        start) run once and their keys and values serve every row: equal within 1e-5,
         test_discriminator_shares_the_prompt_prefix_without_changing_its_output."""
         k = self.shared_prefix(ids, mask)
         cache = None
@@ -386,7 +386,7 @@ class Discriminator(nn.Module):
         return self.head(h).squeeze(-1).float().clone()  # FSDP2 hooks the output
 
     def shared_prefix(self, ids, mask) -> int:
-        """How many leading tokens all rows share, each row keeping its last token; 0 if under 8 or switched off."""
+        """Leading tokens all rows share, each keeping its last token; 0 if under 8 or off."""
         k = int((ids == ids[:1]).all(0).long().cumprod(0).sum())
         k = min(k, int(mask.sum(1).min()) - 1)
         if k < 8 or not self.share_prefix:
@@ -396,8 +396,8 @@ class Discriminator(nn.Module):
 
 @functools.lru_cache(maxsize=1 << 17)  # teacher texts come back every epoch (bounded)
 def disc_prompt_ids(tokenizer, text: str) -> list:
-    """The Fig. 3 prompt around one text. Student samples are decoded and re-encoded like teacher texts, so D sees what
-    they say, not how they were tokenised; the text is plain text."""
+    """The Fig. 3 prompt around one text. Student samples are decoded and re-encoded like teacher
+    texts, so D sees what they say, not how they were tokenised; the text is plain text."""
     msgs = [{"role": "system", "content": DISC_SYSTEM}, {"role": "user", "content": DISC_USER}]
     pre, post = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True).split("{response}")
     pre = tokenizer(pre, add_special_tokens=False)["input_ids"]  # its special tokens stay
@@ -427,16 +427,16 @@ def clip_and_step(opt, params, loss: torch.Tensor, max_norm: float) -> tuple:
 
 
 def grad_sync(model, last: bool):
-    """Under DDP, gradients are averaged over ranks once a step, in the last micro-batch's backward (forward and
-    backward inside no_sync). FSDP2 reduce-scatters every micro-batch, so that no rank holds whole fp32 gradients (at
-    7B, 30 GB more a rank). One process: nothing to do."""
+    """Under DDP, gradients are averaged over ranks once a step, in the last micro-batch's backward
+    (forward and backward inside no_sync). FSDP2 reduce-scatters every micro-batch, so that no rank
+    holds whole fp32 gradients (at 7B, 30 GB more a rank). One process: nothing to do."""
     if last or not hasattr(model, "no_sync"):
         return contextlib.nullcontext()
     return model.no_sync()
 
 
 def disc_update(disc, opt, tokenizer, texts: list, is_teacher: torch.Tensor, a: Config, device) -> dict:
-    """Eq. 1, max log D(student) + log(1 - D(teacher)), as one BCE step (student 1, teacher 0) -> metrics."""
+    """Eq. 1, max log D(student) + log(1 - D(teacher)), as a BCE step (student 1, teacher 0)."""
     disc.train()
     order = torch.argsort(is_teacher, stable=True).tolist()  # students first, then teachers
     labels, n = 1.0 - is_teacher.float(), len(texts)  # (N,)
@@ -456,7 +456,7 @@ def disc_update(disc, opt, tokenizer, texts: list, is_teacher: torch.Tensor, a: 
 
 
 def similarity_reward(d_logits: torch.Tensor, a: Config) -> torch.Tensor:
-    """r_sim = 1[D < 0.5] [P] §3.3: 1 when D thinks a *teacher* wrote it. Binary: Fig. 6 finds 1 - D worse."""
+    """r_sim = 1[D < 0.5] [P] §3.3: 1 when D thinks a *teacher* wrote it (Fig. 6: 1 - D, worse)."""
     d = torch.sigmoid(d_logits)
     if a.sim_reward == "continuous":
         return 1 - d
@@ -557,7 +557,7 @@ def policy_update(a: Config, s: State, enc: dict, comp, mask, adv, is_teacher=No
 
 # -- 7. Stage 0: SFT warm-up. Stage 2: discriminator pre-training ----------------------------------
 def decaying_adamw(params, lr: float, steps: int) -> tuple:
-    """AdamW with the LR decayed linearly from lr to lr / 10 over `steps` (the paper: 1e-5 -> 1e-6)."""
+    """AdamW, its LR decayed linearly from lr to lr / 10 over `steps` (the paper: 1e-5 -> 1e-6)."""
     opt = torch.optim.AdamW(params, lr=lr)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1 - 0.9 * min(i, steps) / max(steps, 1))
 
@@ -600,7 +600,7 @@ def pretrain_disc(a: Config, s: State, rows: list):
 
 # -- 8. One step of Alg. 2 -------------------------------------------------------------------------
 def ril_step(a: Config, s: State, batch: list, step: int) -> tuple:
-    """One iteration of Alg. 2 [P] (Alg. 1 for the baselines). Returns (metrics, one group to print)."""
+    """One iteration of Alg. 2 [P] (Alg. 1 for the baselines) -> (metrics, one group to print)."""
     ril, tok = a.algo == "ril", s.processor.tokenizer
     # 1-2: G samples from pi_old per question, and G teacher texts from the cache
     ro = rollout(a, s, batch, random.Random(f"{a.seed}-ril-{step}"), with_teachers=ril)
@@ -762,7 +762,7 @@ def first_line(e: Exception, n: int = 120) -> str:
 
 
 def fail(msg: str, all_ranks: bool = False):
-    """User mistakes get one actionable line (once, from rank 0 under torchrun) and exit code 2, never a traceback."""
+    """A user mistake: one line with the fix (rank 0 under torchrun), exit code 2, no traceback."""
     if all_ranks or os.environ.get("RANK", "0") == "0":
         print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
@@ -819,7 +819,7 @@ def draw_shape(d: ImageDraw.ImageDraw, shape: str, box, color):
 
 
 def make_toy(n: int, seed: int, task: str = "toy") -> list:
-    """A built-in task: 56x56 images (4 image tokens), three question kinds: a shape's colour, which shape, how many."""
+    """A built-in task of 56x56 images (4 image tokens): a shape's colour, which shape, how many."""
     rng, rows = random.Random(seed if task == "toy" else f"{task}{seed}"), []
     for i in range(n):
         kind = ("color", "shape", "count")[i % 3]
@@ -849,8 +849,8 @@ def make_toy(n: int, seed: int, task: str = "toy") -> list:
 
 
 def open_image(image) -> Image.Image:
-    """RGB as a viewer shows it: EXIF rotation, transparency over white, 16-bit grey scaled (convert("RGB") alone
-    turns transparent pixels black and every 16-bit value above 255 white)."""
+    """RGB as a viewer shows it: EXIF rotation, transparency over white, 16-bit grey scaled
+    (convert("RGB") alone turns transparent pixels black and every 16-bit value above 255 white)."""
     img = ImageOps.exif_transpose(image if isinstance(image, Image.Image) else Image.open(image))
     if img.mode.startswith("I;16") or (img.mode == "I" and img.getextrema()[1] > 255):  # 16-bit
         img = img.convert("I").point(lambda v: v / 256).convert("L")
@@ -860,7 +860,7 @@ def open_image(image) -> Image.Image:
 
 
 def load_jsonl(path: str) -> list:
-    """Every row and image checked before training: each problem is one line with file:line and the fix."""
+    """Every row and image checked before training: a problem is one line with file:line and fix."""
     if not os.path.isfile(path):
         fail(f"{path}: no such file; a data flag takes a JSONL file or a built-in task: {', '.join(QUESTIONS)}")
     rows = []
@@ -897,7 +897,7 @@ def load_jsonl(path: str) -> list:
 
 
 def load_data(a: Args) -> tuple:
-    """(Stage 0 rows, RL rows, held-out rows). Ids are unique over the files: a file given twice is refused."""
+    """(Stage 0, RL, held-out rows). Ids are unique over the files: a file given twice fails."""
     sft = a.sft_data or {"transfer": "toy"}.get(a.data, a.data)  # 'transfer' builds on 'toy'
     sft_rows = [] if sft == a.data else make_toy(a.toy_size, a.seed, sft) if sft in QUESTIONS else load_jsonl(sft)
     if a.data in QUESTIONS:
@@ -919,7 +919,7 @@ def load_data(a: Args) -> tuple:
 
 
 def resolve_teachers(a: Args, rows: list) -> tuple:
-    """(names, models): every teacher, and those among them that are models rather than names in the data."""
+    """(names, models): every teacher, and those that are models, not names in the data."""
     in_data = sorted({t for r in rows for t in r["teachers"]})
     names = [t for t in a.teachers.split(",") if t] or in_data
     models = [t for t in names if t not in in_data]
@@ -955,7 +955,7 @@ def normalize(text: str) -> list:
 
 @torch.no_grad()
 def evaluate(a: Args, s: State, rows: list) -> tuple:
-    """Greedy answers: (metrics, answers); accuracy by the judge, teacher match (word for word), length, 1 - D."""
+    """Greedy answers -> (metrics, answers): accuracy, teacher match (word for word), len, 1-D."""
     model, tok = unwrap(s.model.eval()), s.processor.tokenizer
     gen_cfg = generation_config(a, model, tok, greedy=True)
     mine = RANKS.share(rows)  # under torchrun, this rank's share
@@ -996,7 +996,7 @@ def answer_match(response: str, answer: str, candidates: frozenset = frozenset()
 
 
 class MatchJudge:
-    """r_ans for a batch with answer_match; the candidates are the dataset's short (1-3 word) answers."""
+    """r_ans for a batch by answer_match; candidates: the dataset's short (1-3 word) answers."""
 
     unparsed = None  # a model judge reports its share of unparseable verdicts here
 
@@ -1023,7 +1023,7 @@ JUDGE_USER = (
 
 
 class ModelJudge:
-    """r_ans by a frozen text LLM [P] §3.1, Fig. 4 (the paper: Qwen2.5-32B); a reply with no <answer>0|1</answer>: 0."""
+    """r_ans by a frozen LLM [P] Fig. 4 (Qwen2.5-32B); a reply without <answer>0|1</answer>: 0."""
 
     def __init__(self, spec: str, a: Args, device, dtype):
         self.model, self.tok = load_model(spec, a, dtype, "--judge", transformers.AutoModelForCausalLM)
@@ -1061,7 +1061,7 @@ VISION_TOWERS = ("visual", "vision_tower", "vision_model")  # the families we kn
 
 
 class ImageOnlyQwen2VLProcessor(transformers.Qwen2VLProcessor):
-    """Qwen2VLProcessor without its video half, which needs torchvision; saved under the stock name."""
+    """Qwen2VLProcessor without its video half (it needs torchvision); saved as the stock one."""
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kw):
         self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
@@ -1093,7 +1093,7 @@ def tiny_tokenizer(rows: list, texts=(), specials: list = SPECIALS, chat_templat
 
 
 def build_tiny(rows: list, hidden: int = 64, layers: int = 2) -> tuple:
-    """A random tiny Qwen2-VL (a 1-block vision tower) and its processor: 64 wide learns the toy task on a CPU."""
+    """A random tiny Qwen2-VL (one vision block) and processor: 64 wide learns the toy task."""
     tok = tiny_tokenizer(rows)
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIALS}
     half = hidden // 8  # M-RoPE sections (t, h, w) add up to head_dim / 2, with 4 heads
@@ -1114,7 +1114,7 @@ def build_tiny(rows: list, hidden: int = 64, layers: int = 2) -> tuple:
 
 
 def load_processor(path: str, trust_remote_code: bool = False):
-    """AutoProcessor, or the image-only Qwen2-VL one where it fails (no torchvision) or gives a bare tokenizer."""
+    """AutoProcessor, or the image-only Qwen2-VL one where it fails (no torchvision) or is text."""
     with contextlib.suppress(OSError, ImportError, AttributeError, ValueError):
         proc = transformers.AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
         if hasattr(proc, "image_processor"):
@@ -1123,7 +1123,7 @@ def load_processor(path: str, trust_remote_code: bool = False):
 
 
 def model_sizes(config, auto_class=transformers.AutoModelForImageTextToText) -> tuple:
-    """(all, vision tower, language model) parameters of a model built from its config on the meta device."""
+    """(all, vision tower, language model) parameters of a model built on the meta device."""
     with torch.device("meta"):
         model = auto_class.from_config(config)
     vision = sum(p.numel() for n, p in model.named_parameters() if set(n.split(".")) & set(VISION_TOWERS))
@@ -1132,7 +1132,7 @@ def model_sizes(config, auto_class=transformers.AutoModelForImageTextToText) -> 
 
 
 def frozen_model(config, width: int, tokens: int, auto_class=transformers.AutoModelForImageTextToText) -> dict:
-    """Bytes of a teacher's or judge's weights and its KV cache of `tokens` tokens (all sequences'), `width` a value."""
+    """Bytes of a frozen model's weights and KV cache of `tokens` tokens; `width` bytes a value."""
     c = config.get_text_config()
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     kv = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim
@@ -1177,7 +1177,7 @@ def plan(a: Args, configs: dict, world: int = 1) -> dict:
 
 
 def check_plan(a: Args, device, teacher_models: list):
-    """On a GPU, before anything loads: a run whose plan exceeds the free memory is refused in one line."""
+    """On a GPU, before anything loads: a plan above the free memory is refused in one line."""
     if device.type != "cuda":
         return
     configs, remote = {}, a.trust_remote_code
@@ -1197,7 +1197,7 @@ def check_plan(a: Args, device, teacher_models: list):
 
 
 def load_model(name: str, a: Args, dtype, flag: str, auto_class=transformers.AutoModelForImageTextToText) -> tuple:
-    """A model with a chat template, its processor (a text LLM's: tokenizer); safetensors only (pickles run code)."""
+    """A chat model and its processor (an LLM's: tokenizer); safetensors only: pickles run code."""
     path, remote = ALIASES.get(name, name), a.trust_remote_code
     llm = auto_class is transformers.AutoModelForCausalLM
     try:
@@ -1222,7 +1222,7 @@ def load_model(name: str, a: Args, dtype, flag: str, auto_class=transformers.Aut
 
 
 def load_student(a: Args, rows: list, device, dtype) -> tuple:
-    """The student, with --freeze-vision and --grad-checkpointing applied, and its processor (tiny: from the rows)."""
+    """The student, --freeze-vision and --grad-checkpointing applied; its processor (tiny: rows)."""
     # loaded in its checkpoint's dtype, which config.dtype keeps for the saved student, then cast to the trained one
     model, processor = build_tiny(rows) if a.student == "tiny" else load_model(a.student, a, "auto", "--student")
     tok = processor.tokenizer
@@ -1248,7 +1248,7 @@ def cast_parameters(model, dtype):
 
 
 def save_student(model, processor, folder: str, weights: dict):
-    """save_pretrained in the loaded dtype (config.dtype) into a temporary folder, moved file by file: no half file."""
+    """save_pretrained in the loaded dtype into a temporary folder, then moved: no half file."""
     dtype = model.config.dtype if isinstance(model.config.dtype, torch.dtype) else torch.float32
     tmp = os.path.join(folder, ".tmp_save")
     shutil.rmtree(tmp, ignore_errors=True)  # what a full disk or a signal left
@@ -1263,7 +1263,7 @@ def save_student(model, processor, folder: str, weights: dict):
 
 
 def teacher_cache(spec: str, a: Args) -> str:
-    """The cache file of a teacher model's answers, named by the model and every setting that shapes them."""
+    """A teacher model's cache file, named by the model and every setting shaping its answers."""
     names = ("teacher_samples", "temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens")
     settings = {"model": spec, **{k: getattr(a, k) for k in names}, "cut": 1}
     tag = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
@@ -1319,7 +1319,7 @@ def model_teacher_texts(spec: str, rows: list, a: Args, device, dtype):
 
 # -- 14. Several GPUs: torchrun, DDP over questions, FSDP2 with --shard ----------------------------
 class TorchrunRanks(Ranks):
-    """torchrun: each rank takes a share of every batch and makes whole groups, so advantages need no other rank."""
+    """torchrun: each rank makes whole groups of its share of a batch: advantages are its own."""
 
     def __init__(self, sharded: bool):
         self.rank, self.world, self.sharded = dist.get_rank(), dist.get_world_size(), sharded
@@ -1338,7 +1338,7 @@ class TorchrunRanks(Ranks):
 
 
 def init_distributed(a: Args, device) -> torch.device:
-    """One process per GPU (nccl) or CPU worker (gloo); batches are split, so they must divide evenly."""
+    """One process per GPU (nccl) or CPU worker (gloo); batches are split, so must divide evenly."""
     global RANKS
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
@@ -1358,8 +1358,8 @@ def init_distributed(a: Args, device) -> torch.device:
 
 
 def parallelize(model, device, mode: str = "fp32"):
-    """DDP, or FSDP2 (--shard) over each block, the vision tower (generate runs it alone) and the root: under amp it
-    gathers bf16 weights and reduces fp32 gradients."""
+    """DDP, or FSDP2 (--shard) over each block, the vision tower (generate runs it alone) and the
+    root: under amp it gathers bf16 weights and reduces fp32 gradients."""
     if RANKS.world == 1 or model is None:
         return model
     if not RANKS.sharded:
@@ -1376,7 +1376,7 @@ def parallelize(model, device, mode: str = "fp32"):
 
 
 def full_state(model, opt=None) -> tuple:
-    """(model, optimizer) state dicts, whole, on the CPU, of a plain, DDP or FSDP2 model (every rank calls it)."""
+    """(model, optimizer) state dicts, whole, on the CPU, of any model (every rank calls it)."""
     if model is None:  # no reference (beta = 0) or no D (the baselines)
         return None, None
     opt = opt if opt is not None and opt.state else []  # DCP would fill an empty AdamW by a step
@@ -1384,7 +1384,7 @@ def full_state(model, opt=None) -> tuple:
 
 
 def load_full_state(model, opt, state: dict, opt_state: dict):
-    """The inverse of full_state: whole state dicts into a model (sharded or not) and its optimiser, if any."""
+    """full_state's inverse: whole state dicts into a model (sharded or not) and its optimiser."""
     opt = opt if opt_state else []  # an empty one stays empty
     options = StateDictOptions(full_state_dict=True)
     if model is not None:
@@ -1393,7 +1393,7 @@ def load_full_state(model, opt, state: dict, opt_state: dict):
 
 # -- 15. Checkpoints, resume, logs and signals: the `run` that train() is given ---------------------
 def write_atomic(path: str, write, mode: str = "w"):
-    """write(file) into path.tmp, renamed over path: never half a file; a failed write leaves no .tmp, names path."""
+    """write(file) into path.tmp, renamed over path: never half a file; a failure names path."""
     try:
         with open(path + ".tmp", mode) as f:
             write(f)
@@ -1410,7 +1410,7 @@ def checkpoints(out: str) -> list:
 
 
 def resume_state(a: Args, given: set) -> tuple:
-    """The run's own arguments and newest loadable checkpoint, with this command's --out and --steps."""
+    """The run's arguments (this command's --out and --steps) and its newest loadable checkpoint."""
     for path in reversed(checkpoints(a.out)):
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -1431,7 +1431,7 @@ def resume_state(a: Args, given: set) -> tuple:
 
 
 class Run:
-    """What train() needs besides the method: torchrun wrapping, resume, logs, checkpoints, signals."""
+    """What train() needs besides the method: wrapping, resume, logs, checkpoints, signals."""
 
     def __init__(self, a: Args, mode: str, eval_rows: list, resumed: tuple = None, data: dict = None):
         self.a, self.mode, self.eval_rows, self.data = a, mode, eval_rows, data  # data: fingerprints
@@ -1456,7 +1456,7 @@ class Run:
                 s.model(**encode_prompts(s.processor, self.eval_rows[:1], s.device))
 
     def resume(self, s: State) -> tuple:
-        """(first step, held-out results before RIL) from the checkpoint resume_state found; (1, None) when fresh."""
+        """(first step, held-out results before RIL) of resume_state's checkpoint, or (1, None)."""
         if self.resumed is None:
             return 1, None
         (path, state), self.resumed = self.resumed, None  # freed once loaded
@@ -1479,7 +1479,7 @@ class Run:
         return state["step"] + 1, state["before"]
 
     def begin(self, s: State, before: tuple):
-        """A fresh run's first writes, after SFT and D pre-training: an --overwrite'd run goes only now."""
+        """A fresh run's first writes, after SFT and D pre-training: --overwrite's old run goes."""
         folder = os.path.join(self.a.out, "checkpoints")
         ref = full_state(s.ref)[0]
         if RANKS.rank == 0:
@@ -1503,7 +1503,7 @@ class Run:
                 print(json.dumps({"step": step, **x}), file=open(self.paths[k], "a"), flush=True)
 
     def save(self, s: State, step: int):
-        """Models, optimisers, every rank's RNG, the pre-RIL evaluation; batch_at replays the data order."""
+        """Models, optimisers, every rank's RNG, the pre-RIL results (batch_at replays the data)."""
         (student, opt), (disc, d_opt) = full_state(s.model, s.opt), full_state(s.disc, s.d_opt)
         cuda = torch.cuda.get_rng_state(s.device) if s.device.type == "cuda" else None
         rng = RANKS.gather([{"python": random.getstate(), "torch": torch.get_rng_state(), "cuda": cuda}])
@@ -1517,7 +1517,7 @@ class Run:
         self.last = path
 
     def end_step(self, s: State, step: int, m: dict, dump: dict):
-        """Log and print the step; fail after --max-bad-steps bad ones in a row; checkpoint; stop on a signal."""
+        """Log; fail after --max-bad-steps bad steps in a row; checkpoint; stop on a signal."""
         m["time/step"], self.t = time.time() - self.t, time.time()
         self.log(step, m, dump)
         shown = "reward/total reward/sim reward/ans disc/loss disc/acc_student disc/acc_teacher policy/kl"
@@ -1542,7 +1542,7 @@ class Run:
             sys.exit(128 + self.stop[0])
 
     def on_signal(self, signum, frame):
-        """Ctrl-C or SIGTERM: finish the step, save, exit; with no checkpoint yet or on a second signal, at once."""
+        """Ctrl-C/SIGTERM: finish the step, save, exit; at once on a 2nd or with no checkpoint."""
         if self.last is None or self.stop:
             last = self.last or "none, nothing was saved"
             print(f"\nsignal {signum}: stopped; the last checkpoint: {last}", file=sys.stderr)
@@ -1553,7 +1553,7 @@ class Run:
 
 # -- 16. main: validate and load everything, train(), report and save ------------------------------
 def check_data(a: Args, rows: list, eval_rows: list, resumed) -> dict:
-    """The rows' fingerprints (counts, a hash of every field): a resume on other rows is refused (batch_at's order)."""
+    """The rows' fingerprints (count, hash): a resume on other rows fails (batch_at's order)."""
     data = {}
     for name, part in (("training", rows), ("held-out", eval_rows)):
         keys = ("id", "question", "answer", "teachers")
@@ -1568,7 +1568,7 @@ def check_data(a: Args, rows: list, eval_rows: list, resumed) -> dict:
 
 
 def setup(a: Args, device, mode: str, resumed) -> tuple:
-    """Everything validated and loaded before --out is touched: (state, train rows, held-out rows, fingerprints)."""
+    """Everything checked and loaded: (state, Stage 0, RL and held-out rows, fingerprints)."""
     frozen = torch.bfloat16 if mode in ("amp", "bf16") else torch.float32  # not trained
     trained = torch.bfloat16 if mode == "bf16" else torch.float32
     transformers.set_seed(a.seed)  # python, numpy and torch
@@ -1609,7 +1609,7 @@ def teacher_likeness(s: State, texts: list) -> str:
 
 
 def report(a: Args, s: State, run: Run, before: tuple, after: tuple, eval_rows: list):
-    """The before/after table of the held-out rows, then the trained student (save_pretrained) and D."""
+    """The held-out before/after table; then the trained student (save_pretrained) and D, saved."""
     run.log(a.steps, after[0])
     cols = "accuracy | teacher-likeness (D then) | teacher-likeness (final D) | teacher match | length"
     print(f"\n| held-out ({len(eval_rows)} questions) | {cols} |\n|---|---|---|---|---|---|")
@@ -1634,7 +1634,7 @@ def report(a: Args, s: State, run: Run, before: tuple, after: tuple, eval_rows: 
 
 
 def lock_out(out: str) -> int:
-    """--out is the run's from its checks on: rank 0 makes it, writes there, and flocks it until it exits."""
+    """--out is the run's from its checks on: rank 0 makes it, tests a write, flocks it to exit."""
     if os.environ.get("RANK", "0") != "0":
         return None
     try:
@@ -1651,7 +1651,7 @@ def lock_out(out: str) -> int:
 
 
 def stopped(a: Args, run: Run, argv: list, e: Exception):
-    """A failure once the run is under way: one line with what failed, what was kept and the command that continues."""
+    """A failure mid-run: one line with what failed, what was kept and the command to continue."""
     where = "SFT or D pre-training" if run.step is None else f"step {run.step + 1}"
     kept = f"the last complete checkpoint is {run.last}" if run.last else "nothing was saved"
     cmd = f"--out {a.out} --resume --steps {a.steps}" if run.last else " ".join(argv)
