@@ -27,6 +27,16 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CPU = torch.device("cpu")
 
 
+def argv(cmd: str, **values) -> list:
+    """A command line written as one string: its words, split on spaces, each formatted with values.
+    A word {out} becomes str(values["out"]) whole, spaces and all: paths are passed as values, never
+    spliced into cmd, so a temporary folder with a space in its name still works."""
+    return [word.format(**values) for word in cmd.split()]
+
+
+TINY_RUN = argv("--toy-size 24 --eval-size 4 --sft-steps 3 --disc-pretrain-steps 2 --batch-size 2")
+
+
 def args(**kw) -> ril.Args:
     return ril.Args(**kw)
 
@@ -200,6 +210,27 @@ def test_ril_step_rewards_r_sim_plus_r_ans_when_d_and_the_judge_split_every_grou
         ("teacher" if teacher[i] else "student", r_sim[i].item(), r_ans[i].item()) for i in range(2 * G)
     ]
     assert [t["adv"] for t in dump["texts"]] == pytest.approx(want[: 2 * G].tolist(), abs=1e-6)
+
+
+def test_with_no_method_flag_the_advantage_and_ratio_are_eq2s(tiny, monkeypatch):
+    """The default is the paper: A = R - mean of all 2G rewards of the group (Eq. 2). (Its ratio, pi_theta / pi_old for
+    a teacher text as for a sample: test_teacher_ratio_one_weighs_each_teacher_token_...[default].)"""
+    G, B = 4, 2
+    r_ans = torch.tensor([1, 0, 0, 1, 1, 1, 1, 1, 0, 0, 0, 1, 1, 1, 1, 1], dtype=torch.float)
+    d_logits = torch.tensor([2.0, -1.0, 0.5, 3.0, -2.0, -0.5, 1.0, -3.0, 1.5, 2.0, -2.5, 1.0, -0.5, -1.0, 2.5, -4.0])
+    seen = {}
+    monkeypatch.setattr(ril, "disc_update", lambda *x, **kw: {})
+    monkeypatch.setattr(ril, "disc_logits", lambda *x, **kw: d_logits.clone())
+    monkeypatch.setattr(ril, "policy_update", lambda a, s, enc, comp, mask, adv, *x, **kw: seen.update(adv=adv) or {})
+    a = args(G=G, batch_size=B)
+    ril.ril_step(
+        a,
+        state(tiny["model"], tiny["proc"], judge=_FixedJudge(r_ans.tolist()), disc=torch.nn.Module()),
+        tiny["rows"][:B],
+        1,
+    )
+    R = ((d_logits < 0).float() + r_ans).view(B, 2 * G)
+    assert seen["adv"].tolist() == pytest.approx((R - R.mean(1, keepdim=True)).view(-1).tolist(), abs=1e-6)
 
 
 def test_baseline_steps_reward_r_ans_alone_minus_the_group_mean(tiny, monkeypatch):
@@ -413,6 +444,31 @@ def test_teacher_ratio_one_weighs_each_teacher_token_by_the_students_probability
     assert (weight[0] < adv[0]).all() == (ratio == "one")  # a teacher token counts p < 1 times its advantage
 
 
+def test_teacher_ratio_one_does_not_clip_a_teacher_token_with_a_negative_advantage(tiny):
+    """Under --teacher-ratio one a teacher token's ratio is pi_theta <= 1: clipped at 1 - eps it would get no gradient
+    whenever A < 0 and pi_theta < 0.8 (the min picks the constant (1 - eps) A). LUFFY does not clip its off-policy
+    term; neither does this: the step is A * pi_theta * grad log pi_theta on every teacher token."""
+    proc, rows = tiny["proc"], tiny["rows"][:1]
+    text = rows[0]["teachers"]["alice"][0]
+    a = args(teacher_ratio="one", beta=0.0, max_grad_norm=1e9)
+    comp, mask = ril.pad_right([ril.text_ids(proc.tokenizer, text, a.max_new_tokens)], proc.tokenizer.pad_token_id, CPU)
+    enc, adv, teacher = ril.encode_prompts(proc, rows, CPU), torch.tensor([-1.0]), torch.tensor([1])
+    model, expected = ril.copy.deepcopy(tiny["model"]), ril.copy.deepcopy(tiny["model"]).train()
+    logp = ril.token_logprobs(expected, enc, comp, mask, a.temperature)
+    assert (logp.exp()[mask.bool()] < 1 - a.eps).any()  # tokens the clip would have frozen
+    (-(adv[:, None] * logp.exp() * mask).sum() / a.max_new_tokens).backward()  # d/dtheta of A * pi_theta
+    before = [p.detach().clone() for p in model.parameters()]
+    ril.policy_update(
+        a, state(model, proc, opt=torch.optim.SGD(model.parameters(), lr=1.0)), enc, comp, mask, adv, teacher
+    )
+    moved = False
+    for b, p, e in zip(before, model.parameters(), expected.parameters(), strict=True):
+        want = e.grad if e.grad is not None else torch.zeros_like(b)
+        assert torch.allclose(b - p.detach(), want, atol=1e-6)
+        moved = moved or bool(want.abs().sum() > 0)
+    assert moved
+
+
 def test_mu_policy_iterations_take_their_ratio_against_the_policy_that_sampled(tiny):
     """--mu 2: two optimiser steps on one batch; the second one's ratio is pi_theta (already moved once) over pi_old,
     the policy before the first step, not over itself (which would make every ratio 1 and the clip a no-op), for a
@@ -468,7 +524,7 @@ def test_clip_and_step_bounds_the_gradient_norm_and_skips_a_step_that_is_not_fin
     assert skipped == 1.0 and w.detach().tolist() == pytest.approx([-0.3, -0.4, 0.0, 0.0]) and w.grad is None
 
 
-# ---------------------------------------------------------------- discriminator and rewards
+# ---------------------------------------------------------------- Stage 0, the discriminator and rewards
 def test_discriminator_updates_lower_its_bce_and_tell_student_texts_from_teacher_texts(tiny):
     """disc_update reports the pre-step BCE; 20 updates on a fixed batch (Eq. 1: student 1, teacher 0) more than
     halve the BCE and put every student text above 0 and every teacher text below. A single step's BCE is no test of
@@ -615,23 +671,6 @@ def test_similarity_reward_is_one_when_d_says_teacher():
     )
 
 
-def test_the_second_built_in_task_asks_other_ways_and_its_teachers_answer_later(tmp_path):
-    """--data phrased: other images, six other phrasings, teachers that never lead with the answer (so imitating
-    them moves the answer); every teacher text is right by the matcher; it trains end to end."""
-    toy, phrased = ril.make_toy(60, 0), ril.make_toy(60, 0, "phrased")
-    questions = {r["question"] for r in phrased}
-    assert len(questions) == 6 and not questions & {r["question"] for r in toy}
-    assert [r["image"].tobytes() for r in phrased[:6]] != [r["image"].tobytes() for r in toy[:6]]
-    judge = ril.MatchJudge(phrased)
-    for r in phrased:
-        texts = [t for ts in r["teachers"].values() for t in ts]
-        assert judge([r["question"]] * 4, [r["answer"]] * 4, texts) == [1.0] * 4
-        assert all(ril.normalize(t)[0] != ril.normalize(r["answer"])[0] for t in texts)
-    out = main_out(tmp_path, "--data", "phrased", "--steps", "1")
-    assert json.load(open(os.path.join(out, "args.json")))["data"] == "phrased"
-    assert "phrased" in open(os.path.join(out, "samples.jsonl")).readline()
-
-
 def test_answer_match_normalises_wants_whole_words_and_refuses_lists():
     c = ril.MatchJudge(ril.make_toy(30, 0)).candidates
     assert {("red",), ("circle",), ("3",)} <= c
@@ -685,7 +724,37 @@ def test_evaluate_scores_each_greedy_answer_against_its_own_row(tiny, monkeypatc
     assert metrics["eval/teacher_like"] == pytest.approx((1 - torch.sigmoid(d)).mean().item())
 
 
-# ---------------------------------------------------------------- masks, tokens, log-probs
+def test_pass_at_g_counts_questions_with_a_right_sample_and_leaves_the_runs_random_stream_alone(tiny):
+    a = args(G=2, batch_size=3)
+    s = state(tiny["model"], tiny["proc"], judge=_FixedJudge([1, 0, 0, 0, 0, 1]))  # questions 1 and 3 of each batch
+    rng = torch.get_rng_state()
+    assert ril.pass_at_g(a, s, tiny["held"][:6]) == pytest.approx(4 / 6)
+    assert torch.equal(torch.get_rng_state(), rng)
+    s.judge = _FixedJudge([0] * 6)
+    assert ril.pass_at_g(a, s, tiny["held"][:6]) == 0.0
+
+
+def test_the_teacher_texts_row_is_judged_not_assumed(tmp_path, capsys):
+    """A teacher whose texts are wrong lowers the accuracy the final table shows for the teachers' own texts."""
+    rows = ril.make_toy(14, 0)
+    for r in rows:
+        r["teachers"] = {"alice": r["teachers"]["alice"], "bob": ["I do not know."]}
+    _save_jsonl(tmp_path, rows[:10], "train.jsonl")
+    _save_jsonl(tmp_path, rows[10:], "held.jsonl")
+    ril.main(
+        argv(
+            "--data {train} --eval-data {held} --steps 1 --sft-steps 1"
+            " --disc-pretrain-steps 1 --batch-size 2 --out {out}",
+            train=tmp_path / "train.jsonl",
+            held=tmp_path / "held.jsonl",
+            out=tmp_path / "o",
+        )
+    )
+    # per held-out row: alice's 2 texts right, bob's 1 wrong
+    assert "| teacher texts | 0.667 |" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- masks, tokens, sampling, log-probs, images
 def test_masks_keep_eos_and_drop_padding():
     eos, pad = 2, 0
     ids = torch.tensor([[5, 6, eos, pad, pad], [5, eos, 7, 8, 9], [5, 6, 7, 8, 9]])
@@ -962,6 +1031,104 @@ def test_a_forward_pass_over_images_of_different_sizes_sees_each_prompts_own_ima
     assert (swapped - alone[:1])[m[:1]].abs().max() > 1e-4
 
 
+# ---------------------------------------------------------------- data: tasks, images, batch and teacher-text order
+def test_the_second_built_in_task_asks_other_ways_and_its_teachers_answer_later(tmp_path):
+    """--data phrased: other images, six other phrasings, teachers that never lead with the answer (so imitating
+    them moves the answer); every teacher text is right by the matcher; it trains end to end."""
+    toy, phrased = ril.make_toy(60, 0), ril.make_toy(60, 0, "phrased")
+    questions = {r["question"] for r in phrased}
+    assert len(questions) == 6 and not questions & {r["question"] for r in toy}
+    assert [r["image"].tobytes() for r in phrased[:6]] != [r["image"].tobytes() for r in toy[:6]]
+    judge = ril.MatchJudge(phrased)
+    for r in phrased:
+        texts = [t for ts in r["teachers"].values() for t in ts]
+        assert judge([r["question"]] * 4, [r["answer"]] * 4, texts) == [1.0] * 4
+        assert all(ril.normalize(t)[0] != ril.normalize(r["answer"])[0] for t in texts)
+    out = main_out(tmp_path, "--data", "phrased", "--steps", "1")
+    assert json.load(open(os.path.join(out, "args.json")))["data"] == "phrased"
+    assert "phrased" in open(os.path.join(out, "samples.jsonl")).readline()
+
+
+def test_the_transfer_task_asks_what_stage_0_never_showed_with_teachers_that_give_their_evidence():
+    sft, rows, held = ril.load_data(ril.parse_args(["--data", "transfer", "--toy-size", "60", "--eval-size", "30"]))
+    assert [r["question"] for r in sft] == [r["question"] for r in ril.make_toy(60, 0)]  # Stage 0: the toy task
+    stage0 = {w for r in sft for t in [r["answer"], *sum(r["teachers"].values(), [])] for w in ril.normalize(t)}
+    assert not {r["answer"] for r in rows + held} & stage0  # no RL answer is a word Stage 0 ever wrote
+    evidence = {v: k for k, v in ril.TRANSFER.items()}
+    for r in rows:
+        for t in sum(r["teachers"].values(), []):
+            assert ril.answer_match(t, r["answer"]) == 1.0 and evidence[r["answer"]] in ril.normalize(t)
+    judge, r = ril.MatchJudge(rows), rows[0]
+    wrong = next(x for x in rows if x["question"] == r["question"] and x["answer"] != r["answer"])
+    assert judge([r["question"]], [r["answer"]], [wrong["teachers"]["erin"][0]]) == [0.0]  # teacher-styled, wrong
+
+
+def test_images_of_every_mode_reach_the_model_as_a_viewer_shows_them(tmp_path):
+    """Transparent pixels over white (not black), 16-bit grey scaled (not clipped to white), EXIF rotation applied, and
+    every mode Pillow opens becomes an RGB image the processor takes."""
+    from PIL import Image
+
+    rgba = Image.new("RGBA", (8, 4), (0, 0, 0, 0))
+    rgba.paste((255, 0, 0, 255), (0, 0, 4, 4))  # red left half, transparent right half
+    cases = {
+        "rgba.png": rgba,
+        "la.png": rgba.convert("LA"),
+        "p.png": rgba.convert("P"),
+        "grey16.png": Image.new("I;16", (8, 4), 32768),
+    }
+    for name, img in cases.items():
+        img.save(tmp_path / name)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    Image.new("RGB", (8, 4), "blue").save(tmp_path / "rotated.jpg", exif=exif)
+    seen = {name: ril.open_image(str(tmp_path / name)) for name in [*cases, "rotated.jpg"]}
+    assert all(img.mode == "RGB" for img in seen.values())
+    assert seen["rgba.png"].getpixel((0, 0)) == (255, 0, 0) and seen["rgba.png"].getpixel((7, 0)) == (255, 255, 255)
+    assert seen["la.png"].getpixel((7, 0)) == (255, 255, 255) and seen["p.png"].getpixel((7, 0)) == (255, 255, 255)
+    assert seen["grey16.png"].getpixel((0, 0)) == (128, 128, 128)
+    assert seen["rotated.jpg"].size == (4, 8)
+    # the modes files open as
+    for mode in "1 L P RGB RGBA LA PA CMYK YCbCr LAB HSV I F I;16 I;16B RGBa".split():
+        img = ril.open_image(
+            Image.new("RGB", (8, 4), (200, 30, 30)).convert(mode) if "I;16" not in mode else Image.new(mode, (8, 4), 9)
+        )
+        assert img.mode == "RGB" and img.size == (8, 4), mode
+
+
+def _jsonl_run(tmp_path, n=6) -> tuple:
+    """A JSONL task of n rows with their own image files, and the flags of a tiny run on it."""
+    rows = ril.make_toy(n, 0)
+    for r in rows:
+        r["image"].save(tmp_path / f"{r['id']}.png")
+    lines = [
+        json.dumps(
+            {
+                "id": r["id"],
+                "image": f"{r['id']}.png",
+                "question": r["question"],
+                "answer": r["answer"],
+                "teachers": r["teachers"],
+            }
+        )
+        for r in rows
+    ]
+    (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
+    flags = argv(
+        "--data {data} --eval-size 2 --sft-steps 2 --disc-pretrain-steps 1"
+        " --batch-size 2 --sft-batch-size 2 --save-every 1",
+        data=tmp_path / "d.jsonl",
+    )
+    return rows, flags
+
+
+def test_a_jsonl_with_a_byte_order_mark_is_read_as_utf8(tmp_path):
+    _, flags = _jsonl_run(tmp_path)
+    data = tmp_path / "d.jsonl"
+    data.write_bytes(b"\xef\xbb\xbf" + data.read_bytes())
+    rows = ril.load_jsonl(str(data))
+    assert len(rows) == 6 and rows[0]["id"] == "toy0-0"
+
+
 def test_batches_are_a_pure_function_of_the_step():
     """The same (seed, step) gives the same questions in a fresh process (epoch_order's cache cleared) whatever the
     global random and torch states are, as a resumed run needs; every epoch is a new shuffle, and another seed another
@@ -1014,31 +1181,7 @@ def test_stage_0_draws_teacher_targets_from_every_teacher_of_its_rows_and_answer
     assert any(r["answer"] in seen for r in none)
 
 
-def test_pass_at_g_counts_questions_with_a_right_sample_and_leaves_the_runs_random_stream_alone(tiny):
-    a = args(G=2, batch_size=3)
-    s = state(tiny["model"], tiny["proc"], judge=_FixedJudge([1, 0, 0, 0, 0, 1]))  # questions 1 and 3 of each batch
-    rng = torch.get_rng_state()
-    assert ril.pass_at_g(a, s, tiny["held"][:6]) == pytest.approx(4 / 6)
-    assert torch.equal(torch.get_rng_state(), rng)
-    s.judge = _FixedJudge([0] * 6)
-    assert ril.pass_at_g(a, s, tiny["held"][:6]) == 0.0
-
-
-def test_the_transfer_task_asks_what_stage_0_never_showed_with_teachers_that_give_their_evidence():
-    sft, rows, held = ril.load_data(ril.parse_args(["--data", "transfer", "--toy-size", "60", "--eval-size", "30"]))
-    assert [r["question"] for r in sft] == [r["question"] for r in ril.make_toy(60, 0)]  # Stage 0: the toy task
-    stage0 = {w for r in sft for t in [r["answer"], *sum(r["teachers"].values(), [])] for w in ril.normalize(t)}
-    assert not {r["answer"] for r in rows + held} & stage0  # no RL answer is a word Stage 0 ever wrote
-    evidence = {v: k for k, v in ril.TRANSFER.items()}
-    for r in rows:
-        for t in sum(r["teachers"].values(), []):
-            assert ril.answer_match(t, r["answer"]) == 1.0 and evidence[r["answer"]] in ril.normalize(t)
-    judge, r = ril.MatchJudge(rows), rows[0]
-    wrong = next(x for x in rows if x["question"] == r["question"] and x["answer"] != r["answer"])
-    assert judge([r["question"]], [r["answer"]], [wrong["teachers"]["erin"][0]]) == [0.0]  # teacher-styled, wrong
-
-
-# ---------------------------------------------------------------- the script, end to end
+# ---------------------------------------------------------------- the script: end to end, doctests, --help, plot tool
 def _save_jsonl(folder, rows, name):
     os.makedirs(os.path.join(folder, "img"), exist_ok=True)
     with open(os.path.join(folder, name), "w") as f:
@@ -1088,26 +1231,14 @@ def test_script_trains_student_and_discriminator_from_a_saved_checkpoint(tmp_pat
     _save_jsonl(tmp_path, ril.make_toy(12, 0), "train.jsonl")
     _save_jsonl(tmp_path, ril.make_toy(4, 1), "val.jsonl")
     p = run(
-        "--student",
-        str(ckpt),
-        "--data",
-        str(tmp_path / "train.jsonl"),
-        "--eval-data",
-        str(tmp_path / "val.jsonl"),
-        "--sft-steps",
-        "0",
-        "--disc-pretrain-steps",
-        "2",
-        "--steps",
-        "3",
-        "--batch-size",
-        "2",
-        "--out",
-        str(out),
-        "--lr",
-        "1e-3",
-        "--disc-lr",
-        "1e-3",
+        *argv(
+            "--student {ckpt} --data {train} --eval-data {val} --sft-steps 0 --disc-pretrain-steps 2"
+            " --steps 3 --batch-size 2 --out {out} --lr 1e-3 --disc-lr 1e-3",
+            ckpt=ckpt,
+            train=tmp_path / "train.jsonl",
+            val=tmp_path / "val.jsonl",
+            out=out,
+        )
     )
     assert p.returncode == 0, p.stderr[-3000:]
     assert "after ril" in p.stdout
@@ -1118,20 +1249,10 @@ def test_script_trains_student_and_discriminator_from_a_saved_checkpoint(tmp_pat
     lines = [json.loads(x) for x in open(out / "metrics.jsonl")]
     steps = [m for m in lines if "reward/total" in m]
     assert len(steps) == 3
-    for key in [
-        "reward/sim",
-        "reward/ans",
-        "reward/total",
-        "disc/loss",
-        "disc/acc_student",
-        "disc/acc_teacher",
-        "policy/loss",
-        "policy/grad_norm",
-        "policy/clip_frac",
-        "policy/kl",
-        "len/mean",
-        "time/step",
-    ]:
+    for key in (
+        "reward/sim reward/ans reward/total disc/loss disc/acc_student disc/acc_teacher"
+        " policy/loss policy/grad_norm policy/clip_frac policy/kl len/mean time/step"
+    ).split():
         assert all(key in m for m in steps), key
     assert {"eval/acc", "eval/teacher_like"} <= set(lines[0]) and {"eval/acc", "eval/teacher_like"} <= set(lines[-1])
 
@@ -1152,22 +1273,11 @@ def test_script_trains_student_and_discriminator_from_a_saved_checkpoint(tmp_pat
 @pytest.mark.parametrize("algo", ["dr_grpo", "grpo"])
 def test_baselines_run_without_discriminator_or_teachers(tmp_path, algo, capsys):
     ril.main(
-        [
-            "--algo",
-            algo,
-            "--toy-size",
-            "12",
-            "--eval-size",
-            "4",
-            "--sft-steps",
-            "2",
-            "--steps",
-            "2",
-            "--batch-size",
-            "2",
-            "--out",
-            str(tmp_path),
-        ]
+        argv(
+            "--algo {algo} --toy-size 12 --eval-size 4 --sft-steps 2 --steps 2 --batch-size 2 --out {out}",
+            algo=algo,
+            out=tmp_path,
+        )
     )
     assert not (tmp_path / "discriminator.pt").exists()
     steps = [json.loads(x) for x in open(tmp_path / "metrics.jsonl") if "reward/total" in x]
@@ -1196,6 +1306,43 @@ def test_every_flag_has_help_and_help_prints_it(capsys):
         assert len(entry) == 1, f"{flag} is not in --help"
         # argparse rewraps the help text, also at hyphens ("comma-separated" may end one line): ignore whitespace
         assert re.sub(r"\s+", "", text) in re.sub(r"\s+", "", entry[0]), f"{flag}: its help is not printed"
+
+
+def _tool(name: str):
+    """tools/NAME.py as a module (tools/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"tools_{name}", os.path.join(HERE, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_plot_tool_draws_every_panel_from_a_runs_metrics(tmp_path, capsys):
+    """`python tools/plot.py OUT` (make run calls it) draws metrics.png; every panel's metrics are logged, with
+    held-out evaluations at step 0, every --eval-every steps and at the end."""
+    from PIL import Image
+
+    out = main_out(tmp_path, "--steps", "3", "--eval-every", "2")
+    lines = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
+    logged = set().union(*lines)
+    for title, _, series in _tool("plot").PANELS:
+        assert all(key in logged for key, _ in series), title
+    assert [m["step"] for m in lines if "eval/acc" in m] == [0, 2, 3]
+    p = subprocess.run(
+        [sys.executable, os.path.join(HERE, "tools", "plot.py"), out], capture_output=True, text=True, timeout=120
+    )
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == f"wrote {os.path.join(out, 'metrics.png')}"
+    assert Image.open(os.path.join(out, "metrics.png")).size == (1500, 900)
+    _tool("compare").main([out, out])  # make run's table: the start (step 0) and a run's last evaluation
+    table = capsys.readouterr().out.splitlines()
+    start, end = [m for m in lines if "eval/acc" in m][0], [m for m in lines if "eval/acc" in m][-1]
+    assert (
+        table[-2].startswith(f"| start: {out} | {start['eval/acc']:.3f} |")
+        and f"| {start['eval/pass@G']:.3f} |" in table[-2]
+    )
+    assert table[-1].startswith(
+        f"| ril, 3 steps, lr 0.0002: {out} | {end['eval/acc']:.3f} | {end['eval/teacher_like']:.3f} |"
+    )
 
 
 # ---------------------------------------------------------------- bad input: one line, exit 2
@@ -1265,46 +1412,15 @@ def test_the_training_file_or_its_ids_as_held_out_data_are_refused(tmp_path, cap
     for held in ("train.jsonl", "same_ids.jsonl"):
         with pytest.raises(SystemExit) as e:
             ril.main(
-                [
-                    "--data",
-                    str(tmp_path / "train.jsonl"),
-                    "--eval-data",
-                    str(tmp_path / held),
-                    "--out",
-                    str(tmp_path / "o"),
-                ]
+                argv(
+                    "--data {train} --eval-data {held} --out {out}",
+                    train=tmp_path / "train.jsonl",
+                    held=tmp_path / held,
+                    out=tmp_path / "o",
+                )
             )
         err = capsys.readouterr().err
         assert e.value.code == 2 and "is also the id of" in err and not (tmp_path / "o").exists()
-
-
-def test_the_teacher_texts_row_is_judged_not_assumed(tmp_path, capsys):
-    """A teacher whose texts are wrong lowers the accuracy the final table shows for the teachers' own texts."""
-    rows = ril.make_toy(14, 0)
-    for r in rows:
-        r["teachers"] = {"alice": r["teachers"]["alice"], "bob": ["I do not know."]}
-    _save_jsonl(tmp_path, rows[:10], "train.jsonl")
-    _save_jsonl(tmp_path, rows[10:], "held.jsonl")
-    ril.main(
-        [
-            "--data",
-            str(tmp_path / "train.jsonl"),
-            "--eval-data",
-            str(tmp_path / "held.jsonl"),
-            "--steps",
-            "1",
-            "--sft-steps",
-            "1",
-            "--disc-pretrain-steps",
-            "1",
-            "--batch-size",
-            "2",
-            "--out",
-            str(tmp_path / "o"),
-        ]
-    )
-    # per held-out row: alice's 2 texts right, bob's 1 wrong
-    assert "| teacher texts | 0.667 |" in capsys.readouterr().out
 
 
 def test_answers_in_any_script_are_matched_and_an_unmatchable_answer_is_refused(tmp_path, capsys):
@@ -1324,54 +1440,6 @@ def test_answers_in_any_script_are_matched_and_an_unmatchable_answer_is_refused(
     for answer in ("★", "?!"):
         code, err, data = _bad_input(tmp_path, capsys, [GOOD, GOOD.replace('"answer": "a"', f'"answer": "{answer}"')])
         assert code == 2 and len(err.splitlines()) == 1 and f"{data}:2: answer '{answer}' has no letter or digit" in err
-
-
-def test_images_of_every_mode_reach_the_model_as_a_viewer_shows_them(tmp_path):
-    """Transparent pixels over white (not black), 16-bit grey scaled (not clipped to white), EXIF rotation applied, and
-    every mode Pillow opens becomes an RGB image the processor takes."""
-    from PIL import Image
-
-    rgba = Image.new("RGBA", (8, 4), (0, 0, 0, 0))
-    rgba.paste((255, 0, 0, 255), (0, 0, 4, 4))  # red left half, transparent right half
-    cases = {
-        "rgba.png": rgba,
-        "la.png": rgba.convert("LA"),
-        "p.png": rgba.convert("P"),
-        "grey16.png": Image.new("I;16", (8, 4), 32768),
-    }
-    for name, img in cases.items():
-        img.save(tmp_path / name)
-    exif = Image.Exif()
-    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
-    Image.new("RGB", (8, 4), "blue").save(tmp_path / "rotated.jpg", exif=exif)
-    seen = {name: ril.open_image(str(tmp_path / name)) for name in [*cases, "rotated.jpg"]}
-    assert all(img.mode == "RGB" for img in seen.values())
-    assert seen["rgba.png"].getpixel((0, 0)) == (255, 0, 0) and seen["rgba.png"].getpixel((7, 0)) == (255, 255, 255)
-    assert seen["la.png"].getpixel((7, 0)) == (255, 255, 255) and seen["p.png"].getpixel((7, 0)) == (255, 255, 255)
-    assert seen["grey16.png"].getpixel((0, 0)) == (128, 128, 128)
-    assert seen["rotated.jpg"].size == (4, 8)
-    for mode in [
-        "1",
-        "L",
-        "P",
-        "RGB",
-        "RGBA",
-        "LA",
-        "PA",
-        "CMYK",
-        "YCbCr",
-        "LAB",
-        "HSV",
-        "I",
-        "F",
-        "I;16",
-        "I;16B",
-        "RGBa",
-    ]:  # the modes files open as
-        img = ril.open_image(
-            Image.new("RGB", (8, 4), (200, 30, 30)).convert(mode) if "I;16" not in mode else Image.new(mode, (8, 4), 9)
-        )
-        assert img.mode == "RGB" and img.size == (8, 4), mode
 
 
 def test_a_prompt_too_long_for_the_student_is_one_line(tmp_path, capsys):
@@ -1419,24 +1487,44 @@ def test_an_out_that_cannot_be_written_is_refused_before_any_model_loads(tmp_pat
     assert os.listdir(locked) == []
 
 
+def test_a_model_that_cannot_be_found_gets_one_line_naming_it(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        ril.main(
+            argv(
+                "--student {student} --toy-size 6 --eval-size 2 --out {out}",
+                student=tmp_path / "no-such-model",
+                out=tmp_path / "o",
+            )
+        )
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "no-such-model" in err
+
+
+def test_weights_load_from_safetensors_only(tmp_path, capsys):
+    """A pickled weight file can run code when loaded; such a checkpoint is refused, by name."""
+    _tiny_family("qwen2_vl", tmp_path / "m")
+    sd = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "m").state_dict()
+    torch.save(sd, tmp_path / "m" / "pytorch_model.bin")
+    os.remove(tmp_path / "m" / "model.safetensors")
+    with pytest.raises(SystemExit) as e:
+        ril.main(
+            ["--student", str(tmp_path / "m"), "--toy-size", "6", "--eval-size", "2", "--out", str(tmp_path / "o")]
+        )
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "safetensors only" in err and not (tmp_path / "o").exists()
+
+
 def test_a_judge_that_never_gives_a_verdict_is_named_then_the_run_stops(tmp_path, capsys):
     """A random tiny judge never writes <answer>0|1</answer>: every step warns on the console, and after --max-bad-steps
     steps the run stops with one line instead of training on r_ans = 0 for every text."""
     with pytest.raises(SystemExit) as e:
         ril.main(
-            [
-                *TINY_RUN,
-                "--judge",
-                _tiny_judge(tmp_path / "judge"),
-                "--judge-max-new-tokens",
-                "2",
-                "--steps",
-                "6",
-                "--max-bad-steps",
-                "2",
-                "--out",
-                str(tmp_path / "o"),
-            ]
+            TINY_RUN
+            + argv(
+                "--judge {judge} --judge-max-new-tokens 2 --steps 6 --max-bad-steps 2 --out {out}",
+                judge=_tiny_judge(tmp_path / "judge"),
+                out=tmp_path / "o",
+            )
         )
     out, err = capsys.readouterr()
     assert (
@@ -1447,21 +1535,6 @@ def test_a_judge_that_never_gives_a_verdict_is_named_then_the_run_stops(tmp_path
         1.0,
         1.0,
     ]
-
-
-def test_weights_that_are_not_finite_are_never_saved(tmp_path, capsys, monkeypatch):
-    real = ril.Run.end_step
-
-    def poison(self, s, step, m, dump):  # the last step leaves a NaN in the student, as an overflowing update would
-        real(self, s, step, m, dump)
-        with torch.no_grad():
-            next(ril.unwrap(s.model).parameters()).fill_(float("nan"))
-
-    monkeypatch.setattr(ril.Run, "end_step", poison)
-    with pytest.raises(SystemExit) as e:
-        ril.main([*TINY_RUN, "--steps", "1", "--out", str(tmp_path / "o")])
-    assert e.value.code == 2 and "the trained weights are not finite" in capsys.readouterr().err
-    assert not (tmp_path / "o" / "model.safetensors").exists()
 
 
 def test_an_empty_dataset_is_refused(tmp_path, capsys):
@@ -1497,21 +1570,7 @@ def test_impossible_arguments_are_refused(capsys, flags, name):
     assert e.value.code == 2 and name in capsys.readouterr().err
 
 
-# ---------------------------------------------------------------- checkpoints, resume, guard
-TINY_RUN = [
-    "--toy-size",
-    "24",
-    "--eval-size",
-    "4",
-    "--sft-steps",
-    "3",
-    "--disc-pretrain-steps",
-    "2",
-    "--batch-size",
-    "2",
-]
-
-
+# ---------------------------------------------------------------- checkpoints, resume, non-finite and --out guards
 def _student(folder) -> dict:
     return transformers.AutoModelForImageTextToText.from_pretrained(folder).state_dict()
 
@@ -1565,12 +1624,7 @@ def test_sigterm_mid_run_leaves_a_checkpoint_that_resume_continues(tmp_path):
             sys.executable,
             os.path.join(HERE, "ril.py"),
             *TINY_RUN,
-            "--steps",
-            "400",
-            "--save-every",
-            "1000",
-            "--out",
-            str(out),
+            *argv("--steps 400 --save-every 1000 --out {out}", out=out),
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -1650,6 +1704,22 @@ def test_a_newest_checkpoint_that_does_not_load_falls_back_to_the_one_before(tmp
     assert [json.loads(x)["step"] for x in open(os.path.join(out, "metrics.jsonl")) if "reward/total" in x] == [1, 2, 3]
 
 
+def test_a_checkpoint_of_a_fresh_optimiser_leaves_it_fresh():
+    """torch.distributed.checkpoint fills an empty AdamW's state by a step at lr 0 (its step count becomes 1, and
+    Adam's bias correction then differs from a run that never saved): full_state and load_full_state must not."""
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    state, opt_state = ril.full_state(model, opt)
+    ril.load_full_state(model, opt, state, opt_state)
+    assert not opt.state and not opt_state
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    copy = torch.nn.Linear(3, 2)
+    other = torch.optim.AdamW(copy.parameters(), lr=1e-3)
+    ril.load_full_state(copy, other, *ril.full_state(model, opt))
+    assert [s["step"].item() for s in other.state.values()] == [1.0, 1.0]
+
+
 def test_overwrite_deletes_nothing_until_every_input_has_loaded(tmp_path, capsys):
     out = main_out(tmp_path, "--steps", "1")
     kept = sorted(os.listdir(os.path.join(out, "checkpoints")))
@@ -1698,6 +1768,21 @@ def test_non_finite_guard_skips_then_stops(tmp_path, monkeypatch, capsys):
     assert e.value.code == 2 and "step 3:" in err and "step_0000000.pt" in err
 
 
+def test_weights_that_are_not_finite_are_never_saved(tmp_path, capsys, monkeypatch):
+    real = ril.Run.end_step
+
+    def poison(self, s, step, m, dump):  # the last step leaves a NaN in the student, as an overflowing update would
+        real(self, s, step, m, dump)
+        with torch.no_grad():
+            next(ril.unwrap(s.model).parameters()).fill_(float("nan"))
+
+    monkeypatch.setattr(ril.Run, "end_step", poison)
+    with pytest.raises(SystemExit) as e:
+        ril.main([*TINY_RUN, "--steps", "1", "--out", str(tmp_path / "o")])
+    assert e.value.code == 2 and "the trained weights are not finite" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "model.safetensors").exists()
+
+
 def test_a_fresh_run_will_not_overwrite_checkpoints(tmp_path, capsys):
     out = tmp_path / "o"
     ril.main([*TINY_RUN, "--steps", "1", "--out", str(out)])
@@ -1708,36 +1793,75 @@ def test_a_fresh_run_will_not_overwrite_checkpoints(tmp_path, capsys):
     assert sorted(os.listdir(out / "checkpoints")) == before
 
 
-def test_a_model_that_cannot_be_found_gets_one_line_naming_it(tmp_path, capsys):
+def test_a_second_process_is_refused_while_a_run_holds_out_and_a_dead_ones_lock_is_taken_over(tmp_path, capsys):
+    out = str(tmp_path / "o")
+    os.makedirs(out)
+    held = ril.lock_out(out)  # a run in another process, as far as flock is concerned
     with pytest.raises(SystemExit) as e:
-        ril.main(
-            [
-                "--student",
-                str(tmp_path / "no-such-model"),
-                "--toy-size",
-                "6",
-                "--eval-size",
-                "2",
-                "--out",
-                str(tmp_path / "o"),
-            ]
-        )
+        ril.main([*TINY_RUN, "--steps", "1", "--out", out, "--seed", "1"])
     err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and len(err.splitlines()) == 1 and "no-such-model" in err
+    assert e.value.code == 2 and err.count("\n") == 0 and "another process is running a job there" in err
+    assert os.listdir(out) == []  # nothing loaded, nothing written
+    os.close(held)  # the process dies: its lock goes with it
+    ril.main([*TINY_RUN, "--steps", "1", "--out", out])
+    assert ril.checkpoints(out)
 
 
-def test_weights_load_from_safetensors_only(tmp_path, capsys):
-    """A pickled weight file can run code when loaded; such a checkpoint is refused, by name."""
-    _tiny_family("qwen2_vl", tmp_path / "m")
-    sd = transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "m").state_dict()
-    torch.save(sd, tmp_path / "m" / "pytorch_model.bin")
-    os.remove(tmp_path / "m" / "model.safetensors")
+def test_out_is_locked_from_the_start_so_a_second_run_is_refused_while_the_first_is_in_stage_0(tmp_path, capsys):
+    """On 7777159 the lock was taken at the first write: a second run into the same --out during Stage 0 ran to the
+    end, and the first then wrote over it."""
+    out = str(tmp_path / "o")
+    cmd = [sys.executable, os.path.join(HERE, "ril.py"), *TINY_RUN, "--sft-steps", "100000", "--out", out]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}  # its first line comes as it is printed
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert first.stdout.readline().startswith("student tiny")  # set up: Stage 0 is under way, nothing written
+        with pytest.raises(SystemExit) as e:
+            ril.main([*TINY_RUN, "--out", out, "--seed", "3"])
+        assert e.value.code == 2 and "another process is running a job there" in capsys.readouterr().err
+    finally:
+        first.kill()
+        first.wait()
+    assert os.listdir(out) == []
+
+
+def test_resume_refuses_a_flag_that_would_change_the_run_and_takes_those_that_cannot(tmp_path, capsys, two_steps):
+    out = copy_of(two_steps, tmp_path)
+    before = sorted(os.listdir(os.path.join(out, "checkpoints")))
     with pytest.raises(SystemExit) as e:
-        ril.main(
-            ["--student", str(tmp_path / "m"), "--toy-size", "6", "--eval-size", "2", "--out", str(tmp_path / "o")]
-        )
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and "safetensors only" in err and not (tmp_path / "o").exists()
+        ril.main(["--out", out, "--resume", "--steps", "3", "--lr", "0.5"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "--resume --lr: a resumed run keeps its own --lr 0.0002" in err
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == before
+    own = ["--lr", "0.0002", "--seed", "0"]  # the run's own values, as in the first command (7777159: refused)
+    ril.main(["--out", out, "--resume", "--steps", "3", "--save-every", "5", "--keep-last", "1", *own])
+    assert [os.path.basename(p) for p in ril.checkpoints(out)] == ["step_0000003.pt"]
+
+
+def test_resume_refuses_rows_that_changed_unless_told_to_accept_them(tmp_path, capsys):
+    rows, flags = _jsonl_run(tmp_path)
+    out, data = str(tmp_path / "o"), tmp_path / "d.jsonl"
+    ril.main([*flags, "--steps", "1", "--out", out])
+    original = data.read_text()
+    with open(data, "a") as f:  # three more rows, as a user might append
+        for i in range(3):
+            row = {"id": f"new{i}", "image": f"{rows[0]['id']}.png", "question": "q", "answer": "red"}
+            print(json.dumps({**row, "teachers": rows[0]["teachers"]}), file=f)
+    with pytest.raises(SystemExit) as e:
+        ril.main(["--out", out, "--resume", "--steps", "2"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "the training rows (4 then, 7 now)" in err and "--accept-changed-data" in err
+    assert "held-out rows (2 then, 2 now)" in err  # the held-out split is drawn from all the rows, so it moved too
+    # the same rows, their images moved to a folder (the tiny student's tokenizer, made from the texts, stays)
+    os.makedirs(tmp_path / "img")
+    for r in rows:
+        os.rename(tmp_path / f"{r['id']}.png", tmp_path / "img" / f"{r['id']}.png")
+    data.write_text(original.replace('"image": "', '"image": "img/'))
+    with pytest.raises(SystemExit):
+        ril.main(["--out", out, "--resume", "--steps", "2"])
+    assert "the training rows (4 then, 4 now)" in capsys.readouterr().err
+    ril.main(["--out", out, "--resume", "--steps", "2", "--accept-changed-data"])
+    assert ril.checkpoints(out)[-1].endswith("step_0000002.pt")
 
 
 def test_resume_without_a_checkpoint_is_refused(tmp_path, capsys):
@@ -1912,18 +2036,12 @@ def test_a_teacher_model_generates_once_then_its_cache_is_read(tmp_path, capsys)
 
     def run():
         ril.main(
-            [
-                *TINY_RUN,
-                "--teachers",
-                f"alice,{teacher}",
-                "--teacher-samples",
-                "2",
-                "--steps",
-                "2",
-                "--out",
-                str(out),
-                "--overwrite",
-            ]
+            TINY_RUN
+            + argv(
+                "--teachers alice,{teacher} --teacher-samples 2 --steps 2 --out {out} --overwrite",
+                teacher=teacher,
+                out=out,
+            )
         )
 
     run()
@@ -2007,17 +2125,12 @@ def test_judge_verdicts_reach_reward_ans(tmp_path, monkeypatch):
     monkeypatch.setattr(ril.ModelJudge, "complete", complete)
     out = tmp_path / "out"
     ril.main(
-        [
-            *TINY_RUN,
-            "--judge",
-            _tiny_judge(tmp_path / "judge"),
-            "--judge-max-new-tokens",
-            "2",
-            "--steps",
-            "3",
-            "--out",
-            str(out),
-        ]
+        TINY_RUN
+        + argv(
+            "--judge {judge} --judge-max-new-tokens 2 --steps 3 --out {out}",
+            judge=_tiny_judge(tmp_path / "judge"),
+            out=out,
+        )
     )
     assert seen and all("<question>" in p and "<ground truth>" in p and ril.JUDGE_SYSTEM in p for p in seen)
     steps = [json.loads(x) for x in open(out / "metrics.jsonl") if "reward/total" in x]
@@ -2096,21 +2209,12 @@ def test_memory_flags_train_the_language_model_only(tmp_path, monkeypatch):
     monkeypatch.setattr(mu, "checkpoint", lambda *x, **kw: calls.append(kw.get("use_reentrant")) or real(*x, **kw))
     start, out = _tiny_family("qwen2_vl", tmp_path / "start"), tmp_path / "out"
     ril.main(
-        [
-            *TINY_RUN,
-            "--student",
-            start,
-            "--steps",
-            "2",
-            "--freeze-vision",
-            "--grad-checkpointing",
-            "--micro-batch",
-            "3",
-            "--dtype",
-            "amp",
-            "--out",
-            str(out),
-        ]
+        TINY_RUN
+        + argv(
+            "--student {start} --steps 2 --freeze-vision --grad-checkpointing --micro-batch 3 --dtype amp --out {out}",
+            start=start,
+            out=out,
+        )
     )
     assert calls and set(calls) == {False}
     s0, s1 = _student(start), _student(out)
@@ -2121,48 +2225,11 @@ def test_memory_flags_train_the_language_model_only(tmp_path, monkeypatch):
     assert len(steps) == 2 and all(m["guard/skipped"] == 0 for m in steps)
 
 
-def _tool(name: str):
-    """tools/NAME.py as a module (tools/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"tools_{name}", os.path.join(HERE, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_the_plot_tool_draws_every_panel_from_a_runs_metrics(tmp_path, capsys):
-    """`python tools/plot.py OUT` (make run calls it) draws metrics.png; every panel's metrics are logged, with
-    held-out evaluations at step 0, every --eval-every steps and at the end."""
-    from PIL import Image
-
-    out = main_out(tmp_path, "--steps", "3", "--eval-every", "2")
-    lines = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
-    logged = set().union(*lines)
-    for title, _, series in _tool("plot").PANELS:
-        assert all(key in logged for key, _ in series), title
-    assert [m["step"] for m in lines if "eval/acc" in m] == [0, 2, 3]
-    p = subprocess.run(
-        [sys.executable, os.path.join(HERE, "tools", "plot.py"), out], capture_output=True, text=True, timeout=120
-    )
-    assert p.returncode == 0, p.stderr
-    assert p.stdout.strip() == f"wrote {os.path.join(out, 'metrics.png')}"
-    assert Image.open(os.path.join(out, "metrics.png")).size == (1500, 900)
-    _tool("compare").main([out, out])  # make run's table: the start (step 0) and a run's last evaluation
-    table = capsys.readouterr().out.splitlines()
-    start, end = [m for m in lines if "eval/acc" in m][0], [m for m in lines if "eval/acc" in m][-1]
-    assert (
-        table[-2].startswith(f"| start: {out} | {start['eval/acc']:.3f} |")
-        and f"| {start['eval/pass@G']:.3f} |" in table[-2]
-    )
-    assert table[-1].startswith(
-        f"| ril, 3 steps, lr 0.0002: {out} | {end['eval/acc']:.3f} | {end['eval/teacher_like']:.3f} |"
-    )
-
-
-# ---------------------------------------------------------------- several processes: torchrun on CPU with gloo
-def _torchrun(*argv, timeout=300):
+# ---------------------------------------------------------------- several processes: torchrun on CPU, simulated ranks
+def _torchrun(*cmd, timeout=300):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *argv],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *cmd],
         capture_output=True,
         text=True,
         env=env,
@@ -2171,7 +2238,7 @@ def _torchrun(*argv, timeout=300):
     )
 
 
-def _ranks_agree(folder: str, argv: list):
+def _ranks_agree(folder: str, ril_args: list):
     """Under torchrun (`test_ril.py --ranks-agree FOLDER RIL_ARGS...`): ril.main on RIL_ARGS; at the end of the run each
     rank saves its own student (unsharded runs) as FOLDER/rank{r}.pt, for the test to compare."""
     real = ril.report
@@ -2182,23 +2249,16 @@ def _ranks_agree(folder: str, argv: list):
         real(a, s, *rest)
 
     ril.report = report
-    ril.main(argv)
+    ril.main(ril_args)
 
 
 @pytest.mark.parametrize("shard", [False, True], ids=["ddp", "fsdp2"])
 def test_torchrun_two_ranks_train_agree_and_save_an_ordinary_checkpoint(tmp_path, shard):
     out = tmp_path / "out"
     p = _torchrun(
-        "test_ril.py",
-        "--ranks-agree",
-        str(tmp_path),
+        *argv("test_ril.py --ranks-agree {tmp}", tmp=tmp_path),
         *TINY_RUN,
-        "--sft-batch-size",
-        "4",
-        "--steps",
-        "3",
-        "--out",
-        str(out),
+        *argv("--sft-batch-size 4 --steps 3 --out {out}", out=out),
         *(["--shard"] if shard else []),
     )
     assert p.returncode == 0, p.stderr[-3000:]
@@ -2289,28 +2349,157 @@ def test_two_ranks_with_two_questions_each_update_like_one_process_with_four(tmp
     assert worst < 1e-6, worst
 
 
+def test_gradients_are_reduced_once_per_step_not_once_per_micro_batch(tiny, tmp_path):
+    """Under DDP each micro-batch's backward but the last runs in no_sync: one all-reduce per bucket a step."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        calls = []
+
+        def count(_, bucket):
+            calls.append(1)
+            fut = torch.futures.Future()
+            fut.set_result(bucket.buffer())
+            return fut
+
+        model = torch.nn.parallel.DistributedDataParallel(ril.copy.deepcopy(tiny["model"]))
+        model.register_comm_hook(None, count)
+        a = args(micro_batch=2)
+        ro = ril.rollout(a, state(tiny["model"], tiny["proc"]), tiny["rows"][:2], ril.random.Random(0), True)
+        enc = ril.repeat_prompts(ro["enc"], 2 * a.G)
+        s = state(model, tiny["proc"], opt=torch.optim.SGD(model.parameters(), lr=0.0))
+        ril.policy_update(a, s, enc, ro["comp"], ro["mask"], torch.linspace(-1, 1, len(ro["comp"])))
+        per_step = len(calls)
+        calls.clear()
+        ril.policy_update(args(), s, enc, ro["comp"], ro["mask"], torch.linspace(-1, 1, len(ro["comp"])))
+        assert per_step == len(calls) >= 1  # 8 micro-batches reduce as often as one batch
+
+        disc = torch.nn.parallel.DistributedDataParallel(ril.Discriminator(tiny["model"]))
+        disc.register_comm_hook(None, count)
+        calls.clear()
+        ril.disc_update(
+            disc,
+            torch.optim.SGD(disc.parameters(), lr=0.0),
+            tiny["proc"].tokenizer,
+            ro["texts"],
+            ro["is_teacher"],
+            a,
+            CPU,
+        )
+        assert 1 <= len(calls) <= 2  # buckets of one backward, not one per micro-batch (8)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_reduce_scatters_each_micro_batch_so_no_rank_holds_whole_gradients(tiny, tmp_path):
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        model = fully_shard(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1)))
+        with ril.grad_sync(model, last=False):  # a micro-batch before the last
+            model(torch.randn(3, 4)).sum().backward()
+        assert all(type(p.grad).__name__ == "DTensor" for p in model.parameters())  # reduce-scattered: sharded
+    finally:
+        dist.destroy_process_group()
+
+
+def test_under_fsdp2_the_log_probs_are_not_a_view_so_fsdp2_does_not_warn(tiny, tmp_path, monkeypatch):
+    import warnings
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        monkeypatch.setattr(ril, "RANKS", type("Sharded", (ril.Ranks,), {"world": 2, "sharded": True})())
+        model = ril.parallelize(ril.copy.deepcopy(tiny["model"]), CPU, "amp")
+        enc, comp = ril.encode_prompts(tiny["proc"], tiny["rows"][:2], CPU), torch.randint(5, 50, (2, 4))
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            ril.token_logprobs(model, enc, comp, torch.ones_like(comp), 1.0).sum().backward()
+        assert not [w for w in seen if "view" in str(w.message)], [str(w.message)[:100] for w in seen]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_steps_metrics_are_averaged_over_ranks_in_one_gather(monkeypatch):
+    """RANKS.mean runs every step: one all_gather_object for the whole dict, not one a metric (there are ~20)."""
+    calls = []
+
+    def fake_all_gather(parts, xs):  # rank 1 reports each metric 2 higher
+        calls.append(xs)
+        parts[:] = [xs, [{k: v + 2 for k, v in xs[0].items()}]]
+
+    monkeypatch.setattr(ril.dist, "all_gather_object", fake_all_gather)
+    ranks = object.__new__(ril.TorchrunRanks)
+    ranks.rank, ranks.world, ranks.sharded = 0, 2, False
+    assert ranks.mean({"a": 1.0, "b": 3.0, "c": 0.0}) == {"a": 2.0, "b": 4.0, "c": 1.0}
+    assert len(calls) == 1
+
+
+def test_a_resume_with_another_number_of_processes_is_refused_in_one_line(two_steps, tmp_path, capsys, monkeypatch):
+    out = copy_of(two_steps, tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as e:
+        ril.resume_state(args(out=out, steps=5), {"out", "steps", "resume"})
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "saved by 1 process(es); resume it with as many" in err
+
+
+def test_ranks_wait_an_hour_in_a_collective_while_rank_0_writes_a_checkpoint(monkeypatch):
+    seen = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(ril.dist, "init_process_group", lambda *x, **kw: seen.update(kw) or 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        ril.init_distributed(args(), CPU)
+    assert seen["timeout"] >= ril.datetime.timedelta(hours=1)
+
+
+def test_under_torchrun_other_ranks_wait_for_rank_0s_teacher_cache_and_never_generate(tmp_path, monkeypatch):
+    rows = ril.make_toy(3, 0)
+    a = args(out=str(tmp_path), teacher_samples=1)
+    monkeypatch.setattr(ril, "RANKS", type("Rank1", (ril.Ranks,), {"rank": 1, "world": 2})())
+    monkeypatch.setattr(ril, "load_model", lambda *x, **kw: pytest.fail("rank 1 loaded the teacher"))
+    calls = []
+
+    def rank0_writes(_):  # rank 0 appends its lines while rank 1 waits
+        calls.append(1)
+        with open(ril.teacher_cache("m/t", a), "a") as f:
+            for r in rows[1:]:
+                print(json.dumps({"id": r["id"], "texts": [f"t{r['id']}"], "cut": [False]}), file=f)
+
+    monkeypatch.setattr(ril.time, "sleep", rank0_writes)
+    os.makedirs(tmp_path / "teacher_cache")
+    with open(ril.teacher_cache("m/t", a), "w") as f:
+        print(json.dumps({"id": rows[0]["id"], "texts": ["first"], "cut": [False]}), file=f)
+    ril.model_teacher_texts("m/t", rows, a, CPU, torch.float32)
+    assert calls and [r["teachers"]["m/t"] for r in rows] == [["first"]] + [[f"t{r['id']}"] for r in rows[1:]]
+
+
+def test_a_rank_waiting_for_teacher_texts_that_never_come_stops_with_a_message(tmp_path, capsys, monkeypatch):
+    rows, clock = ril.make_toy(3, 0), [0.0]
+    monkeypatch.setattr(ril, "RANKS", type("Rank1", (ril.Ranks,), {"rank": 1, "world": 2})())
+    monkeypatch.setattr(ril.time, "time", lambda: clock[0])
+    monkeypatch.setattr(ril.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + 60))
+    with pytest.raises(SystemExit) as e:
+        ril.model_teacher_texts("m/t", rows, args(out=str(tmp_path)), CPU, torch.float32)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "no new line from rank 0 in 30 minutes" in err
+    assert 1800 <= clock[0] <= 1900
+
+
 # ---------------------------------------------------------------- the GPU path, checked on the CPU
 # (bf16 autocast and casts behave alike there)
 def _sft_loss(capsys, tmp_path, dtype: str) -> float:
     ril.main(
-        [
-            "--algo",
-            "dr_grpo",
-            "--toy-size",
-            "48",
-            "--eval-size",
-            "4",
-            "--sft-steps",
-            "30",
-            "--sft-batch-size",
-            "8",
-            "--steps",
-            "0",
-            "--dtype",
-            dtype,
-            "--out",
-            str(tmp_path / dtype),
-        ]
+        argv(
+            "--algo dr_grpo --toy-size 48 --eval-size 4 --sft-steps 30 --sft-batch-size 8"
+            " --steps 0 --dtype {dtype} --out {out}",
+            dtype=dtype,
+            out=tmp_path / dtype,
+        )
     )
     return float(re.search(r"final loss ([\d.]+)", capsys.readouterr().out).group(1))
 
@@ -2370,85 +2559,6 @@ def test_a_checkpoint_written_on_a_gpu_resumes_on_a_cpu(tmp_path, monkeypatch, t
     assert ril.checkpoints(out)[-1].endswith("step_0000003.pt")
 
 
-def test_gradients_are_reduced_once_per_step_not_once_per_micro_batch(tiny, tmp_path):
-    """Under DDP each micro-batch's backward but the last runs in no_sync: one all-reduce per bucket a step."""
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
-    try:
-        calls = []
-
-        def count(_, bucket):
-            calls.append(1)
-            fut = torch.futures.Future()
-            fut.set_result(bucket.buffer())
-            return fut
-
-        model = torch.nn.parallel.DistributedDataParallel(ril.copy.deepcopy(tiny["model"]))
-        model.register_comm_hook(None, count)
-        a = args(micro_batch=2)
-        ro = ril.rollout(a, state(tiny["model"], tiny["proc"]), tiny["rows"][:2], ril.random.Random(0), True)
-        enc = ril.repeat_prompts(ro["enc"], 2 * a.G)
-        s = state(model, tiny["proc"], opt=torch.optim.SGD(model.parameters(), lr=0.0))
-        ril.policy_update(a, s, enc, ro["comp"], ro["mask"], torch.linspace(-1, 1, len(ro["comp"])))
-        per_step = len(calls)
-        calls.clear()
-        ril.policy_update(args(), s, enc, ro["comp"], ro["mask"], torch.linspace(-1, 1, len(ro["comp"])))
-        assert per_step == len(calls) >= 1  # 8 micro-batches reduce as often as one batch
-
-        disc = torch.nn.parallel.DistributedDataParallel(ril.Discriminator(tiny["model"]))
-        disc.register_comm_hook(None, count)
-        calls.clear()
-        ril.disc_update(
-            disc,
-            torch.optim.SGD(disc.parameters(), lr=0.0),
-            tiny["proc"].tokenizer,
-            ro["texts"],
-            ro["is_teacher"],
-            a,
-            CPU,
-        )
-        assert 1 <= len(calls) <= 2  # buckets of one backward, not one per micro-batch (8)
-    finally:
-        dist.destroy_process_group()
-
-
-def test_a_steps_metrics_are_averaged_over_ranks_in_one_gather(monkeypatch):
-    """RANKS.mean runs every step: one all_gather_object for the whole dict, not one a metric (there are ~20)."""
-    calls = []
-
-    def fake_all_gather(parts, xs):  # rank 1 reports each metric 2 higher
-        calls.append(xs)
-        parts[:] = [xs, [{k: v + 2 for k, v in xs[0].items()}]]
-
-    monkeypatch.setattr(ril.dist, "all_gather_object", fake_all_gather)
-    ranks = object.__new__(ril.TorchrunRanks)
-    ranks.rank, ranks.world, ranks.sharded = 0, 2, False
-    assert ranks.mean({"a": 1.0, "b": 3.0, "c": 0.0}) == {"a": 2.0, "b": 4.0, "c": 1.0}
-    assert len(calls) == 1
-
-
-def test_under_torchrun_other_ranks_wait_for_rank_0s_teacher_cache_and_never_generate(tmp_path, monkeypatch):
-    rows = ril.make_toy(3, 0)
-    a = args(out=str(tmp_path), teacher_samples=1)
-    monkeypatch.setattr(ril, "RANKS", type("Rank1", (ril.Ranks,), {"rank": 1, "world": 2})())
-    monkeypatch.setattr(ril, "load_model", lambda *x, **kw: pytest.fail("rank 1 loaded the teacher"))
-    calls = []
-
-    def rank0_writes(_):  # rank 0 appends its lines while rank 1 waits
-        calls.append(1)
-        with open(ril.teacher_cache("m/t", a), "a") as f:
-            for r in rows[1:]:
-                print(json.dumps({"id": r["id"], "texts": [f"t{r['id']}"], "cut": [False]}), file=f)
-
-    monkeypatch.setattr(ril.time, "sleep", rank0_writes)
-    os.makedirs(tmp_path / "teacher_cache")
-    with open(ril.teacher_cache("m/t", a), "w") as f:
-        print(json.dumps({"id": rows[0]["id"], "texts": ["first"], "cut": [False]}), file=f)
-    ril.model_teacher_texts("m/t", rows, a, CPU, torch.float32)
-    assert calls and [r["teachers"]["m/t"] for r in rows] == [["first"]] + [[f"t{r['id']}"] for r in rows[1:]]
-
-
 # ---------------------------------------------------------------- a real model that fits: the plan, and costs at 2B-7B
 def _qwen2_vl_2b():
     """Qwen2-VL-2B-Instruct's published config (2.21B parameters), for the plan on the meta device."""
@@ -2499,84 +2609,6 @@ def test_a_run_whose_plan_does_not_fit_the_gpu_is_refused_before_anything_loads(
     assert not os.path.exists(tmp_path / "o")  # nothing written
 
 
-def test_fsdp2_reduce_scatters_each_micro_batch_so_no_rank_holds_whole_gradients(tiny, tmp_path):
-    import torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
-    try:
-        model = fully_shard(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1)))
-        with ril.grad_sync(model, last=False):  # a micro-batch before the last
-            model(torch.randn(3, 4)).sum().backward()
-        assert all(type(p.grad).__name__ == "DTensor" for p in model.parameters())  # reduce-scattered: sharded
-    finally:
-        dist.destroy_process_group()
-
-
-def test_under_fsdp2_the_log_probs_are_not_a_view_so_fsdp2_does_not_warn(tiny, tmp_path, monkeypatch):
-    import warnings
-
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
-    try:
-        monkeypatch.setattr(ril, "RANKS", type("Sharded", (ril.Ranks,), {"world": 2, "sharded": True})())
-        model = ril.parallelize(ril.copy.deepcopy(tiny["model"]), CPU, "amp")
-        enc, comp = ril.encode_prompts(tiny["proc"], tiny["rows"][:2], CPU), torch.randint(5, 50, (2, 4))
-        with warnings.catch_warnings(record=True) as seen:
-            warnings.simplefilter("always")
-            ril.token_logprobs(model, enc, comp, torch.ones_like(comp), 1.0).sum().backward()
-        assert not [w for w in seen if "view" in str(w.message)], [str(w.message)[:100] for w in seen]
-    finally:
-        dist.destroy_process_group()
-
-
-def test_a_checkpoint_of_a_fresh_optimiser_leaves_it_fresh():
-    """torch.distributed.checkpoint fills an empty AdamW's state by a step at lr 0 (its step count becomes 1, and
-    Adam's bias correction then differs from a run that never saved): full_state and load_full_state must not."""
-    model = torch.nn.Linear(3, 2)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    state, opt_state = ril.full_state(model, opt)
-    ril.load_full_state(model, opt, state, opt_state)
-    assert not opt.state and not opt_state
-    model(torch.randn(4, 3)).sum().backward()
-    opt.step()
-    copy = torch.nn.Linear(3, 2)
-    other = torch.optim.AdamW(copy.parameters(), lr=1e-3)
-    ril.load_full_state(copy, other, *ril.full_state(model, opt))
-    assert [s["step"].item() for s in other.state.values()] == [1.0, 1.0]
-
-
-def test_a_resume_with_another_number_of_processes_is_refused_in_one_line(two_steps, tmp_path, capsys, monkeypatch):
-    out = copy_of(two_steps, tmp_path)
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(SystemExit) as e:
-        ril.resume_state(args(out=out, steps=5), {"out", "steps", "resume"})
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and err.count("\n") == 1 and "saved by 1 process(es); resume it with as many" in err
-
-
-def test_ranks_wait_an_hour_in_a_collective_while_rank_0_writes_a_checkpoint(monkeypatch):
-    seen = {}
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setattr(ril.dist, "init_process_group", lambda *x, **kw: seen.update(kw) or 1 / 0)
-    with pytest.raises(ZeroDivisionError):
-        ril.init_distributed(args(), CPU)
-    assert seen["timeout"] >= ril.datetime.timedelta(hours=1)
-
-
-def test_a_rank_waiting_for_teacher_texts_that_never_come_stops_with_a_message(tmp_path, capsys, monkeypatch):
-    rows, clock = ril.make_toy(3, 0), [0.0]
-    monkeypatch.setattr(ril, "RANKS", type("Rank1", (ril.Ranks,), {"rank": 1, "world": 2})())
-    monkeypatch.setattr(ril.time, "time", lambda: clock[0])
-    monkeypatch.setattr(ril.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + 60))
-    with pytest.raises(SystemExit) as e:
-        ril.model_teacher_texts("m/t", rows, args(out=str(tmp_path)), CPU, torch.float32)
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and "no new line from rank 0 in 30 minutes" in err
-    assert 1800 <= clock[0] <= 1900
-
-
 def test_a_teacher_generates_in_bounded_batches_and_its_memory_goes_when_it_is_done(tmp_path, monkeypatch):
     import weakref
 
@@ -2605,164 +2637,7 @@ def test_images_are_scaled_to_max_pixels_and_the_saved_student_keeps_its_dtype(t
     assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.bfloat16}
 
 
-# ---------------------------------------------------------------- entry points of the torchrun tests above (not tools)
-
-
-def test_with_no_method_flag_the_advantage_and_ratio_are_eq2s(tiny, monkeypatch):
-    """The default is the paper: A = R - mean of all 2G rewards of the group (Eq. 2). (Its ratio, pi_theta / pi_old for
-    a teacher text as for a sample: test_teacher_ratio_one_weighs_each_teacher_token_...[default].)"""
-    G, B = 4, 2
-    r_ans = torch.tensor([1, 0, 0, 1, 1, 1, 1, 1, 0, 0, 0, 1, 1, 1, 1, 1], dtype=torch.float)
-    d_logits = torch.tensor([2.0, -1.0, 0.5, 3.0, -2.0, -0.5, 1.0, -3.0, 1.5, 2.0, -2.5, 1.0, -0.5, -1.0, 2.5, -4.0])
-    seen = {}
-    monkeypatch.setattr(ril, "disc_update", lambda *x, **kw: {})
-    monkeypatch.setattr(ril, "disc_logits", lambda *x, **kw: d_logits.clone())
-    monkeypatch.setattr(ril, "policy_update", lambda a, s, enc, comp, mask, adv, *x, **kw: seen.update(adv=adv) or {})
-    a = args(G=G, batch_size=B)
-    ril.ril_step(
-        a,
-        state(tiny["model"], tiny["proc"], judge=_FixedJudge(r_ans.tolist()), disc=torch.nn.Module()),
-        tiny["rows"][:B],
-        1,
-    )
-    R = ((d_logits < 0).float() + r_ans).view(B, 2 * G)
-    assert seen["adv"].tolist() == pytest.approx((R - R.mean(1, keepdim=True)).view(-1).tolist(), abs=1e-6)
-
-
-def test_teacher_ratio_one_does_not_clip_a_teacher_token_with_a_negative_advantage(tiny):
-    """Under --teacher-ratio one a teacher token's ratio is pi_theta <= 1: clipped at 1 - eps it would get no gradient
-    whenever A < 0 and pi_theta < 0.8 (the min picks the constant (1 - eps) A). LUFFY does not clip its off-policy
-    term; neither does this: the step is A * pi_theta * grad log pi_theta on every teacher token."""
-    proc, rows = tiny["proc"], tiny["rows"][:1]
-    text = rows[0]["teachers"]["alice"][0]
-    a = args(teacher_ratio="one", beta=0.0, max_grad_norm=1e9)
-    comp, mask = ril.pad_right([ril.text_ids(proc.tokenizer, text, a.max_new_tokens)], proc.tokenizer.pad_token_id, CPU)
-    enc, adv, teacher = ril.encode_prompts(proc, rows, CPU), torch.tensor([-1.0]), torch.tensor([1])
-    model, expected = ril.copy.deepcopy(tiny["model"]), ril.copy.deepcopy(tiny["model"]).train()
-    logp = ril.token_logprobs(expected, enc, comp, mask, a.temperature)
-    assert (logp.exp()[mask.bool()] < 1 - a.eps).any()  # tokens the clip would have frozen
-    (-(adv[:, None] * logp.exp() * mask).sum() / a.max_new_tokens).backward()  # d/dtheta of A * pi_theta
-    before = [p.detach().clone() for p in model.parameters()]
-    ril.policy_update(
-        a, state(model, proc, opt=torch.optim.SGD(model.parameters(), lr=1.0)), enc, comp, mask, adv, teacher
-    )
-    moved = False
-    for b, p, e in zip(before, model.parameters(), expected.parameters(), strict=True):
-        want = e.grad if e.grad is not None else torch.zeros_like(b)
-        assert torch.allclose(b - p.detach(), want, atol=1e-6)
-        moved = moved or bool(want.abs().sum() > 0)
-    assert moved
-
-
 # ---------------------------------------------------------------- faults during a run: one line, nothing lost
-def _jsonl_run(tmp_path, n=6) -> tuple:
-    """A JSONL task of n rows with their own image files, and the flags of a tiny run on it."""
-    rows = ril.make_toy(n, 0)
-    for r in rows:
-        r["image"].save(tmp_path / f"{r['id']}.png")
-    lines = [
-        json.dumps(
-            {
-                "id": r["id"],
-                "image": f"{r['id']}.png",
-                "question": r["question"],
-                "answer": r["answer"],
-                "teachers": r["teachers"],
-            }
-        )
-        for r in rows
-    ]
-    (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
-    flags = [
-        "--data",
-        str(tmp_path / "d.jsonl"),
-        "--eval-size",
-        "2",
-        "--sft-steps",
-        "2",
-        "--disc-pretrain-steps",
-        "1",
-        "--batch-size",
-        "2",
-        "--sft-batch-size",
-        "2",
-        "--save-every",
-        "1",
-    ]
-    return rows, flags
-
-
-def test_a_second_process_is_refused_while_a_run_holds_out_and_a_dead_ones_lock_is_taken_over(tmp_path, capsys):
-    out = str(tmp_path / "o")
-    os.makedirs(out)
-    held = ril.lock_out(out)  # a run in another process, as far as flock is concerned
-    with pytest.raises(SystemExit) as e:
-        ril.main([*TINY_RUN, "--steps", "1", "--out", out, "--seed", "1"])
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and err.count("\n") == 0 and "another process is running a job there" in err
-    assert os.listdir(out) == []  # nothing loaded, nothing written
-    os.close(held)  # the process dies: its lock goes with it
-    ril.main([*TINY_RUN, "--steps", "1", "--out", out])
-    assert ril.checkpoints(out)
-
-
-def test_out_is_locked_from_the_start_so_a_second_run_is_refused_while_the_first_is_in_stage_0(tmp_path, capsys):
-    """On 7777159 the lock was taken at the first write: a second run into the same --out during Stage 0 ran to the
-    end, and the first then wrote over it."""
-    out = str(tmp_path / "o")
-    cmd = [sys.executable, os.path.join(HERE, "ril.py"), *TINY_RUN, "--sft-steps", "100000", "--out", out]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}  # its first line comes as it is printed
-    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
-    try:
-        assert first.stdout.readline().startswith("student tiny")  # set up: Stage 0 is under way, nothing written
-        with pytest.raises(SystemExit) as e:
-            ril.main([*TINY_RUN, "--out", out, "--seed", "3"])
-        assert e.value.code == 2 and "another process is running a job there" in capsys.readouterr().err
-    finally:
-        first.kill()
-        first.wait()
-    assert os.listdir(out) == []
-
-
-def test_resume_refuses_a_flag_that_would_change_the_run_and_takes_those_that_cannot(tmp_path, capsys, two_steps):
-    out = copy_of(two_steps, tmp_path)
-    before = sorted(os.listdir(os.path.join(out, "checkpoints")))
-    with pytest.raises(SystemExit) as e:
-        ril.main(["--out", out, "--resume", "--steps", "3", "--lr", "0.5"])
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and "--resume --lr: a resumed run keeps its own --lr 0.0002" in err
-    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == before
-    own = ["--lr", "0.0002", "--seed", "0"]  # the run's own values, as in the first command (7777159: refused)
-    ril.main(["--out", out, "--resume", "--steps", "3", "--save-every", "5", "--keep-last", "1", *own])
-    assert [os.path.basename(p) for p in ril.checkpoints(out)] == ["step_0000003.pt"]
-
-
-def test_resume_refuses_rows_that_changed_unless_told_to_accept_them(tmp_path, capsys):
-    rows, flags = _jsonl_run(tmp_path)
-    out, data = str(tmp_path / "o"), tmp_path / "d.jsonl"
-    ril.main([*flags, "--steps", "1", "--out", out])
-    original = data.read_text()
-    with open(data, "a") as f:  # three more rows, as a user might append
-        for i in range(3):
-            row = {"id": f"new{i}", "image": f"{rows[0]['id']}.png", "question": "q", "answer": "red"}
-            print(json.dumps({**row, "teachers": rows[0]["teachers"]}), file=f)
-    with pytest.raises(SystemExit) as e:
-        ril.main(["--out", out, "--resume", "--steps", "2"])
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and "the training rows (4 then, 7 now)" in err and "--accept-changed-data" in err
-    assert "held-out rows (2 then, 2 now)" in err  # the held-out split is drawn from all the rows, so it moved too
-    # the same rows, their images moved to a folder (the tiny student's tokenizer, made from the texts, stays)
-    os.makedirs(tmp_path / "img")
-    for r in rows:
-        os.rename(tmp_path / f"{r['id']}.png", tmp_path / "img" / f"{r['id']}.png")
-    data.write_text(original.replace('"image": "', '"image": "img/'))
-    with pytest.raises(SystemExit):
-        ril.main(["--out", out, "--resume", "--steps", "2"])
-    assert "the training rows (4 then, 4 now)" in capsys.readouterr().err
-    ril.main(["--out", out, "--resume", "--steps", "2", "--accept-changed-data"])
-    assert ril.checkpoints(out)[-1].endswith("step_0000002.pt")
-
-
 def test_an_image_that_disappears_mid_run_ends_in_one_line_and_the_run_resumes(tmp_path, capsys, monkeypatch):
     rows, flags = _jsonl_run(tmp_path)
     out = str(tmp_path / "o")
@@ -2813,14 +2688,7 @@ def test_a_full_disk_mid_run_leaves_the_last_checkpoint_whole_and_no_temporary_f
     assert ril.checkpoints(out)[-1].endswith("step_0000003.pt")
 
 
-def test_a_jsonl_with_a_byte_order_mark_is_read_as_utf8(tmp_path):
-    _, flags = _jsonl_run(tmp_path)
-    data = tmp_path / "d.jsonl"
-    data.write_bytes(b"\xef\xbb\xbf" + data.read_bytes())
-    rows = ril.load_jsonl(str(data))
-    assert len(rows) == 6 and rows[0]["id"] == "toy0-0"
-
-
+# ---------------------------------------------------------------- entry points of the torchrun tests above (not tools)
 if __name__ == "__main__":
     if "--reduction-check" in sys.argv:  # test_two_ranks_with_two_questions_each_update_like_one_process_with_four
         shard = "--shard" in sys.argv
