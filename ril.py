@@ -475,7 +475,7 @@ def group_advantages(rewards: torch.Tensor, group: int, scale_std: bool, first: 
     [0.0, 0.0, 1.0, 1.0]
     """
     r = rewards.view(-1, group)  # (B, group)
-    adv = r - r[:, : first or group].mean(1, keepdim=True)  # (B, 1)
+    adv = r - r[:, : first or group].mean(1, keepdim=True)  # of the first k, or the whole group
     if scale_std:
         adv = adv / (r.std(1, keepdim=True) + 1e-4)
     return adv.view(-1)
@@ -937,7 +937,7 @@ def resolve_teachers(a: Args, rows: list) -> tuple:
 
 # -- 12. Evaluation and r_ans: greedy answers, the answer matcher and the Fig. 4 judge (its prompt as printed) --
 NUMBER_WORDS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
-UNSPACED = "\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u2e80-\u9fff\uf900-\ufaff"  # Thai ... CJK
+UNSPACED = "\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u2e80-\u9fff\uf900-\ufaff"  # Thai ... CJK, kana
 
 
 def normalize(text: str) -> list:
