@@ -90,7 +90,7 @@ class Config:
     disc_pretrain_steps: int = arg(40, "Stage 2: discriminator pre-training steps [S]", ge=0)
     disc_pretrain_lr: float = arg(1e-3, "its peak LR, decayed linearly to a tenth [S]", ge=0)
     micro_batch: int = arg(0, "sequences per forward/backward (0 = all): less memory, the same gradients", ge=0)
-    seed: int = arg(0, "seeds the toy data, the model init, the data order and the sampling")
+    seed: int = arg(0, "seeds the toy data, the model init, the data order and the sampling", ge=0, lt=2**32)
     eval_every: int = arg(50, "greedy held-out evaluation every N steps (0 = before and after only)", ge=0)
 
 
@@ -389,9 +389,7 @@ class Discriminator(nn.Module):
         """Leading tokens all rows share, each keeping its last token; 0 if under 8 or off."""
         k = int((ids == ids[:1]).all(0).long().cumprod(0).sum())
         k = min(k, int(mask.sum(1).min()) - 1)
-        if k < 8 or not self.share_prefix:
-            return 0
-        return k
+        return k if k >= 8 and self.share_prefix else 0
 
 
 @functools.lru_cache(maxsize=1 << 17)  # teacher texts come back every epoch (bounded)
@@ -510,7 +508,7 @@ def policy_loss(logp, old_logp, ref_logp, adv, mask, a: Config, n_seqs: int = 0,
     else:
         loss = -(per_token * mask).sum() / (n_seqs * a.max_new_tokens)
     clipped = ((ratio > 1 + a.eps) & (A > 0)) | ((ratio < 1 - a.eps) & (A < 0))  # as TRL counts
-    clipped = clipped.float()
+    clipped = clipped if unclipped is None else clipped & ~unclipped[:, None]  # those rows never clip
     return loss, {"clipped": (clipped * mask).sum().detach(), "kl": (kl * mask).sum().detach(), "tokens": mask.sum()}
 
 
@@ -525,12 +523,8 @@ def policy_update(a: Config, s: State, enc: dict, comp, mask, adv, is_teacher=No
         return token_logprobs(model, select_prompts(enc, list(range(i, j))), comp[i:j], mask[i:j], a.temperature)
 
     with torch.no_grad():  # with mu = 1 pi_old is the current policy: no extra forward
-        old_logp = None
-        if a.mu > 1:
-            old_logp = torch.cat([logprobs(s.model, i, j) for i, j in parts])
-        ref_logp = None
-        if s.ref is not None:
-            ref_logp = torch.cat([logprobs(s.ref, i, j) for i, j in parts])
+        old_logp = torch.cat([logprobs(s.model, i, j) for i, j in parts]) if a.mu > 1 else None
+        ref_logp = torch.cat([logprobs(s.ref, i, j) for i, j in parts]) if s.ref is not None else None
     skipped = 0.0
     for _ in range(a.mu):  # clip_and_step leaves every gradient None
         loss, sums = 0.0, {}
@@ -886,7 +880,7 @@ def load_jsonl(path: str) -> list:
         if not os.path.isfile(image):
             fail(f"{where}: image not found: {image} (paths are relative to the JSONL file's folder)")
         try:  # Pillow reads the header first and refuses a decompression bomb before decoding
-            Image.open(image).verify()
+            Image.open(image).load()  # decoded whole: verify() reads nothing of a JPEG
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             fail(f"{where}: cannot decode image {image} ({first_line(e, 80)}); replace it or drop the row")
         row = dict(id=str(row.get("id", where)), question=row["question"], answer=row["answer"], teachers=teachers)
@@ -900,17 +894,17 @@ def load_data(a: Args) -> tuple:
     """(Stage 0, RL, held-out rows). Ids are unique over the files: a file given twice fails."""
     sft = a.sft_data or {"transfer": "toy"}.get(a.data, a.data)  # 'transfer' builds on 'toy'
     sft_rows = [] if sft == a.data else make_toy(a.toy_size, a.seed, sft) if sft in QUESTIONS else load_jsonl(sft)
-    if a.data in QUESTIONS:
-        rows = make_toy(a.toy_size, a.seed, a.data)
-        return sft_rows or rows, rows, make_toy(a.eval_size, a.seed + 10_000, a.data)
-    rows = load_jsonl(a.data)
+    toy = a.data in QUESTIONS
+    rows = make_toy(a.toy_size, a.seed, a.data) if toy else load_jsonl(a.data)
     held = load_jsonl(a.eval_data) if a.eval_data else []
+    if toy and not held:  # a built-in task's own held-out questions
+        held = make_toy(a.eval_size, a.seed + 10_000, a.data)
     seen = {}
     for r in rows + held + sft_rows:  # the same file given twice would evaluate on the training set
         if seen.setdefault(r["id"], r) is not r:
             twice = f"id '{r['id']}' is also the id of {seen[r['id']]['where']}"
             fail(f"{r['where']}: {twice}; ids must be unique across the data files (is it the training file?)")
-    if not a.eval_data:
+    if not held:  # held out of --data
         if len(rows) <= a.eval_size:
             fail(f"{a.data}: {len(rows)} rows cannot spare --eval-size {a.eval_size}; lower it or pass --eval-data")
         rows = random.Random(a.seed).sample(rows, len(rows))
@@ -1165,7 +1159,7 @@ def plan(a: Args, configs: dict, world: int = 1) -> dict:
         width = getattr(v, "embed_dim", None) or v.hidden_size
         depth = getattr(v, "depth", None) or v.num_hidden_layers
         act += mb * 4 * (a.max_pixels // 28**2) * width * depth * kept
-    rollout = frozen_model(configs["student"], w, seqs // 2 * tokens)["KV cache"]
+    rollout = frozen_model(configs["student"], w, a.batch_size * a.G // world * tokens)["KV cache"]
     trained = P - V if a.freeze_vision else P
     need = {"student": (w * P + 3 * w * trained) // split, "activations": max(act, rollout)}
     need["reference"] = f * P // split if a.beta > 0 else 0
@@ -1262,10 +1256,11 @@ def save_student(model, processor, folder: str, weights: dict):
     os.rmdir(tmp)
 
 
-def teacher_cache(spec: str, a: Args) -> str:
-    """A teacher model's cache file, named by the model and every setting shaping its answers."""
+def teacher_cache(spec: str, a: Args, rows: list) -> str:
+    """A teacher model's cache file, named by the model, every setting shaping its answers and the questions."""
     names = ("teacher_samples", "temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens")
-    settings = {"model": spec, **{k: getattr(a, k) for k in names}, "cut": 1}
+    asked = [[r["id"], r["question"], str(getattr(r["image"], "args", ""))] for r in rows]  # ids may be reused
+    settings = {"model": spec, **{k: getattr(a, k) for k in names}, "cut": 1, "asked": asked}
     tag = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     name = re.sub(r"[^A-Za-z0-9.-]+", "_", spec).strip("_")
     return os.path.join(a.out, "teacher_cache", f"{name}-{tag}.jsonl")
@@ -1280,7 +1275,7 @@ def cached(path: str) -> dict:
 def model_teacher_texts(spec: str, rows: list, a: Args, device, dtype):
     """A teacher model's answers, sampled once into --out/teacher_cache (a line per id); a killed run goes on where it
     stopped. Under torchrun rank 0 generates; the other ranks wait for its lines, in no collective that times out."""
-    path = teacher_cache(spec, a)
+    path = teacher_cache(spec, a, rows)
     done, t = cached(path), time.time()
     while RANKS.rank > 0 and not done.keys() >= {r["id"] for r in rows}:
         if time.time() - t > 1800:  # rank 0 died, or this node does not see its --out
@@ -1288,7 +1283,7 @@ def model_teacher_texts(spec: str, rows: list, a: Args, device, dtype):
         time.sleep(5)
         now = cached(path)
         done, t = now, time.time() if len(now) > len(done) else t
-    if RANKS.rank == 0 and done:  # without a cut line, so that appending starts on a fresh line
+    if RANKS.rank == 0 and os.path.isfile(path):  # without a cut line: appending starts a fresh one
         write_atomic(path, lambda f: f.writelines(json.dumps(e) + "\n" for e in done.values()))
     todo = [r for r in rows if r["id"] not in done]
     n = a.teacher_samples
@@ -1419,13 +1414,13 @@ def resume_state(a: Args, given: set) -> tuple:
             continue
         if len(state["rng"]) != int(os.environ.get("WORLD_SIZE", "1")):  # a random stream per rank
             fail(f"--resume: {path} was saved by {len(state['rng'])} process(es); resume it with as many")
-        if state["step"] >= a.steps:
-            fail(f"--resume --steps {a.steps}: the run is at step {state['step']}; pass a larger --steps")
         for name in sorted(given - RESUMABLE):  # what would change the trained weights
             flag, then = f"--{name.replace('_', '-')}", state["args"].get(name)
             if getattr(a, name) != then:  # the same command again with --resume is fine
                 fail(f"--resume {flag}: a resumed run keeps its own {flag} {then}; drop it or start a new run")
         args = {**state["args"], **{k: getattr(a, k) for k in given & RESUMABLE}, "resume": True, "overwrite": False}
+        if state["step"] > args["steps"]:  # at its last step: the final evaluation and save again
+            fail(f"--resume --steps {args['steps']}: the run is at step {state['step']}; pass a larger --steps")
         return Args(**args), (path, state)
     fail(f"--resume: no checkpoint in {a.out}/checkpoints loads; start a run there without --resume")
 
@@ -1512,7 +1507,7 @@ class Run:
             state = dict(step=step, student=student, opt=opt, disc=disc, d_opt=d_opt, rng=rng, before=self.before)
             state.update(args=asdict(self.a), data=self.data)
             write_atomic(path, lambda f: torch.save(state, f), "wb")
-            for old in checkpoints(self.a.out)[: -self.a.keep_last]:
+            for old in [c for c in checkpoints(self.a.out) if c <= path][: -self.a.keep_last]:
                 os.remove(old)
         self.last = path
 
@@ -1539,7 +1534,7 @@ class Run:
         self.step = step
         if stopping:
             print(f"stopped at step {step}; continue: python ril.py --out {self.a.out} --resume --steps {self.a.steps}")
-            sys.exit(128 + self.stop[0])
+            sys.exit(128 + (self.stop or [signal.SIGTERM])[0])  # a rank the signal missed
 
     def on_signal(self, signum, frame):
         """Ctrl-C/SIGTERM: finish the step, save, exit; at once on a 2nd or with no checkpoint."""
@@ -1594,6 +1589,8 @@ def setup(a: Args, device, mode: str, resumed) -> tuple:
         what = f"the prompt ({n} tokens) and --max-new-tokens {a.max_new_tokens} exceed the {limit} positions"
         fail(f"{row['where']}: {what} of --student {a.student}; shorten the question or lower --max-new-tokens")
     eval_rows = eval_rows[: len(eval_rows) - len(eval_rows) % RANKS.world]  # equal shares
+    if not eval_rows:
+        fail(f"{a.eval_data or a.data}: fewer held-out questions than the {RANKS.world} ranks; give more")
     ranks = f"{RANKS.world} ranks, {'FSDP2' if RANKS.sharded else 'DDP'}" if RANKS.world > 1 else "one process"
     size = f"{model.num_parameters() / 1e6:.2f}M params on {device} ({mode}, {ranks})"
     what = f"{len(rows)} train / {len(eval_rows)} held-out questions; teachers {teachers or '-'}"
@@ -1653,6 +1650,7 @@ def lock_out(out: str) -> int:
 def stopped(a: Args, run: Run, argv: list, e: Exception):
     """A failure mid-run: one line with what failed, what was kept and the command to continue."""
     where = "SFT or D pre-training" if run.step is None else f"step {run.step + 1}"
+    where = "the final evaluation or save" if run.step == a.steps else where
     kept = f"the last complete checkpoint is {run.last}" if run.last else "nothing was saved"
     cmd = f"--out {a.out} --resume --steps {a.steps}" if run.last else " ".join(argv)
     fail(f"{where} failed: {type(e).__name__}: {first_line(e, 200)}; {kept}; continue with: python ril.py {cmd}", True)
@@ -1663,13 +1661,15 @@ def main(argv=None):
     a = parse_args(argv)
     given = {x[2:].split("=")[0].replace("-", "_") for x in argv if x.startswith("--")}
     a, resumed = resume_state(a, given) if a.resume else (a, None)
-    created = not os.path.isdir(a.out)
-    lock = lock_out(a.out)  # the folder is this run's from here on
     t0 = time.time()
+    if a.device == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda: this torch sees no GPU (a CPU build, or no driver); pass --device cpu")
     device = torch.device({"auto": "cuda" if torch.cuda.is_available() else "cpu"}.get(a.device, a.device))
     # [R] amp: fp32 weights and AdamW moments, bf16 autocast (the paper does not say); bf16 weights lose small updates
     mode = {"auto": "amp" if device.type == "cuda" else "fp32"}.get(a.dtype, a.dtype)
-    device = init_distributed(a, device)
+    device = init_distributed(a, device)  # its refusals come before --out is made
+    created = not os.path.isdir(a.out)
+    lock = lock_out(a.out)  # the folder is this run's from here on
     handlers, run = {}, None
     try:
         s, sft_rows, rows, eval_rows, data = setup(a, device, mode, resumed)

@@ -316,6 +316,20 @@ def test_clipping_bounds_the_ratio():
     assert logp2.grad.abs().item() > 0
 
 
+def test_rows_never_clipped_are_not_counted_as_clipped():
+    """--teacher-ratio one: a teacher text's term is rho * A, never clipped; policy/clip_frac must not count it even
+    where pi < 1 - eps and A < 0 (a clipped sample's token would count)."""
+    logp = torch.full((2, 3), math.log(0.5), requires_grad=True)  # pi_theta = 0.5 on every token
+    mask, adv = torch.ones(2, 3), torch.tensor([-1.0, -1.0])
+    unclipped = torch.tensor([True, False])  # a teacher text, then a sample with the same ratio
+    loss, sums = ril.policy_loss(
+        logp, torch.zeros(2, 3), None, adv, mask, args(teacher_ratio="one"), unclipped=unclipped
+    )
+    loss.backward()
+    assert (logp.grad[0] != 0).all() and (logp.grad[1] == 0).all()  # only the sample is clipped
+    assert sums["clipped"].item() == 3  # the sample's 3 tokens, not the teacher text's
+
+
 def test_k3_kl_is_zero_at_the_reference_and_positive_elsewhere():
     a = args(beta=0.5)
     logp = torch.tensor([[-1.0, -2.0]])
@@ -1549,6 +1563,53 @@ def test_a_teacher_missing_from_rows_is_named_with_its_count(tmp_path, capsys):
     assert code == 2 and f"{data}:2: teacher 't' has no texts for 2 row(s)" in err
 
 
+def test_a_truncated_jpeg_is_refused_before_training(tmp_path, capsys):
+    """verify() reads none of a JPEG's data: the check decodes each image whole, so a file cut short is named in one
+    line before anything loads, not in a traceback mid-run."""
+    ril.Image.effect_noise((128, 128), 64).convert("RGB").save(tmp_path / "cut.jpg", quality=95)
+    data = (tmp_path / "cut.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) * 3 // 4])  # its header whole, its scan cut short
+    code, err, path = _bad_input(tmp_path, capsys, [GOOD, GOOD.replace("ok.png", "cut.jpg")])
+    assert code == 2 and f"{path}:2: cannot decode image" in err and err.count("\n") == 0
+
+
+def test_refusals_before_the_run_starts_leave_no_out_behind(tmp_path, capsys, monkeypatch):
+    """--shard without torchrun, --device cuda without a GPU, a seed numpy cannot take: one line, exit 2, and no
+    --out made (nor a lock left that refuses the next run)."""
+    out = tmp_path / "o"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for flags, said in [
+        ("--shard", "--shard needs several processes"),
+        ("--device cuda", "--device cuda: this torch sees no GPU"),
+        ("--seed -1", "--seed -1: must be >= 0"),
+        ("--seed 4294967296", "--seed 4294967296: must be < 4294967296"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            ril.main(TINY_RUN + argv(flags + " --out {out}", out=out))
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and said in err and err.count("\n") == 1, flags
+        assert not out.exists(), flags
+    ril.main(TINY_RUN + argv("--steps 0 --out {out}", out=out))  # the folder is free
+
+
+def test_eval_data_is_the_held_out_set_of_a_built_in_task_too(tmp_path):
+    _save_jsonl(tmp_path, ril.make_toy(3, 5), "held.jsonl")
+    sft_rows, rows, held = ril.load_data(ril.parse_args(argv("--eval-data {held}", held=tmp_path / "held.jsonl")))
+    assert [r["where"] for r in held] == [f"{tmp_path / 'held.jsonl'}:{i}" for i in (1, 2, 3)]
+    assert len(rows) == 600 and sft_rows is rows
+
+
+def test_fewer_held_out_questions_than_ranks_are_refused_before_training(tmp_path, capsys, monkeypatch):
+    """Each rank evaluates an equal share: 1 held-out question over 2 ranks left none, and the run failed only after
+    Stage 0 and D pre-training, in the first evaluation."""
+    monkeypatch.setattr(ril.RANKS, "world", 2)
+    monkeypatch.setattr(ril, "sft_warmup", lambda *x: pytest.fail("Stage 0 ran"))
+    with pytest.raises(SystemExit) as e:
+        ril.main(TINY_RUN + argv("--eval-size 1 --out {out}", out=tmp_path / "o"))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "fewer held-out questions than the 2 ranks" in err and err.count("\n") == 1
+
+
 @pytest.mark.parametrize(
     "flags,name",
     [
@@ -1689,9 +1750,9 @@ def test_resume_to_a_step_already_done_is_refused_before_anything_changes(tmp_pa
     out = copy_of(two_steps, tmp_path)
     before, _ = sorted(os.listdir(os.path.join(out, "checkpoints"))), capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        ril.main(["--out", out, "--resume", "--steps", "2"])
+        ril.main(["--out", out, "--resume", "--steps", "1"])
     err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and len(err.splitlines()) == 1 and "--steps 2" in err and "at step 2" in err
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "--steps 1" in err and "at step 2" in err
     assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == before
 
 
@@ -1702,6 +1763,54 @@ def test_a_newest_checkpoint_that_does_not_load_falls_back_to_the_one_before(tmp
     ril.main(["--out", out, "--resume", "--steps", "3"])
     assert "does not load" in capsys.readouterr().err
     assert [json.loads(x)["step"] for x in open(os.path.join(out, "metrics.jsonl")) if "reward/total" in x] == [1, 2, 3]
+
+
+def test_after_a_fallback_the_newer_checkpoint_that_did_not_load_is_not_counted_when_pruning(tmp_path, two_steps):
+    """--keep-last 1 after resuming past an unloadable newer checkpoint: the checkpoint just written stays (pruning by
+    name order alone kept the broken one and deleted it, and the next --resume found nothing)."""
+    out = copy_of(two_steps, tmp_path)
+    folder = os.path.join(out, "checkpoints")
+    os.replace(os.path.join(folder, "step_0000002.pt"), os.path.join(folder, "step_0000009.pt"))
+    open(os.path.join(folder, "step_0000009.pt"), "r+b").truncate(1000)  # newer than any good one, and cut short
+    ril.main(argv("--out {out} --resume --steps 3 --save-every 1 --keep-last 1", out=out))
+    assert "step_0000003.pt" in os.listdir(folder)
+    ril.main(argv("--out {out} --resume --steps 4", out=out))  # it resumes from step 3
+    steps = [json.loads(x)["step"] for x in open(os.path.join(out, "metrics.jsonl")) if "reward/total" in x]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_resume_checks_the_runs_own_steps_when_steps_is_not_given(tmp_path, two_steps):
+    """--resume alone keeps the run's --steps: a run of 300 steps at step 250 goes on (the parsed default, 200, was
+    taken for it and the resume refused)."""
+    out = copy_of(two_steps, tmp_path)
+    state = torch.load(ril.checkpoints(out)[-1], weights_only=True)
+    state["step"], state["args"]["steps"] = 250, 300
+    torch.save(state, os.path.join(out, "checkpoints", "step_0000250.pt"))
+    resumed, (path, _) = ril.resume_state(ril.parse_args(argv("--out {out} --resume", out=out)), {"out", "resume"})
+    assert resumed.steps == 300 and path.endswith("step_0000250.pt")
+
+
+def test_a_failure_after_the_last_step_is_named_and_its_continue_command_saves_the_student(
+    tmp_path, capsys, monkeypatch
+):
+    """A full disk in the final save: the line names the final evaluation or save, and the command it gives (--resume
+    at the run's last step) runs the evaluation and the save again, training nothing."""
+    out = str(tmp_path / "o")
+
+    def full_disk(*x, **kw):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ril, "save_student", full_disk)
+    with pytest.raises(SystemExit) as e:
+        ril.main(TINY_RUN + argv("--steps 2 --out {out}", out=out))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "the final evaluation or save failed" in err
+    assert f"continue with: python ril.py --out {out} --resume --steps 2" in err
+    monkeypatch.undo()
+    ril.main(argv("--out {out} --resume --steps 2", out=out))
+    assert os.path.isfile(os.path.join(out, "model.safetensors"))
+    steps = [json.loads(x)["step"] for x in open(os.path.join(out, "metrics.jsonl")) if "reward/total" in x]
+    assert steps == [1, 2]  # no step trained twice
 
 
 def test_a_checkpoint_of_a_fresh_optimiser_leaves_it_fresh():
@@ -2072,6 +2181,23 @@ def test_a_teacher_model_generates_once_then_its_cache_is_read(tmp_path, capsys)
     assert "28 question(s) read" in capsys.readouterr().out and open(cache).readlines() == again
 
 
+def test_a_teacher_cache_cut_in_its_first_line_or_asked_other_questions_is_generated_anew(tmp_path, capsys):
+    """A kill in the cache's first line leaves a fragment that later lines must not be glued to (every later run
+    failed on it); rows asking other questions under the same ids (another dataset's q1, q2 in the same --out) get
+    the teacher's answers to those questions, not the cached ones."""
+    teacher, rows = _tiny_family("qwen2_vl", tmp_path / "teacher"), ril.make_toy(3, 0)
+    a = args(out=str(tmp_path / "out"), teacher_samples=1)
+    path = ril.teacher_cache(teacher, a, rows)
+    os.makedirs(os.path.dirname(path))
+    open(path, "w").write('{"id": "toy0-0", "te')  # killed in its first line
+    ril.model_teacher_texts(teacher, rows, a, CPU, torch.float32)
+    assert [json.loads(x)["id"] for x in open(path)] == [r["id"] for r in rows]
+    assert "0 question(s) read" in capsys.readouterr().out
+    asked = [dict(r, question="Which shape do you see?", teachers={}) for r in rows]  # the same ids
+    ril.model_teacher_texts(teacher, asked, a, CPU, torch.float32)
+    assert "0 question(s) read" in capsys.readouterr().out
+
+
 def test_a_model_id_that_cannot_be_found_is_named_for_teachers_and_judge(tmp_path, capsys):
     for flag in ("--teachers", "--judge"):
         with pytest.raises(SystemExit) as e:
@@ -2439,6 +2565,18 @@ def test_a_steps_metrics_are_averaged_over_ranks_in_one_gather(monkeypatch):
     assert len(calls) == 1
 
 
+def test_a_rank_that_got_no_signal_stops_with_the_others_cleanly(tmp_path, monkeypatch):
+    """Under torchrun a signal may reach one rank only: every rank stops at the same step (the flag is averaged), and
+    one that saw no signal exits as if it got SIGTERM, not with an IndexError reported as a failed step."""
+    run = ril.Run(args(out=str(tmp_path), steps=5, save_every=0), "fp32", [])
+    monkeypatch.setattr(ril, "RANKS", type("Rank1", (ril.Ranks,), {"rank": 1, "world": 2})())
+    monkeypatch.setattr(ril.RANKS, "mean", lambda m: {k: 0.5 for k in m})  # the other rank was signalled
+    monkeypatch.setattr(run, "save", lambda s, step: None)
+    with pytest.raises(SystemExit) as e:
+        run.end_step(None, 1, {"guard/skipped": 0.0}, {})
+    assert e.value.code == 128 + signal.SIGTERM
+
+
 def test_a_resume_with_another_number_of_processes_is_refused_in_one_line(two_steps, tmp_path, capsys, monkeypatch):
     out = copy_of(two_steps, tmp_path)
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -2466,13 +2604,13 @@ def test_under_torchrun_other_ranks_wait_for_rank_0s_teacher_cache_and_never_gen
 
     def rank0_writes(_):  # rank 0 appends its lines while rank 1 waits
         calls.append(1)
-        with open(ril.teacher_cache("m/t", a), "a") as f:
+        with open(ril.teacher_cache("m/t", a, rows), "a") as f:
             for r in rows[1:]:
                 print(json.dumps({"id": r["id"], "texts": [f"t{r['id']}"], "cut": [False]}), file=f)
 
     monkeypatch.setattr(ril.time, "sleep", rank0_writes)
     os.makedirs(tmp_path / "teacher_cache")
-    with open(ril.teacher_cache("m/t", a), "w") as f:
+    with open(ril.teacher_cache("m/t", a, rows), "w") as f:
         print(json.dumps({"id": rows[0]["id"], "texts": ["first"], "cut": [False]}), file=f)
     ril.model_teacher_texts("m/t", rows, a, CPU, torch.float32)
     assert calls and [r["teachers"]["m/t"] for r in rows] == [["first"]] + [[f"t{r['id']}"] for r in rows[1:]]
@@ -2587,6 +2725,17 @@ def test_the_plan_counts_every_model_of_the_run_per_gpu():
     assert both["teacher t/72b"]["weights"] == 2 * P and both["teacher t/72b"]["KV cache"] > 0
 
 
+def test_the_plan_counts_the_rollouts_samples_for_the_baselines_too():
+    """Dr.GRPO and GRPO sample B x G answers as RIL does: their rollout's KV cache is the same size (it was halved)."""
+    cfg = _qwen2_vl_2b()
+    need = {
+        algo: ril.plan(args(algo=algo, micro_batch=1, max_new_tokens=4000), {"student": cfg})
+        for algo in ("ril", "dr_grpo")
+    }
+    rollout = ril.frozen_model(cfg, 4, args().batch_size * args().G * (448 * 448 // 784 + 64 + 4000))["KV cache"]
+    assert need["ril"]["training"]["activations"] == need["dr_grpo"]["training"]["activations"] == rollout
+
+
 def test_the_readmes_real_model_commands_fit_the_gpus_they_name_by_the_plan():
     """make memory plans the README's commands (tools/bench.py); each runs as printed, and fits but the refused one."""
     bench = _tool("bench")
@@ -2602,6 +2751,7 @@ def test_a_run_whose_plan_does_not_fit_the_gpu_is_refused_before_anything_loads(
     monkeypatch.setattr(ril, "load_model", lambda *x, **kw: pytest.fail("a model loaded before the plan"))
     monkeypatch.setattr(ril, "build_tiny", lambda *x, **kw: pytest.fail("a model was built before the plan"))
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1000, 10**10))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # --device cuda is refused without one
     with pytest.raises(SystemExit) as e:
         ril.main([*TINY_RUN, "--student", student, "--device", "cuda", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
