@@ -959,7 +959,7 @@ def evaluate(a: Args, s: State, rows: list) -> tuple:
         comp, mask = generate(model, enc, gen_cfg, synced=RANKS.sharded)
         texts += tok.batch_decode(comp, skip_special_tokens=True)
         lengths += mask.sum(1).tolist()
-    theirs = [[normalize(t) for ts in r["teachers"].values() for t in ts] for r in mine]
+    theirs = [[normalize(t) for name in s.teachers for t in r["teachers"].get(name, [])] for r in mine]
     match = [float(normalize(o) in t) for o, t in zip(texts, theirs, strict=True)]  # word for word
     acc = s.judge([r["question"] for r in mine], [r["answer"] for r in mine], texts)
     scores = {"eval/acc": acc, "eval/teacher_match": match, "eval/len": lengths}

@@ -736,6 +736,8 @@ def test_evaluate_scores_each_greedy_answer_against_its_own_row(tiny, monkeypatc
     assert metrics["eval/acc"] == pytest.approx(2 / 4)  # red and 4 are right; blue for green and 3 for 2 are not
     assert metrics["eval/len"] == pytest.approx(mask.sum().item() / 4)
     assert metrics["eval/teacher_like"] == pytest.approx((1 - torch.sigmoid(d)).mean().item())
+    s.teachers = ("alice",)  # --teachers alice: bob's texts are not a teacher's of this run
+    assert ril.evaluate(args(), s, rows)[0]["eval/teacher_match"] == pytest.approx(2 / 4)
 
 
 def test_pass_at_g_counts_questions_with_a_right_sample_and_leaves_the_runs_random_stream_alone(tiny):
