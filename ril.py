@@ -89,7 +89,7 @@ class Config:
     sft_lr: float = arg(3e-3, "SFT peak LR, decayed linearly to a tenth [S]", ge=0)
     disc_pretrain_steps: int = arg(40, "Stage 2: discriminator pre-training steps [S]", ge=0)
     disc_pretrain_lr: float = arg(1e-3, "its peak LR, decayed linearly to a tenth [S]", ge=0)
-    micro_batch: int = arg(0, "sequences per forward/backward (0 = all): less memory, the same gradients", ge=0)
+    micro_batch: int = arg(0, "sequences per RL or D forward/backward (0 = all): less memory, same gradients", ge=0)
     seed: int = arg(0, "seeds the toy data, the model init, the data order and the sampling", ge=0, lt=2**32)
     eval_every: int = arg(50, "greedy held-out evaluation every N steps (0 = before and after only)", ge=0)
 
@@ -141,7 +141,8 @@ def batch_at(rows: list, step: int, B: int, seed: int) -> list:
 def sample_teacher_texts(row, teachers, G: int, rng: random.Random) -> list:
     """G teacher texts for one question, teacher by teacher. [R] The paper does not split the G slots between
     teachers: each of T teachers gets G / T of them (a, a, b, b for two; the first ones one more when T does not divide
-    G), drawn without replacement unless a teacher has too few."""
+    G; G of them at random, one each, when T > G), drawn without replacement unless a teacher has too few."""
+    teachers = rng.sample(list(teachers), G) if len(teachers) > G else teachers
     out = []
     for i, t in enumerate(teachers):
         texts, k = row["teachers"][t], len(range(i, G, len(teachers)))  # slots i, i+T, ...
@@ -214,10 +215,8 @@ def plain_ids(tokenizer, text: str) -> list:
 @functools.lru_cache(maxsize=1 << 17, typed=True)  # teacher texts come back every epoch
 def text_ids(tokenizer, text: str, max_len: int) -> list:
     """A teacher text in student tokens (only text crosses [P]), + EOS if it ended, cut to L_max."""
-    ids = plain_ids(tokenizer, text)
-    if not isinstance(text, Unfinished):
-        ids = ids + [tokenizer.eos_token_id]
-    return ids[:max_len]
+    eos = [] if isinstance(text, Unfinished) else [tokenizer.eos_token_id]
+    return (plain_ids(tokenizer, text) + eos)[:max_len]
 
 
 # -- 3. Rollout: G student samples + G teacher texts per question ----------------------------------
@@ -428,9 +427,7 @@ def grad_sync(model, last: bool):
     """Under DDP, gradients are averaged over ranks once a step, in the last micro-batch's backward
     (forward and backward inside no_sync). FSDP2 reduce-scatters every micro-batch, so that no rank
     holds whole fp32 gradients (at 7B, 30 GB more a rank). One process: nothing to do."""
-    if last or not hasattr(model, "no_sync"):
-        return contextlib.nullcontext()
-    return model.no_sync()
+    return contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
 
 
 def disc_update(disc, opt, tokenizer, texts: list, is_teacher: torch.Tensor, a: Config, device) -> dict:
@@ -932,19 +929,21 @@ def resolve_teachers(a: Args, rows: list) -> tuple:
 # -- 12. Evaluation and r_ans: greedy answers, the answer matcher and the Fig. 4 judge (its prompt as printed) --
 NUMBER_WORDS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
 UNSPACED = "\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u2e80-\u9fff\uf900-\ufaff"  # Thai ... CJK, kana
+NUMBER = r"(?<![\w.,])-?\d+(?:,\d{3})*(?:\.\d+)?(?!\w)"  # one word: -3, 2.5, 1,000
 
 
-def normalize(text: str) -> list:
+def normalize(text: str, number_words: bool = True) -> list:
     """Words in any script (NFKC, case-folded; in scripts written without spaces, each character), punctuation
-    dropped, number words as digits.
+    dropped but a number's sign, point and thousands (1,000 is 1000), number words as digits (unless number_words).
 
-    >>> normalize("There are Three shapes!")
-    ['there', 'are', '3', 'shapes']
+    >>> normalize("There are Three shapes, -2.5 or 1,000!")
+    ['there', 'are', '3', 'shapes', '-2.5', 'or', '1000']
     >>> normalize("答案是七")
     ['答', '案', '是', '七']
     """
-    words = re.findall(f"[{UNSPACED}]|[^\\W_{UNSPACED}]+", unicodedata.normalize("NFKC", text).casefold())
-    return [NUMBER_WORDS.get(w, w) for w in words]
+    text = unicodedata.normalize("NFKC", text).casefold()
+    words = [w.replace(",", "") for w in re.findall(f"{NUMBER}|[{UNSPACED}]|[^\\W_{UNSPACED}]+", text)]
+    return [NUMBER_WORDS.get(w, w) if number_words else w for w in words]
 
 
 @torch.no_grad()
@@ -984,7 +983,8 @@ def answer_match(response: str, answer: str, candidates: frozenset = frozenset()
     candidate answer is ("I count three shapes." for 3 scores 1; "3 or 4" and "Reddish." for red score 0). Plain
     containment is gamed within 100 steps on the toy task: the policy learns to list every answer ("3 count 4 4 4")."""
     t = tuple(normalize(answer))
-    found = spans(normalize(response), max(3, len(t)))
+    # number words as numbers for a number answer only: "the red one" names no count
+    found = spans(normalize(response, number_words=any(w[-1].isdigit() for w in t)), max(3, len(t)))
     others = (found & candidates) - spans(list(t), len(t))  # other answers named
     return float(bool(t) and t in found and not others)
 

@@ -700,6 +700,27 @@ def test_answer_match_normalises_wants_whole_words_and_refuses_lists():
         assert all(ril.answer_match(t, r["answer"], c) == 1.0 for ts in r["teachers"].values() for t in ts)
 
 
+def test_answer_match_reads_a_number_as_one_word_and_one_as_a_count_only_for_a_count():
+    """A sign, a decimal point and thousands belong to the number (the word pattern split "3.5" into 3 and 5, and
+    dropped the minus); "one" is the number 1 only where the answer is a number ("the red one" named the count 1)."""
+    c = ril.MatchJudge(ril.make_toy(30, 0)).candidates
+    for response, answer, right in [
+        ("The value is 3.", "-3", 0.0),
+        ("The value is -3.", "3", 0.0),
+        ("The slope is 3.5.", "3", 0.0),
+        ("It is 2.5 cm long.", "2", 0.0),
+        ("There are 1000 people.", "1,000", 1.0),
+        ("There are 1,000 people.", "1000", 1.0),
+        ("It is -2.5.", "-2.5", 1.0),
+        ("3.", "3", 1.0),
+        ("It is the red one.", "red", 1.0),
+        ("This one is blue.", "blue", 1.0),
+        ("Only one, or three.", "3", 0.0),
+        ("There is one shape.", "1", 1.0),
+    ]:
+        assert ril.answer_match(response, answer, c) == right, (response, answer)
+
+
 # ---------------------------------------------------------------- held-out evaluation
 def test_evaluate_scores_each_greedy_answer_against_its_own_row(tiny, monkeypatch):
     """Fixed greedy answers (generate stubbed) to rows with several teacher texts each: teacher match is 1 when the
@@ -1176,6 +1197,15 @@ def test_teacher_slots_are_split_evenly_between_teachers_teacher_by_teacher():
     row = {"teachers": {"a": ["a1", "a2"], "b": ["b1"]}}
     out = ril.sample_teacher_texts(row, ["a", "b"], 4, ril.random.Random(0))
     assert sorted(out[:2]) == ["a1", "a2"] and out[2:] == ["b1", "b1"]
+
+
+def test_with_more_teachers_than_slots_each_question_draws_g_of_them_one_text_each():
+    """T > G: the first G teachers took every slot and the rest never taught; now G of them at random, one each."""
+    row, rng = {"teachers": {t: [f"{t}1", f"{t}2"] for t in "abc"}}, ril.random.Random(0)
+    draws = [ril.sample_teacher_texts(row, ["a", "b", "c"], 2, rng) for _ in range(60)]
+    assert all(len({t[0] for t in d}) == 2 for d in draws)  # two teachers, a text each
+    assert {t[0] for d in draws for t in d} == {"a", "b", "c"}
+    assert ril.sample_teacher_texts(row, ["a", "b"], 4, ril.random.Random(0))[:2] in (["a1", "a2"], ["a2", "a1"])
 
 
 def test_stage_0_draws_teacher_targets_from_every_teacher_of_its_rows_and_answers_where_rows_have_none(
