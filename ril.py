@@ -453,9 +453,7 @@ def disc_update(disc, opt, tokenizer, texts: list, is_teacher: torch.Tensor, a: 
 def similarity_reward(d_logits: torch.Tensor, a: Config) -> torch.Tensor:
     """r_sim = 1[D < 0.5] [P] §3.3: 1 when D thinks a *teacher* wrote it (Fig. 6: 1 - D, worse)."""
     d = torch.sigmoid(d_logits)
-    if a.sim_reward == "continuous":
-        return 1 - d
-    return (d < a.sim_threshold).float()
+    return 1 - d if a.sim_reward == "continuous" else (d < a.sim_threshold).float()
 
 
 # -- 6. Advantages and the clipped objective (Eq. 2, Dr.GRPO form) ---------------------------------
