@@ -396,9 +396,8 @@ def disc_prompt_ids(tokenizer, text: str) -> list:
     """The Fig. 3 prompt around one text. Student samples are decoded and re-encoded like teacher
     texts, so D sees what they say, not how they were tokenised; the text is plain text."""
     msgs = [{"role": "system", "content": DISC_SYSTEM}, {"role": "user", "content": DISC_USER}]
-    pre, post = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True).split("{response}")
-    pre = tokenizer(pre, add_special_tokens=False)["input_ids"]  # its special tokens stay
-    post = tokenizer(post, add_special_tokens=False)["input_ids"]
+    chat = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)  # its special tokens stay
+    pre, post = [tokenizer(x, add_special_tokens=False).input_ids for x in chat.split("{response}")]
     return pre + plain_ids(tokenizer, text) + post
 
 
