@@ -888,11 +888,9 @@ def load_data(a: Args) -> tuple:
     """(Stage 0, RL, held-out rows). Ids are unique over the files: a file given twice fails."""
     sft = a.sft_data or {"transfer": "toy"}.get(a.data, a.data)  # 'transfer' builds on 'toy'
     sft_rows = [] if sft == a.data else make_toy(a.toy_size, a.seed, sft) if sft in QUESTIONS else load_jsonl(sft)
-    toy = a.data in QUESTIONS
+    toy = a.data in QUESTIONS  # a built-in task has held-out questions of its own
     rows = make_toy(a.toy_size, a.seed, a.data) if toy else load_jsonl(a.data)
-    held = load_jsonl(a.eval_data) if a.eval_data else []
-    if toy and not held:  # a built-in task's own held-out questions
-        held = make_toy(a.eval_size, a.seed + 10_000, a.data)
+    held = load_jsonl(a.eval_data) if a.eval_data else make_toy(a.eval_size, a.seed + 10_000, a.data) if toy else []
     seen = {}
     for r in rows + held + sft_rows:  # the same file given twice would evaluate on the training set
         if seen.setdefault(r["id"], r) is not r:
