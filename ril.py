@@ -166,8 +166,8 @@ def select_prompts(enc: dict, idx: list) -> dict:
     out = {k: v[idx] for k, v in enc.items() if k != "pixel_values"}
     if "pixel_values" in enc:
         sizes = enc["image_grid_thw"].prod(-1).tolist() if "image_grid_thw" in enc else [1] * len(enc["input_ids"])
-        start = [sum(sizes[:i]) for i in range(len(sizes))]
-        out["pixel_values"] = torch.cat([enc["pixel_values"][start[i] : start[i] + sizes[i]] for i in idx])
+        blocks = enc["pixel_values"].split(sizes)  # prompt i's rows
+        out["pixel_values"] = torch.cat([blocks[i] for i in idx])
     return out
 
 
