@@ -916,8 +916,7 @@ def resolve_teachers(a: Args, rows: list) -> tuple:
         fail(f"{a.data}: no teacher texts; RIL needs the rows' 'teachers' field or a teacher model in --teachers")
     for t in [t for t in names if a.algo == "ril" and t not in models]:
         if lacking := [r for r in rows if not r["teachers"].get(t)]:
-            where = lacking[0]["where"]
-            fail(f"{where}: teacher '{t}' has no texts for {len(lacking)} row(s); add them or drop it")
+            fail(f"{lacking[0]['where']}: teacher '{t}' has no texts for {len(lacking)} row(s); add them or drop it")
     return names, models
 
 
