@@ -1213,9 +1213,8 @@ def load_student(a: Args, rows: list, device, dtype) -> tuple:
     """The student, --freeze-vision and --grad-checkpointing applied; its processor (tiny: rows)."""
     # loaded in its checkpoint's dtype, which config.dtype keeps for the saved student, then cast to the trained one
     model, processor = build_tiny(rows) if a.student == "tiny" else load_model(a.student, a, "auto", "--student")
-    tok = processor.tokenizer
     # pad = EOS would mask out EOS, and the student would never learn to stop
-    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
+    if processor.tokenizer.pad_token_id in (None, processor.tokenizer.eos_token_id):
         fail(f"--student {a.student}: its tokenizer's pad token is missing or EOS; set one in tokenizer_config.json")
     vision = [p for n, p in model.named_parameters() if set(n.split(".")) & set(VISION_TOWERS)]
     if a.freeze_vision and not vision:
