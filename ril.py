@@ -263,9 +263,12 @@ def generate(model, enc: dict, gen_cfg, sampler=None, synced: bool = False) -> t
     return comp.masked_fill(mask == 0, gen_cfg.pad_token_id), mask
 
 
-def hit_cap(comp, gen_cfg):
-    """True for each completion with no EOS: cut by the generation cap."""
-    return ~torch.isin(comp, torch.tensor(gen_cfg.eos_token_id, device=comp.device)).any(1)
+def sample(a: Config, model, processor, enc: dict, n: int, synced: bool = False) -> tuple:
+    """n sampled answers a prompt: (completions, mask, texts, cut: no EOS, the cap cut it)."""
+    gen_cfg = generation_config(a, model, processor.tokenizer, greedy=False)
+    comp, mask = generate(model, repeat_prompts(enc, n), gen_cfg, functools.partial(sample_top_k_top_p, a), synced)
+    cut = ~torch.isin(comp, torch.tensor(gen_cfg.eos_token_id, device=comp.device)).any(1)
+    return comp, mask, processor.tokenizer.batch_decode(comp, skip_special_tokens=True), cut
 
 
 def rollout(a: Config, s: State, batch: list, rng: random.Random, with_teachers: bool) -> dict:
@@ -273,11 +276,8 @@ def rollout(a: Config, s: State, batch: list, rng: random.Random, with_teachers:
     tok, model = s.processor.tokenizer, unwrap(s.model)
     model.eval()
     enc = encode_prompts(s.processor, batch, s.device)
-    gen_cfg = generation_config(a, model, tok, greedy=False)
-    sampler = functools.partial(sample_top_k_top_p, a)
-    sampled, mask = generate(model, repeat_prompts(enc, a.G), gen_cfg, sampler, RANKS.sharded)
-    sample_ids = [c[m.bool()].tolist() for c, m in zip(sampled, mask, strict=True)]
-    samples = list(zip(sample_ids, tok.batch_decode(sampled, skip_special_tokens=True), strict=True))
+    sampled, mask, texts, cut = sample(a, model, s.processor, enc, a.G, RANKS.sharded)
+    samples = list(zip([c[m.bool()].tolist() for c, m in zip(sampled, mask, strict=True)], texts, strict=True))
     items, is_teacher, answers, questions = [], [], [], []  # items: (token ids, text)
     for b, row in enumerate(batch):
         group = samples[b * a.G : (b + 1) * a.G]
@@ -291,7 +291,7 @@ def rollout(a: Config, s: State, batch: list, rng: random.Random, with_teachers:
     comp, comp_mask = pad_right([x for x, _ in items], tok.pad_token_id, s.device)
     ro = dict(enc=enc, comp=comp, mask=comp_mask, texts=[t for _, t in items], answers=answers, questions=questions)
     ro["is_teacher"] = torch.tensor(is_teacher, device=s.device)
-    ro["truncated"] = hit_cap(sampled, gen_cfg).float().mean().item()
+    ro["truncated"] = cut.float().mean().item()
     return ro
 
 
@@ -1282,18 +1282,15 @@ def model_teacher_texts(spec: str, rows: list, a: Args, device, dtype):
     n = a.teacher_samples
     if todo:
         model, processor = load_model(spec, a, dtype, "--teachers")
-        gen_cfg = generation_config(a, model.to(device).eval(), processor.tokenizer, greedy=False)
+        model.to(device).eval()
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "a") as f, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(a.seed + len(done))  # the student's RNG: not the cache's
             q = max(1, a.gen_batch // n)  # questions a call
             for i in tqdm(range(0, len(todo), q), desc=f"teacher {spec}"):
-                enc = repeat_prompts(encode_prompts(processor, todo[i : i + q], device), n)
-                comp, _ = generate(model, enc, gen_cfg, functools.partial(sample_top_k_top_p, a))
-                texts = processor.tokenizer.batch_decode(comp, skip_special_tokens=True)  # as samples
-                cut = hit_cap(comp, gen_cfg).tolist()
+                _, _, texts, cut = sample(a, model, processor, encode_prompts(processor, todo[i : i + q], device), n)
                 for j, r in enumerate(todo[i : i + q]):
-                    line = {"id": r["id"], "texts": texts[j * n : (j + 1) * n], "cut": cut[j * n : (j + 1) * n]}
+                    line = dict(id=r["id"], texts=texts[j * n : (j + 1) * n], cut=cut[j * n : (j + 1) * n].tolist())
                     print(json.dumps(line), file=f, flush=True)
         del model  # its memory back before the next teacher or the student: mem_get_info counts PyTorch's cache as used
         gc.collect()
