@@ -365,7 +365,7 @@ class Discriminator(nn.Module):
 
     def __init__(self, student):
         super().__init__()
-        self.backbone = copy.deepcopy(language_model(student))
+        self.backbone = copy.deepcopy(language_model(student))  # with its --grad-checkpointing
         p = next(self.backbone.parameters())
         self.head = nn.Linear(student.config.get_text_config().hidden_size, 1).to(p.device, p.dtype)
 
@@ -1431,8 +1431,6 @@ class Run:
             cast_parameters(s.ref, torch.bfloat16)
         if s.disc is not None and (self.a.grad_checkpointing or RANKS.sharded):
             s.disc.share_prefix = False  # both need one plain call per layer in a forward
-        if s.disc is not None and self.a.grad_checkpointing:
-            s.disc.backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         s.ref = parallelize(s.ref, s.device, self.mode) if RANKS.sharded else s.ref  # DDP: no copy
         s.disc = parallelize(s.disc, s.device, self.mode)
         s.model = parallelize(s.model, s.device, self.mode)
