@@ -89,7 +89,7 @@ class Config:
     sft_lr: float = arg(3e-3, "SFT peak LR, decayed linearly to a tenth [S]", ge=0)
     disc_pretrain_steps: int = arg(40, "Stage 2: discriminator pre-training steps [S]", ge=0)
     disc_pretrain_lr: float = arg(1e-3, "its peak LR, decayed linearly to a tenth [S]", ge=0)
-    micro_batch: int = arg(0, "sequences per RL or D forward/backward (0 = all): less memory, same gradients", ge=0)
+    micro_batch: int = arg(0, "sequences per forward/backward (0 = all): less memory, same gradients", ge=0)
     seed: int = arg(0, "seeds the toy data, the model init, the data order and the sampling", ge=0, lt=2**32)
     eval_every: int = arg(50, "greedy held-out evaluation every N steps (0 = before and after only)", ge=0)
 
@@ -565,10 +565,15 @@ def sft_warmup(a: Config, s: State, rows: list):
             pool = [t for ts in r["teachers"].values() for t in ts]
             texts.append(rng.choice(pool) if pool and rng.random() < a.sft_teacher_frac else r["answer"])
         comp, mask = pad_right([text_ids(tok, t, a.max_new_tokens) for t in texts], tok.pad_token_id, s.device)
-        logp = token_logprobs(s.model, encode_prompts(s.processor, batch, s.device), comp, mask, 1.0)
-        per_target = (logp * mask).sum(1) / mask.sum(1).clamp(min=1)  # [R] long texts must not drown 1-token answers
-        loss = -per_target.mean()
-        loss.backward()
+        enc = encode_prompts(s.processor, batch, s.device)
+        loss, n = 0.0, len(batch)
+        for i, j in chunks(n, a.micro_batch):  # the parts add up to the batch's loss, as in policy_update
+            with grad_sync(s.model, last=j == n):
+                logp = token_logprobs(s.model, select_prompts(enc, list(range(i, j))), comp[i:j], mask[i:j], 1.0)
+                # [R] a mean per target: long texts must not drown 1-token answers
+                part = -((logp * mask[i:j]).sum(1) / mask[i:j].sum(1).clamp(min=1)).mean() * ((j - i) / n)
+                part.backward()
+            loss = loss + part.detach()
         clip_and_step(opt, s.model.parameters(), loss, a.max_grad_norm)
         sched.step()
     if a.sft_steps:

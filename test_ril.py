@@ -2357,6 +2357,32 @@ def test_micro_batched_logprobs_and_gradients_equal_the_full_batch(tiny):
     assert all(torch.allclose(dg0[n], dg1[n], atol=1e-6, rtol=1e-4) for n in dg0)
 
 
+def test_stage_0_micro_batches_give_the_loss_and_gradient_of_the_whole_batch(tiny, monkeypatch):
+    """--micro-batch in Stage 0 too: 8 targets (answers and teacher texts) in forwards of at most 3 sequences give the
+    loss and gradient of one forward over all 8."""
+    seen, sizes, real = {}, [], ril.token_logprobs
+
+    def token_logprobs(model, enc, comp, *rest):
+        sizes.append(len(comp))
+        return real(model, enc, comp, *rest)
+
+    def clip_and_step(opt, params, loss, max_norm):  # the gradient, not a step
+        seen[mb] = (loss.item(), [p.grad.clone() for p in params if p.grad is not None])
+        opt.zero_grad(set_to_none=True)
+        return torch.tensor(0.0), 0.0
+
+    monkeypatch.setattr(ril, "token_logprobs", token_logprobs)
+    monkeypatch.setattr(ril, "clip_and_step", clip_and_step)
+    for mb in (0, 3):
+        sizes.clear()
+        a = args(sft_steps=1, sft_batch_size=8, sft_teacher_frac=0.5, micro_batch=mb)
+        ril.sft_warmup(a, state(ril.copy.deepcopy(tiny["model"]), tiny["proc"]), tiny["rows"])
+        assert sizes == ([8] if mb == 0 else [3, 3, 2]), sizes
+    (loss, grads), (mb_loss, mb_grads) = seen[0], seen[3]
+    assert abs(loss - mb_loss) < 1e-6 and len(grads) == len(mb_grads) > 0
+    assert all(torch.allclose(g, h, atol=1e-6, rtol=1e-4) for g, h in zip(grads, mb_grads, strict=True))
+
+
 def test_memory_flags_train_the_language_model_only(tmp_path, monkeypatch):
     """--freeze-vision leaves every vision weight as loaded and trains the rest; --grad-checkpointing
     recomputes through torch's non-reentrant checkpoint; with --micro-batch and --dtype amp (bf16 autocast
