@@ -702,7 +702,8 @@ def test_answer_match_normalises_wants_whole_words_and_refuses_lists():
 
 def test_answer_match_reads_a_number_as_one_word_and_one_as_a_count_only_for_a_count():
     """A sign, a decimal point and thousands belong to the number (the word pattern split "3.5" into 3 and 5, and
-    dropped the minus); "one" is the number 1 only where the answer is a number ("the red one" named the count 1)."""
+    dropped the minus), 0.50 is 0.5; "one" is the number 1 only where the answer is a number ("the red one" named the
+    count 1)."""
     c = ril.MatchJudge(ril.make_toy(30, 0)).candidates
     for response, answer, right in [
         ("The value is 3.", "-3", 0.0),
@@ -717,6 +718,10 @@ def test_answer_match_reads_a_number_as_one_word_and_one_as_a_count_only_for_a_c
         ("This one is blue.", "blue", 1.0),
         ("Only one, or three.", "3", 0.0),
         ("There is one shape.", "1", 1.0),
+        ("The share is 0.50.", "0.5", 1.0),  # trailing zeros after a point say nothing
+        ("It is 2.0 cm long.", "2", 1.0),
+        ("It is 0.05.", "0.5", 0.0),
+        ("It is 20 or 100.", "2", 0.0),
     ]:
         assert ril.answer_match(response, answer, c) == right, (response, answer)
 
