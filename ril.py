@@ -879,7 +879,7 @@ def load_jsonl(path: str) -> list:
         if not os.path.isfile(image):
             fail(f"{where}: image not found: {image} (paths are relative to the JSONL file's folder)")
         try:  # Pillow reads the header first and refuses a decompression bomb before decoding
-            Image.open(image).load()  # decoded whole: verify() reads nothing of a JPEG
+            open_image(image)  # decoded whole (verify() reads nothing of a JPEG) and converted, as training will
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             fail(f"{where}: cannot decode image {image} ({first_line(e, 80)}); replace it or drop the row")
         row = dict(id=str(row.get("id", where)), question=row["question"], answer=row["answer"], teachers=teachers)
@@ -1575,13 +1575,17 @@ def setup(a: Args, device, mode: str, resumed) -> tuple:
         if a.judge == "match" and not normalize(r["answer"]):
             never = f"answer {r['answer']!r} has no letter or digit, so --judge match can never reward it"
             fail(f"{r['where']}: {never}; fix the row, drop it, or pass --judge MODEL")
-    # the longest question's prompt, with its image, and --max-new-tokens must fit the student's positions
-    row = max(rows + eval_rows, key=lambda r: len(processor.tokenizer(r["question"])["input_ids"]))
-    n = len(encode_prompts(processor, [row], "cpu")["input_ids"][0])  # up to max_pixels
-    limit = getattr(model.config.get_text_config(), "max_position_embeddings", 0)
-    if limit and n + a.max_new_tokens > limit:  # a config without it is not checked
-        what = f"the prompt ({n} tokens) and --max-new-tokens {a.max_new_tokens} exceed the {limit} positions"
-        fail(f"{row['where']}: {what} of --student {a.student}; shorten the question or lower --max-new-tokens")
+    # each prompt as the student's processor builds it, once: a row it refuses (Qwen2-VL: an image over 200:1) or too
+    # long for its positions stops the run here, not at the step whose batch holds it (and again on every resume)
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None) or math.inf  # None: unchecked
+    for r in {r["id"]: r for r in sft_rows + rows + eval_rows}.values():
+        try:
+            n = len(encode_prompts(processor, [r], "cpu")["input_ids"][0])
+        except ValueError as e:
+            fail(f"{r['where']}: the student's processor refuses it ({first_line(e, 100)}); fix the row or drop it")
+        if n + a.max_new_tokens > limit:
+            what = f"the prompt ({n} tokens) and --max-new-tokens {a.max_new_tokens} exceed the {limit} positions"
+            fail(f"{r['where']}: {what} of --student {a.student}; shorten the question or lower --max-new-tokens")
     eval_rows = eval_rows[: len(eval_rows) - len(eval_rows) % RANKS.world]  # equal shares
     if not eval_rows:
         fail(f"{a.eval_data or a.data}: fewer held-out questions than the {RANKS.world} ranks; give more")

@@ -1504,6 +1504,18 @@ def test_a_prompt_too_long_for_the_student_is_one_line(tmp_path, capsys):
     )
 
 
+def test_a_row_the_students_processor_refuses_is_named_before_training(tmp_path, capsys):
+    """A decodable image Qwen2-VL's processor refuses (over 200:1) or "<|image_pad|>" in a question (one image token
+    too many): one line naming the row, before Stage 0, not a failed step that every resume repeats."""
+    ril.Image.new("RGB", (6000, 20)).save(tmp_path / "wide.png")
+    for bad, said in [
+        (GOOD.replace("ok.png", "wide.png"), "the student's processor refuses it (absolute aspect ratio"),
+        (GOOD.replace('"question": "q"', '"question": "q <|image_pad|>"'), "the student's processor refuses it ("),
+    ]:
+        code, err, data = _bad_input(tmp_path, capsys, [GOOD, bad])
+        assert code == 2 and len(err.splitlines()) == 1 and f"{data}:2: {said}" in err, err
+
+
 def test_an_out_that_cannot_be_written_is_refused_before_any_model_loads(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(ril, "load_student", lambda *a, **kw: pytest.fail("a model was loaded"))
     (tmp_path / "file").write_text("x")
