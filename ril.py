@@ -890,17 +890,18 @@ def load_jsonl(path: str) -> list:
 
 
 def load_data(a: Args) -> tuple:
-    """(Stage 0, RL, held-out rows). Ids are unique over the files: a file given twice fails."""
+    """(Stage 0, RL, held-out rows). Ids are unique in a file, and held-out ones in no training file."""
     sft = a.sft_data or {"transfer": "toy"}.get(a.data, a.data)  # 'transfer' builds on 'toy'
     sft_rows = [] if sft == a.data else make_toy(a.toy_size, a.seed, sft) if sft in QUESTIONS else load_jsonl(sft)
     toy = a.data in QUESTIONS  # a built-in task has held-out questions of its own
     rows = make_toy(a.toy_size, a.seed, a.data) if toy else load_jsonl(a.data)
     held = load_jsonl(a.eval_data) if a.eval_data else make_toy(a.eval_size, a.seed + 10_000, a.data) if toy else []
-    seen = {}
-    for r in rows + held + sft_rows:  # the same file given twice would evaluate on the training set
-        if seen.setdefault(r["id"], r) is not r:
-            twice = f"id '{r['id']}' is also the id of {seen[r['id']]['where']}"
-            fail(f"{r['where']}: {twice}; ids must be unique across the data files (is it the training file?)")
+    for part in (rows + held, sft_rows + held):  # Stage 0 may hold RL rows (the paper's 40K are of its 4M)
+        seen = {}
+        for r in part:  # the same file given twice would evaluate on the training set
+            if seen.setdefault(r["id"], r) is not r:
+                twice = f"id '{r['id']}' is also the id of {seen[r['id']]['where']}"
+                fail(f"{r['where']}: {twice}; ids must be unique across the data files (is it the training file?)")
     if not held:  # held out of --data
         if len(rows) <= a.eval_size:
             fail(f"{a.data}: {len(rows)} rows cannot spare --eval-size {a.eval_size}; lower it or pass --eval-data")
@@ -1578,7 +1579,7 @@ def setup(a: Args, device, mode: str, resumed) -> tuple:
     # each prompt as the student's processor builds it, once: a row it refuses (Qwen2-VL: an image over 200:1) or too
     # long for its positions stops the run here, not at the step whose batch holds it (and again on every resume)
     limit = getattr(model.config.get_text_config(), "max_position_embeddings", None) or math.inf  # None: unchecked
-    for r in {r["id"]: r for r in sft_rows + rows + eval_rows}.values():
+    for r in rows + eval_rows + (sft_rows if a.sft_steps and sft_rows is not rows else []):
         try:
             n = len(encode_prompts(processor, [r], "cpu")["input_ids"][0])
         except ValueError as e:

@@ -1474,6 +1474,21 @@ def test_the_training_file_or_its_ids_as_held_out_data_are_refused(tmp_path, cap
         assert e.value.code == 2 and "is also the id of" in err and not (tmp_path / "o").exists()
 
 
+def test_stage_0_rows_may_hold_the_rl_rows_but_no_file_the_held_out_ids(tmp_path, capsys):
+    """The paper's layout: the RL questions are a subset of the SFT set (40K of 4M), so --sft-data and --data may
+    share ids; a held-out id in either is refused."""
+    rows = ril.make_toy(8, 0)
+    _save_jsonl(tmp_path, rows[:6], "sft.jsonl")
+    _save_jsonl(tmp_path, rows[2:6], "rl.jsonl")
+    _save_jsonl(tmp_path, rows[6:], "held.jsonl")
+    files = dict(sft_data=str(tmp_path / "sft.jsonl"), data=str(tmp_path / "rl.jsonl"))
+    sft, rl, held = ril.load_data(args(**files, eval_data=str(tmp_path / "held.jsonl")))
+    assert [len(sft), len(rl), len(held)] == [6, 4, 2]
+    with pytest.raises(SystemExit):
+        ril.load_data(args(**files, eval_data=str(tmp_path / "sft.jsonl")))
+    assert "is also the id of" in capsys.readouterr().err
+
+
 def test_answers_in_any_script_are_matched_and_an_unmatchable_answer_is_refused(tmp_path, capsys):
     """Whole-word matching in scripts with spaces (Greek, Cyrillic), character spans in scripts without (Chinese,
     Japanese, Thai), full-width digits as digits; a row whose answer has no letter or digit could never earn r_ans = 1
