@@ -713,14 +713,15 @@ class Args(Config):
     shard: bool = arg(False, "under torchrun: split parameters, gradients and AdamW moments over ranks (FSDP2)")
     save_every: int = arg(50, "checkpoint every N RIL steps (Ctrl-C and SIGTERM save one too)", ge=0)
     keep_last: int = arg(2, "checkpoints kept", ge=1)
-    resume: bool = arg(False, "continue the run in --out from its newest checkpoint (only --steps may change)")
+    resume: bool = arg(False, "continue the run in --out from its newest checkpoint (--steps, memory flags may change)")
     overwrite: bool = arg(False, "start afresh in an --out that holds a run (deleted at the first new checkpoint)")
     max_bad_steps: int = arg(3, "stop after this many steps in a row with a NaN/inf loss or gradient", ge=1)
     trust_remote_code: bool = arg(False, "let a model folder's own Python code run")
     accept_changed_data: bool = arg(False, "--resume although the rows differ from the checkpoint's")
 
 
-RESUMABLE = {"out", "steps", "resume", "save_every", "keep_last", "max_bad_steps", "accept_changed_data"}
+RESUMABLE = {"out", "steps", "resume", "save_every", "keep_last", "max_bad_steps", "accept_changed_data", "device"}
+RESUMABLE |= {"micro_batch", "gen_batch", "grad_checkpointing", "shard"}  # memory: the same update
 CHECKS = {"gt": (operator.gt, ">"), "ge": (operator.ge, ">="), "lt": (operator.lt, "<"), "le": (operator.le, "<=")}
 
 
