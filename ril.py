@@ -1462,10 +1462,10 @@ class Run:
         torch.set_rng_state(rng["torch"])
         if s.device.type == "cuda" and rng["cuda"] is not None:  # not in a CPU checkpoint
             torch.cuda.set_rng_state(rng["cuda"], s.device)
-        for log in self.paths.values():
-            if RANKS.rank == 0 and os.path.isfile(log):  # steps after the checkpoint run again
+        for log in self.paths.values():  # a line a step: later steps and a final evaluation run again
+            if RANKS.rank == 0 and os.path.isfile(log):
                 lines = [x for x in open(log) if x.endswith("\n") and json.loads(x)["step"] <= state["step"]]
-                write_atomic(log, lambda f, lines=lines: f.writelines(lines))
+                write_atomic(log, lambda f, lines=lines: f.writelines(lines[: state["step"] + 1]))
         print(f"resuming {path} at step {state['step'] + 1}; before RIL: {state['before'][0]}")
         return state["step"] + 1, state["before"]
 

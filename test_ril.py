@@ -2009,6 +2009,9 @@ def test_resume_refuses_a_flag_that_would_change_the_run_and_takes_those_that_ca
     own = ["--lr", "0.0002", "--seed", "0"]  # the run's own values, as in the first command (7777159: refused)
     memory = argv("--micro-batch 2 --gen-batch 3 --grad-checkpointing --device cpu")  # the same update in less memory
     ril.main(["--out", out, "--resume", "--steps", "3", "--save-every", "5", "--keep-last", "1", *own, *memory])
+    # a finished run extended: its final evaluation (a second line at step 2) runs again at the new end
+    assert [json.loads(x)["step"] for x in open(os.path.join(out, "metrics.jsonl"))] == [0, 1, 2, 3, 3]
+    assert [json.loads(x)["step"] for x in open(os.path.join(out, "samples.jsonl"))] == [1, 2, 3]
     assert [os.path.basename(p) for p in ril.checkpoints(out)] == ["step_0000003.pt"]
 
 
