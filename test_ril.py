@@ -2037,8 +2037,13 @@ def test_resume_refuses_rows_that_changed_unless_told_to_accept_them(tmp_path, c
     with pytest.raises(SystemExit):
         ril.main(["--out", out, "--resume", "--steps", "2"])
     assert "the training rows (4 then, 4 now)" in capsys.readouterr().err
+    tokenizer = open(os.path.join(out, "tokenizer.json")).read()  # the tiny student's, made from the rows' words
+    with open(data, "a") as f:  # rows with words the tokenizer never saw: the run keeps its own tokenizer
+        row = json.loads(data.read_text().splitlines()[0])
+        print(json.dumps({**row, "id": "new", "question": "Which planet is it?"}), file=f)
     ril.main(["--out", out, "--resume", "--steps", "2", "--accept-changed-data"])
     assert ril.checkpoints(out)[-1].endswith("step_0000002.pt")
+    assert open(os.path.join(out, "tokenizer.json")).read() == tokenizer
 
 
 def test_resume_without_a_checkpoint_is_refused(tmp_path, capsys):
