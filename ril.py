@@ -564,14 +564,12 @@ def sft_warmup(a: Config, s: State, rows: list):
         for r in batch:
             pool = [t for ts in r["teachers"].values() for t in ts]
             texts.append(rng.choice(pool) if pool and rng.random() < a.sft_teacher_frac else r["answer"])
-        comp, mask = pad_right([text_ids(tok, t, a.max_new_tokens) for t in texts], tok.pad_token_id, s.device)
-        enc = encode_prompts(s.processor, batch, s.device)
         loss, n = 0.0, len(batch)
-        for i, j in chunks(n, a.micro_batch):  # the parts add up to the batch's loss, as in policy_update
+        for i, j in chunks(n, a.micro_batch):  # [R] a mean per target, or long texts drown 1-token answers; in parts
+            comp, mask = pad_right([text_ids(tok, t, a.max_new_tokens) for t in texts[i:j]], tok.pad_token_id, s.device)
             with grad_sync(s.model, last=j == n):
-                logp = token_logprobs(s.model, select_prompts(enc, list(range(i, j))), comp[i:j], mask[i:j], 1.0)
-                # [R] a mean per target: long texts must not drown 1-token answers
-                part = -((logp * mask[i:j]).sum(1) / mask[i:j].sum(1).clamp(min=1)).mean() * ((j - i) / n)
+                logp = token_logprobs(s.model, encode_prompts(s.processor, batch[i:j], s.device), comp, mask, 1.0)
+                part = -((logp * mask).sum(1) / mask.sum(1).clamp(min=1)).mean() * ((j - i) / n)
                 part.backward()
             loss = loss + part.detach()
         clip_and_step(opt, s.model.parameters(), loss, a.max_grad_norm)
@@ -1580,8 +1578,7 @@ def setup(a: Args, device, mode: str, resumed) -> tuple:
         if a.judge == "match" and not normalize(r["answer"]):
             never = f"answer {r['answer']!r} has no letter or digit, so --judge match can never reward it"
             fail(f"{r['where']}: {never}; fix the row, drop it, or pass --judge MODEL")
-    # each prompt as the student's processor builds it, once: a row it refuses (Qwen2-VL: an image over 200:1) or too
-    # long for its positions stops the run here, not at the step whose batch holds it (and again on every resume)
+    # each prompt once: a row the processor refuses (Qwen2-VL: over 200:1) or too long stops the run here, not mid-run
     limit = getattr(model.config.get_text_config(), "max_position_embeddings", None) or math.inf  # None: unchecked
     for r in rows + eval_rows + (sft_rows if a.sft_steps and sft_rows is not rows else []):
         try:
