@@ -1086,9 +1086,9 @@ def tiny_tokenizer(rows: list, texts=(), specials: list = SPECIALS, chat_templat
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, **special)
 
 
-def build_tiny(rows: list, tok=None, hidden: int = 64, layers: int = 2) -> tuple:
-    """A random tiny Qwen2-VL (one vision block) and processor: 64 wide learns the toy task. tok: a run's own."""
-    tok = tiny_tokenizer(rows) if tok is None else tok
+def build_tiny(rows: list, saved: str = None, hidden: int = 64, layers: int = 2) -> tuple:
+    """A random tiny Qwen2-VL (one vision block) and processor, 64 wide (it learns the toy task); saved: a tokenizer."""
+    tok = transformers.AutoTokenizer.from_pretrained(saved) if saved and os.path.isdir(saved) else tiny_tokenizer(rows)
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIALS}
     half = hidden // 8  # M-RoPE sections (t, h, w) add up to head_dim / 2, with 4 heads
     mrope = {"type": "mrope", "mrope_section": [half - 2 * (half // 3), half // 3, half // 3]}
@@ -1218,9 +1218,8 @@ def load_model(name: str, a: Args, dtype, flag: str, auto_class=transformers.Aut
 def load_student(a: Args, rows: list, device, dtype) -> tuple:
     """The student, --freeze-vision and --grad-checkpointing applied; its processor (tiny: rows)."""
     # loaded in its checkpoint's dtype, which config.dtype keeps for the saved student, then cast to the trained one
-    saved = os.path.join(a.out, "checkpoints", "tokenizer")  # a resumed tiny run's own: not one of today's rows
-    tok = transformers.AutoTokenizer.from_pretrained(saved) if a.resume and os.path.isdir(saved) else None
-    model, processor = build_tiny(rows, tok) if a.student == "tiny" else load_model(a.student, a, "auto", "--student")
+    saved = os.path.join(a.out, "checkpoints", "tokenizer") if a.resume else None  # not one made of today's rows
+    model, processor = build_tiny(rows, saved) if a.student == "tiny" else load_model(a.student, a, "auto", "--student")
     # pad = EOS would mask out EOS, and the student would never learn to stop
     if processor.tokenizer.pad_token_id in (None, processor.tokenizer.eos_token_id):
         fail(f"--student {a.student}: its tokenizer's pad token is missing or EOS; set one in tokenizer_config.json")
