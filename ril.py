@@ -1,13 +1,11 @@
 """
 ril.py: RIL, "Unified Reinforcement and Imitation Learning for Vision-Language Models" (Lee et al., NeurIPS 2025,
-arXiv 2510.19307) in one file. Part 1 is the algorithm, top to bottom; part 2 (MACHINERY) can be skipped on a first
-read.
+arXiv 2510.19307) in one file. Part 1 is the algorithm, top to bottom; part 2 (MACHINERY) can be skipped at first.
 
 A small student VLM samples G answers per image question and large teacher VLMs give G more (only their text, so any
-tokenizer or family can teach). A discriminator D, the student's language model with a 1-unit head, learns student
-text (1) from teacher text (0). All 2G answers get R = r_sim + r_ans, with r_sim = 1[D < 0.5] ("sounds like a
-teacher") and r_ans = 1 if right, and one clipped Dr.GRPO step over all 2G pushes up teacher texts (imitation) and good
-samples (reinforcement).
+tokenizer or family can teach). A discriminator D, the student's language model with a 1-unit head, learns student text
+(1) from teacher text (0). All 2G answers get R = r_sim + r_ans, r_sim = 1[D < 0.5] ("sounds like a teacher"), r_ans = 1
+if right; one clipped Dr.GRPO step over all 2G pushes up teacher texts (imitation) and good samples (reinforcement).
 
 Usage
     python ril.py                                      # tiny Qwen2-VL on the built-in toy task, CPU
@@ -16,7 +14,7 @@ Usage
     python ril.py --out runs/ril --resume --steps 400  # continue a run; Ctrl-C and SIGTERM save one
 Data: JSONL, one question per line, image paths relative to the file's folder:
     {"id": "q1", "image": "img/q1.png", "question": "...", "answer": "...", "teachers": {"a": ["text", ...]}}
-Labels in comments: [P] the paper says so; [R] our reading where the paper is silent.
+Labels in comments: [P] the paper says so; [S] scaled down; [R] our reading where the paper is silent.
 """
 
 import argparse
@@ -150,24 +148,26 @@ def sample_teacher_texts(row, teachers, G: int, rng: random.Random) -> list:
     return out
 
 
-def encode_prompts(processor, rows: list, device) -> dict:
+def encode_prompts(processor, rows: list, device) -> transformers.BatchFeature:
     """Chat-formatted, left-padded prompts with their images. Never truncated: cutting a prompt cuts
     image tokens but not pixel_values, the most reported Qwen2-VL crash in RL trainers."""
     msgs = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r["question"]}]}] for r in rows]
     texts = [processor.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in msgs]
     images = [r["image"]() if callable(r["image"]) else r["image"] for r in rows]  # or a function opening it
-    enc = processor(text=texts, images=images, padding=True, return_tensors="pt")
-    return {k: v.to(device) for k, v in enc.items()}
+    enc = processor(text=texts, images=images, padding=True, return_tensors="pt").to(device)
+    n = len(enc["pixel_values"])  # .rows (not a model input): each prompt's rows of these, one an image (LLaVA) or
+    tokens = (enc["input_ids"] == getattr(processor, "image_token_id", -1)).sum(1)  # as many as its image tokens say:
+    enc.rows = [1] * n if n == len(rows) else (tokens * n // tokens.sum()).tolist()  # Qwen2-VL patches, InternVL tiles
+    return enc
 
 
-def select_prompts(enc: dict, idx: list) -> dict:
+def select_prompts(enc: transformers.BatchFeature, idx: list) -> transformers.BatchFeature:
     """Prompts idx of enc (a micro-batch, or 0,0,..,1,1,.. for groups), each with its own block of rows of
-    Qwen2-VL's flat pixel_values: tiling them instead pairs prompt 1 with image 2 (a known GRPO bug)."""
-    out = {k: v[idx] for k, v in enc.items() if k != "pixel_values"}
-    if "pixel_values" in enc:
-        sizes = enc["image_grid_thw"].prod(-1).tolist() if "image_grid_thw" in enc else [1] * len(enc["input_ids"])
-        blocks = enc["pixel_values"].split(sizes)  # prompt i's rows
-        out["pixel_values"] = torch.cat([blocks[i] for i in idx])
+    the flat pixel_values: tiling them instead pairs prompt 1 with image 2 (a known GRPO bug)."""
+    out = transformers.BatchFeature({k: v[idx] for k, v in enc.items() if k != "pixel_values"})
+    out.rows = [enc.rows[i] for i in idx]
+    blocks = enc["pixel_values"].split(enc.rows)  # prompt i's rows
+    out["pixel_values"] = torch.cat([blocks[i] for i in idx])
     return out
 
 
@@ -374,7 +374,9 @@ class Discriminator(nn.Module):
         each row's last token). The k leading tokens that every row shares (the Fig. 3 prompt's
         start) run once and their keys and values serve every row: equal within 1e-5,
         test_discriminator_shares_the_prompt_prefix_without_changing_its_output."""
-        k = self.shared_prefix(ids, mask)
+        k = int((ids == ids[:1]).all(0).long().cumprod(0).sum())  # leading tokens every row shares
+        k = min(k, int(mask.sum(1).min()) - 1)  # each row keeps its last token
+        k = k if k >= 8 and self.share_prefix else 0
         cache = None
         if k:
             cache = self.backbone(input_ids=ids[:1, :k], use_cache=True).past_key_values
@@ -383,12 +385,6 @@ class Discriminator(nn.Module):
         last = mask.sum(1) - 1 - k  # (N,) each row's last real token
         h = out.last_hidden_state[torch.arange(len(ids), device=ids.device), last]  # (N, d)
         return self.head(h).squeeze(-1).float().clone()  # FSDP2 hooks the output
-
-    def shared_prefix(self, ids, mask) -> int:
-        """Leading tokens all rows share, each keeping its last token; 0 if under 8 or off."""
-        k = int((ids == ids[:1]).all(0).long().cumprod(0).sum())
-        k = min(k, int(mask.sum(1).min()) - 1)
-        return k if k >= 8 and self.share_prefix else 0
 
 
 @functools.lru_cache(maxsize=1 << 17)  # teacher texts come back every epoch (bounded)
@@ -1054,16 +1050,19 @@ TINY_CHAT_TEMPLATE = (
 VISION_TOWERS = ("visual", "vision_tower", "vision_model")  # the families we know
 
 
-class ImageOnlyQwen2VLProcessor(transformers.Qwen2VLProcessor):
-    """Qwen2VLProcessor without its video half (it needs torchvision); saved as the stock one."""
+def image_only(family):
+    """A processor class (Qwen2-VL's, InternVL's) without its video half, which needs torchvision: no video_processor
+    in __init__, so from_pretrained loads none. Saved as the stock one, which AutoProcessor builds."""
 
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kw):
-        self.image_token, self.video_token = "<|image_pad|>", "<|video_pad|>"
-        self.image_token_id, self.video_token_id = tokenizer.convert_tokens_to_ids([self.image_token, self.video_token])
-        transformers.ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template, **kw)
+    class ImageOnly(family):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, image_seq_length=256):
+            kw = dict(chat_template=chat_template, image_seq_length=image_seq_length)  # Qwen2-VL's drops the length
+            super().__init__(image_processor, tokenizer, None, **kw)
 
-    def to_dict(self) -> dict:  # saved as the stock one, which AutoProcessor builds
-        return {**super().to_dict(), "processor_class": "Qwen2VLProcessor"}
+        def to_dict(self) -> dict:
+            return {**super().to_dict(), "processor_class": family.__name__}
+
+    return ImageOnly
 
 
 def tiny_tokenizer(rows: list, texts=(), specials: list = SPECIALS, chat_template: str = TINY_CHAT_TEMPLATE):
@@ -1104,16 +1103,18 @@ def build_tiny(rows: list, saved: str = None, hidden: int = 64, layers: int = 2)
     model = transformers.Qwen2VLForConditionalGeneration(config)
     # 56x56 images give 4 image tokens; larger ones are scaled down to at most 112x112, never truncated
     image_processor = transformers.Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112)
-    return model, ImageOnlyQwen2VLProcessor(image_processor, tok, chat_template=TINY_CHAT_TEMPLATE)
+    return model, image_only(transformers.Qwen2VLProcessor)(image_processor, tok, chat_template=TINY_CHAT_TEMPLATE)
 
 
 def load_processor(path: str, trust_remote_code: bool = False):
-    """AutoProcessor, or the image-only Qwen2-VL one where it fails (no torchvision) or is text."""
+    """AutoProcessor, or the family's image-only one where it fails (no torchvision) or is text."""
     with contextlib.suppress(OSError, ImportError, AttributeError, ValueError):
         proc = transformers.AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
         if hasattr(proc, "image_processor"):
             return proc
-    return ImageOnlyQwen2VLProcessor.from_pretrained(path)
+    kind = transformers.AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).model_type
+    family = transformers.InternVLProcessor if kind == "internvl" else transformers.Qwen2VLProcessor  # or Qwen2.5-VL
+    return image_only(family).from_pretrained(path)
 
 
 def model_sizes(config, auto_class=transformers.AutoModelForImageTextToText) -> tuple:
@@ -1582,7 +1583,7 @@ def setup(a: Args, device, mode: str, resumed) -> tuple:
     for r in rows + eval_rows + (sft_rows if a.sft_steps and sft_rows is not rows else []):
         try:
             n = len(encode_prompts(processor, [r], "cpu")["input_ids"][0])
-        except ValueError as e:
+        except (ValueError, RuntimeError) as e:
             fail(f"{r['where']}: the student's processor refuses it ({first_line(e, 100)}); fix the row or drop it")
         if n + a.max_new_tokens > limit:
             what = f"the prompt ({n} tokens) and --max-new-tokens {a.max_new_tokens} exceed the {limit} positions"

@@ -2054,6 +2054,11 @@ def test_resume_without_a_checkpoint_is_refused(tmp_path, capsys):
 
 # ---------------------------------------------------------------- real models: families, teacher models, judge, memory
 LLAVA_TEMPLATE = ril.TINY_CHAT_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<image>")
+INTERNVL_TEMPLATE = ril.TINY_CHAT_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<IMG_CONTEXT>\n")
+INTERNVL_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
+INTERNVL_NAMED = dict(
+    start_image_token="<img>", end_image_token="</img>", context_image_token="<IMG_CONTEXT>", video_token="<video>"
+)
 
 
 def _tiny_family(family: str, folder) -> str:
@@ -2103,7 +2108,7 @@ def _tiny_family(family: str, folder) -> str:
             vision_end_token_id=ids["<|vision_end|>"],
         )
         model = transformers.Qwen2_5_VLForConditionalGeneration(cfg)
-        proc = ril.ImageOnlyQwen2VLProcessor(
+        proc = ril.image_only(transformers.Qwen2VLProcessor)(
             transformers.Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112),
             tok,
             chat_template=ril.TINY_CHAT_TEMPLATE,
@@ -2137,6 +2142,31 @@ def _tiny_family(family: str, folder) -> str:
             chat_template=LLAVA_TEMPLATE,
             image_token="<image>",
         )
+    elif family == "internvl":  # InternVL3: an InternViT tower, a Qwen2 LM, images cut into 1-4 tiles of 56x56
+        tok = ril.tiny_tokenizer(rows, (), INTERNVL_SPECIALS, INTERNVL_TEMPLATE)
+        tok._set_model_specific_special_tokens(INTERNVL_NAMED)  # what InternVLProcessor reads off the tokenizer
+        vision = dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=56,
+            patch_size=14,
+        )
+        cfg = transformers.InternVLConfig(
+            vision_config=vision,
+            text_config=dict(model_type="qwen2", **text_config(tok)),
+            image_token_id=tok.context_image_token_id,
+            image_seq_length=4,  # (56 / 14)^2 patches, pixel-shuffled by 0.5: 4 tokens a tile
+            tie_word_embeddings=True,
+        )
+        model = transformers.InternVLForConditionalGeneration(cfg)
+        ip = transformers.GotOcr2ImageProcessorPil(
+            size={"height": 56, "width": 56}, crop_to_patches=True, min_patches=1, max_patches=4
+        )
+        proc = ril.image_only(transformers.InternVLProcessor)(
+            ip, tok, image_seq_length=4, chat_template=INTERNVL_TEMPLATE
+        )
     model.generation_config = transformers.GenerationConfig(
         eos_token_id=proc.tokenizer.eos_token_id, pad_token_id=proc.tokenizer.pad_token_id
     )
@@ -2163,7 +2193,7 @@ def _tiny_judge(folder) -> str:
     return str(folder)
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "llava"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "llava", "internvl"])
 def test_each_family_trains_through_student_path_and_its_output_reloads(tmp_path, family, capsys):
     ckpt, out = _tiny_family(family, tmp_path / family), tmp_path / "out"
     ril.main([*TINY_RUN, "--student", ckpt, "--steps", "2", "--out", str(out)])
@@ -2948,3 +2978,63 @@ if __name__ == "__main__":
         ril.dist.destroy_process_group()
     elif "--ranks-agree" in sys.argv:  # test_torchrun_two_ranks_train_agree_and_save_an_ordinary_checkpoint
         _ranks_agree(sys.argv[sys.argv.index("--ranks-agree") + 1], sys.argv[sys.argv.index("--ranks-agree") + 2 :])
+
+
+def test_internvl_prompts_keep_their_own_tiles(tmp_path):
+    """InternVL's processor cuts each image into 1 to max_patches tiles, flattens them all into pixel_values and
+    drops the counts: select_prompts and repeat_prompts still give each prompt its own tiles (as encoding the chosen
+    prompts directly does), the log-probs of a batch, its micro-batches and each prompt alone agree, they depend on
+    the image, and a run on images of other aspect ratios (so other tile counts) trains and reloads."""
+    folder = _tiny_family("internvl", tmp_path / "internvl")
+    model = transformers.AutoModelForImageTextToText.from_pretrained(folder).eval()
+    proc = ril.load_processor(folder)
+    sizes = [(112, 56), (56, 56), (56, 168)]  # (W, H): 2x1 tiles + a thumbnail, one tile, 1x3 + a thumbnail
+    rows = [dict(r, image=r["image"].resize(wh)) for r, wh in zip(ril.make_toy(3, 0), sizes, strict=True)]
+    enc = ril.encode_prompts(proc, rows, CPU)
+    tiles = ((enc["input_ids"] == proc.image_token_id).sum(1) // proc.image_seq_length).tolist()
+    assert tiles == [3, 1, 4] and len(enc["pixel_values"]) == 8
+    for idx in ([2, 0, 1], [1, 2, 2, 0, 1], [0, 0, 1, 1, 2, 2]):
+        picked, direct = ril.select_prompts(enc, idx), ril.encode_prompts(proc, [rows[i] for i in idx], CPU)
+        assert set(picked) == set(direct) and all(torch.equal(picked[k], direct[k]) for k in direct), idx
+    rep = ril.repeat_prompts(enc, 2)
+    texts = ["red.", "It is a circle.", "3", "blue", "4 shapes", "red."]
+    comp, mask = ril.pad_right([ril.text_ids(proc.tokenizer, t, 8) for t in texts], proc.tokenizer.pad_token_id, CPU)
+    with torch.no_grad():
+        full = ril.token_logprobs(model, rep, comp, mask, 1.0)
+        parts = torch.cat(
+            [
+                ril.token_logprobs(model, ril.select_prompts(rep, list(range(i, j))), comp[i:j], mask[i:j], 1.0)
+                for i, j in ril.chunks(6, 4)
+            ]
+        )
+        alone = torch.cat(
+            [
+                ril.token_logprobs(
+                    model, ril.encode_prompts(proc, [rows[i // 2]], CPU), comp[i : i + 1], mask[i : i + 1], 1.0
+                )
+                for i in range(6)
+            ]
+        )
+        one = ril.encode_prompts(proc, rows[:1], CPU)  # prompt 0 with prompt 2's first 3 tiles
+        swapped = ril.token_logprobs(model, dict(one, pixel_values=enc["pixel_values"][4:7]), comp[:1], mask[:1], 1.0)
+    m = mask.bool()
+    assert (full - parts)[m].abs().max() < 1e-5 and (full - alone)[m].abs().max() < 1e-5
+    assert (swapped - alone[:1])[m[:1]].abs().max() > 1e-4
+    data = tmp_path / "data"
+    _save_jsonl(
+        data, [dict(r, image=r["image"].resize(sizes[i % 3])) for i, r in enumerate(ril.make_toy(8, 0))], "d.jsonl"
+    )
+    out = tmp_path / "out"
+    ril.main(
+        [
+            *argv("--eval-size 2 --sft-steps 1 --disc-pretrain-steps 1 --batch-size 2 --steps 1"),
+            "--data",
+            str(data / "d.jsonl"),
+            "--student",
+            folder,
+            "--out",
+            str(out),
+        ]
+    )
+    assert sum("reward/total" in x for x in open(out / "metrics.jsonl")) == 1
+    assert isinstance(ril.load_processor(str(out)), transformers.InternVLProcessor)
