@@ -60,7 +60,7 @@ def arg(default, help: str, **checks):
 @dataclass
 class Config:
     """The method's hyperparameters: [P] the paper's value; [S] scaled down for the tiny model (the README gives the
-    paper's value and the flag that restores it); [R] our choice where the paper gives none."""
+    paper's values that matter and the flags that restore them); [R] our choice where the paper gives none."""
 
     algo: str = arg("ril", "RIL, or a Table 1 baseline (r_ans only)", choices=("ril", "dr_grpo", "grpo"))
     G: int = arg(4, "student samples per question; RIL adds G teacher texts, a group of 2G [P] App. C", ge=2)
@@ -693,7 +693,7 @@ class Args(Config):
     judge: str = arg("match", "r_ans: 'match' (whole-word answer match) or a text LLM prompted as in Fig. 4")
     judge_max_new_tokens: int = arg(128, "tokens the judge model may write", ge=1)
     gen_batch: int = arg(64, "sequences a generate call makes for teacher models, the judge and evaluation", ge=1)
-    max_pixels: int = arg(448 * 448, "a loaded model's images are scaled to at most this (tiny: 112x112)", ge=784)
+    max_pixels: int = arg(448 * 448, "a loaded Qwen-VL's images are scaled to at most this (tiny: 112x112)", ge=784)
     data: str = arg("toy", "a built-in task ('toy', 'phrased', 'transfer') or a JSONL file (format in the header)")
     sft_data: str = arg("", "Stage 0's data, a built-in task or JSONL; empty = --data ('toy' for 'transfer')")
     eval_data: str = arg("", "held-out JSONL; empty = hold out --eval-size rows of --data")
@@ -707,9 +707,9 @@ class Args(Config):
     shard: bool = arg(False, "under torchrun: split parameters, gradients and AdamW moments over ranks (FSDP2)")
     save_every: int = arg(50, "checkpoint every N RIL steps (Ctrl-C and SIGTERM save one too)", ge=0)
     keep_last: int = arg(2, "checkpoints kept", ge=1)
-    resume: bool = arg(False, "continue the run in --out from its newest checkpoint (--steps, memory flags may change)")
+    resume: bool = arg(False, "continue the run in --out from its last checkpoint (flags keeping the update may vary)")
     overwrite: bool = arg(False, "start afresh in an --out that holds a run (deleted at the first new checkpoint)")
-    max_bad_steps: int = arg(3, "stop after this many steps in a row with a NaN/inf loss or gradient", ge=1)
+    max_bad_steps: int = arg(3, "stop after this many bad steps in a row (NaN/inf loss or gradient; no verdict)", ge=1)
     trust_remote_code: bool = arg(False, "let a model folder's own Python code run")
     accept_changed_data: bool = arg(False, "--resume although the rows differ from the checkpoint's")
 
@@ -1066,8 +1066,8 @@ def image_only(family):
 
 
 def tiny_tokenizer(rows: list, texts=(), specials: list = SPECIALS, chat_template: str = TINY_CHAT_TEMPLATE):
-    """A byte-level BPE (600 entries) trained on D's prompt, the chat roles, every text of the rows and `texts`, so that
-    words are single tokens; pad != eos. The tests and make bench build theirs here too."""
+    """A byte-level BPE (up to 600 entries) trained on D's prompt, the chat roles, every text of the rows and `texts`,
+    so that words are single tokens; pad != eos. The tests and make bench build theirs here too."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     corpus = [DISC_SYSTEM, DISC_USER, "user assistant system", *texts]
