@@ -1,6 +1,6 @@
 """Benchmarks of ril.py, not tests.
 
-    python tools/bench.py            # make bench (about 10 minutes on 2 CPU cores)
+    python tools/bench.py            # make bench (about 13 minutes on 2 CPU cores, as measured for the README)
     python tools/bench.py --memory   # make memory: ril.plan of the README's real-model commands (seconds)
     python tools/bench.py --memory "--student Qwen2-VL-7B --shard ..." --world 8   # the plan of any command
 
