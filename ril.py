@@ -1569,15 +1569,15 @@ def setup(a: Args, device, mode: str, resumed) -> tuple:
     teachers, teacher_models = resolve_teachers(a, rows)
     if not a.resume and not a.overwrite and checkpoints(a.out):
         fail(f"{a.out}: holds checkpoints of an earlier run; pass --resume to continue it, --overwrite, or a new --out")
+    for r in rows + eval_rows:
+        if a.judge == "match" and not normalize(r["answer"]):
+            never = f"answer {r['answer']!r} has no letter or digit, so --judge match can never reward it"
+            fail(f"{r['where']}: {never}; fix the row, drop it, or pass --judge MODEL")
     check_plan(a, device, teacher_models)
     for spec in teacher_models:  # before the student, so that a teacher has the GPU to itself
         model_teacher_texts(spec, rows + eval_rows, a, device, frozen)
     model, processor = load_student(a, sft_rows + rows + eval_rows, device, trained)
     judge = MatchJudge(rows) if a.judge == "match" else ModelJudge(a.judge, a, device, frozen)
-    for r in rows + eval_rows:
-        if a.judge == "match" and not normalize(r["answer"]):
-            never = f"answer {r['answer']!r} has no letter or digit, so --judge match can never reward it"
-            fail(f"{r['where']}: {never}; fix the row, drop it, or pass --judge MODEL")
     # each prompt once: a row the processor refuses (Qwen2-VL: over 200:1) or too long stops the run here, not mid-run
     limit = getattr(model.config.get_text_config(), "max_position_embeddings", None) or math.inf  # None: unchecked
     for r in rows + eval_rows + (sft_rows if a.sft_steps and sft_rows is not rows else []):
