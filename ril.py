@@ -693,7 +693,7 @@ class Args(Config):
     judge: str = arg("match", "r_ans: 'match' (whole-word answer match) or a text LLM prompted as in Fig. 4")
     judge_max_new_tokens: int = arg(128, "tokens the judge model may write", ge=1)
     gen_batch: int = arg(64, "sequences a generate call makes for teacher models, the judge and evaluation", ge=1)
-    max_pixels: int = arg(448 * 448, "a loaded Qwen-VL's images are scaled to at most this (tiny: 112x112)", ge=784)
+    max_pixels: int = arg(448 * 448, "pixels an image: Qwen-VL scales it, InternVL drops tiles (tiny: 112x112)", ge=784)
     data: str = arg("toy", "a built-in task ('toy', 'phrased', 'transfer') or a JSONL file (format in the header)")
     sft_data: str = arg("", "Stage 0's data, a built-in task or JSONL; empty = --data ('toy' for 'transfer')")
     eval_data: str = arg("", "held-out JSONL; empty = hold out --eval-size rows of --data")
@@ -950,8 +950,7 @@ def evaluate(a: Args, s: State, rows: list) -> tuple:
     mine = RANKS.share(rows)  # under torchrun, this rank's share
     texts, lengths = [], []
     for i, j in chunks(len(mine), a.gen_batch):
-        enc = encode_prompts(s.processor, mine[i:j], s.device)
-        comp, mask = generate(model, enc, gen_cfg, synced=RANKS.sharded)
+        comp, mask = generate(model, encode_prompts(s.processor, mine[i:j], s.device), gen_cfg, synced=RANKS.sharded)
         texts += tok.batch_decode(comp, skip_special_tokens=True)
         lengths += mask.sum(1).tolist()
     theirs = [[normalize(t) for name in s.teachers for t in r["teachers"].get(name, [])] for r in mine]
@@ -1211,6 +1210,8 @@ def load_model(name: str, a: Args, dtype, flag: str, auto_class=transformers.Aut
     image = getattr(processor, "image_processor", None)  # Qwen2-VL's own limit is 12.8 MP: up to 16k tokens an image
     if hasattr(image, "merge_size") and image.size.get("longest_edge", 0) > a.max_pixels:
         image.size = {"shortest_edge": image.size["shortest_edge"], "longest_edge": a.max_pixels}
+    if hasattr(image, "max_patches"):  # InternVL3's: up to 12 tiles of 448x448, 256 tokens each (and a thumbnail)
+        image.max_patches = max(1, min(image.max_patches, a.max_pixels // (image.size["height"] * image.size["width"])))
     tok.padding_side = "left"
     tok.pad_token = tok.pad_token or tok.eos_token  # generate needs one
     return model, processor
@@ -1536,8 +1537,7 @@ class Run:
     def on_signal(self, signum, frame):
         """Ctrl-C/SIGTERM: finish the step, save, exit; at once on a 2nd or with no checkpoint."""
         if self.last is None or self.stop:
-            last = self.last or "none, nothing was saved"
-            print(f"\nsignal {signum}: stopped; the last checkpoint: {last}", file=sys.stderr)
+            print(f"\nsignal {signum}: stopped; checkpoint: {self.last or 'none, nothing was saved'}", file=sys.stderr)
             os._exit(128 + signum)
         self.stop.append(signum)
         tqdm.write(f"signal {signum}: finishing the step, saving a checkpoint, then exiting")

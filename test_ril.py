@@ -3038,3 +3038,5 @@ def test_internvl_prompts_keep_their_own_tiles(tmp_path):
     )
     assert sum("reward/total" in x for x in open(out / "metrics.jsonl")) == 1
     assert isinstance(ril.load_processor(str(out)), transformers.InternVLProcessor)
+    _, capped = ril.load_model(folder, args(max_pixels=2 * 56 * 56), "auto", "--student")  # --max-pixels: 2 tiles
+    assert capped.image_processor.max_patches == 2 and proc.image_processor.max_patches == 4
