@@ -670,10 +670,11 @@ def train(a: Config, s: State, sft_rows: list, rows: list, eval_rows: list, run)
         batch = RANKS.share(batch_at(rows, step - 1, a.batch_size, a.seed + 3))
         metrics, dump = ril_step(a, s, batch, step)
         metrics = RANKS.mean(metrics)
-        if a.eval_every and step % a.eval_every == 0 and step != a.steps:
-            metrics.update(evaluate(a, s, eval_rows)[0])
+        if step == a.steps or (a.eval_every and step % a.eval_every == 0):  # the last step's: logged with it
+            after = evaluate(a, s, eval_rows)
+            metrics.update(after[0])
         run.end_step(s, step, metrics, dump)
-    return before, evaluate(a, s, eval_rows)
+    return before, after if start <= a.steps else evaluate(a, s, eval_rows)  # --steps 0; a resume at the last step
 
 
 # ======== MACHINERY, skip it on a first read: command line, data checks, models, judges, torchrun, checkpoints ========
@@ -902,6 +903,8 @@ def load_data(a: Args) -> tuple:
             fail(f"{a.data}: {len(rows)} rows cannot spare --eval-size {a.eval_size}; lower it or pass --eval-data")
         rows = random.Random(a.seed).sample(rows, len(rows))
         rows, held = rows[a.eval_size :], rows[: a.eval_size]
+        out = {r["id"] for r in held}  # and out of Stage 0's rows, which may hold --data's
+        sft_rows = [r for r in sft_rows if r["id"] not in out]
     return sft_rows or rows, rows, held
 
 
@@ -1463,10 +1466,10 @@ class Run:
         torch.set_rng_state(rng["torch"])
         if s.device.type == "cuda" and rng["cuda"] is not None:  # not in a CPU checkpoint
             torch.cuda.set_rng_state(rng["cuda"], s.device)
-        for log in self.paths.values():  # a line a step: later steps and a final evaluation run again
-            if RANKS.rank == 0 and os.path.isfile(log):
+        for log in self.paths.values():
+            if RANKS.rank == 0 and os.path.isfile(log):  # steps after the checkpoint run again
                 lines = [x for x in open(log) if x.endswith("\n") and json.loads(x)["step"] <= state["step"]]
-                write_atomic(log, lambda f, lines=lines: f.writelines(lines[: state["step"] + 1]))
+                write_atomic(log, lambda f, lines=lines: f.writelines(lines))
         print(f"resuming {path} at step {state['step'] + 1}; before RIL: {state['before'][0]}")
         return state["step"] + 1, state["before"]
 
@@ -1523,8 +1526,7 @@ class Run:
         self.bad, self.ran = self.bad + 1 if why else 0, self.ran + 1
         if why:
             tqdm.write(f"warning: step {step}: {why}")
-        all_bad = step == self.a.steps and self.bad == self.ran
-        if self.bad >= self.a.max_bad_steps or all_bad:
+        if self.bad >= self.a.max_bad_steps or (step == self.a.steps and self.bad == self.ran):  # or all were bad
             fail(f"step {step}: {self.bad} bad steps in a row, the last: {why}; last good checkpoint: {self.last}")
         stopping = RANKS.mean({"stop": float(bool(self.stop))})["stop"] > 0  # all ranks at once
         if stopping or (self.a.save_every and step % self.a.save_every == 0) or step == self.a.steps:
@@ -1580,7 +1582,7 @@ def setup(a: Args, device, mode: str, resumed) -> tuple:
     judge = MatchJudge(rows) if a.judge == "match" else ModelJudge(a.judge, a, device, frozen)
     # each prompt once: a row the processor refuses (Qwen2-VL: over 200:1) or too long stops the run here, not mid-run
     limit = getattr(model.config.get_text_config(), "max_position_embeddings", None) or math.inf  # None: unchecked
-    for r in rows + eval_rows + (sft_rows if a.sft_steps and sft_rows is not rows else []):
+    for r in rows + eval_rows + (sft_rows if a.sft_steps and not a.resume and sft_rows is not rows else []):
         try:
             n = len(encode_prompts(processor, [r], "cpu")["input_ids"][0])
         except (ValueError, RuntimeError) as e:
@@ -1592,9 +1594,8 @@ def setup(a: Args, device, mode: str, resumed) -> tuple:
     if not eval_rows:
         fail(f"{a.eval_data or a.data}: fewer held-out questions than the {RANKS.world} ranks; give more")
     ranks = f"{RANKS.world} ranks, {'FSDP2' if RANKS.sharded else 'DDP'}" if RANKS.world > 1 else "one process"
-    size = f"{model.num_parameters() / 1e6:.2f}M params on {device} ({mode}, {ranks})"
-    what = f"{len(rows)} train / {len(eval_rows)} held-out questions; teachers {teachers or '-'}"
-    print(f"student {a.student}: {size}; algo {a.algo}; {what}")
+    what = f"algo {a.algo}; {len(rows)} train / {len(eval_rows)} held-out questions; teachers {teachers or '-'}"
+    print(f"student {a.student}: {model.num_parameters() / 1e6:.2f}M params on {device} ({mode}, {ranks}); {what}")
     return State(model, processor, device, tuple(teachers), judge), sft_rows, rows, eval_rows, data
 
 
@@ -1607,7 +1608,6 @@ def teacher_likeness(s: State, texts: list) -> str:
 
 def report(a: Args, s: State, run: Run, before: tuple, after: tuple, eval_rows: list):
     """The held-out before/after table; then the trained student (save_pretrained) and D, saved."""
-    run.log(a.steps, after[0])
     cols = "accuracy | teacher-likeness (D then) | teacher-likeness (final D) | teacher match | length"
     print(f"\n| held-out ({len(eval_rows)} questions) | {cols} |\n|---|---|---|---|---|---|")
     for name, (m, texts) in [("before RIL (after SFT)", before), (f"after {a.algo}", after)]:

@@ -1484,6 +1484,8 @@ def test_stage_0_rows_may_hold_the_rl_rows_but_no_file_the_held_out_ids(tmp_path
     files = dict(sft_data=str(tmp_path / "sft.jsonl"), data=str(tmp_path / "rl.jsonl"))
     sft, rl, held = ril.load_data(args(**files, eval_data=str(tmp_path / "held.jsonl")))
     assert [len(sft), len(rl), len(held)] == [6, 4, 2]
+    sft, rl, held = ril.load_data(args(**files, eval_size=1))  # held out of --data, so out of Stage 0's rows too
+    assert [len(sft), len(rl), len(held)] == [5, 3, 1] and held[0]["id"] not in {r["id"] for r in sft}
     with pytest.raises(SystemExit):
         ril.load_data(args(**files, eval_data=str(tmp_path / "sft.jsonl")))
     assert "is also the id of" in capsys.readouterr().err
@@ -2009,8 +2011,9 @@ def test_resume_refuses_a_flag_that_would_change_the_run_and_takes_those_that_ca
     own = ["--lr", "0.0002", "--seed", "0"]  # the run's own values, as in the first command (7777159: refused)
     memory = argv("--micro-batch 2 --gen-batch 3 --grad-checkpointing --device cpu")  # the same update in less memory
     ril.main(["--out", out, "--resume", "--steps", "3", "--save-every", "5", "--keep-last", "1", *own, *memory])
-    # a finished run extended: its final evaluation (a second line at step 2) runs again at the new end
-    assert [json.loads(x)["step"] for x in open(os.path.join(out, "metrics.jsonl"))] == [0, 1, 2, 3, 3]
+    # a finished run extended: a line a step, the old end's evaluation kept in its line, as an uninterrupted run logs
+    lines = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
+    assert [m["step"] for m in lines] == [0, 1, 2, 3] and [m["step"] for m in lines if "eval/acc" in m] == [0, 2, 3]
     assert [json.loads(x)["step"] for x in open(os.path.join(out, "samples.jsonl"))] == [1, 2, 3]
     assert [os.path.basename(p) for p in ril.checkpoints(out)] == ["step_0000003.pt"]
 
@@ -2044,6 +2047,20 @@ def test_resume_refuses_rows_that_changed_unless_told_to_accept_them(tmp_path, c
     ril.main(["--out", out, "--resume", "--steps", "2", "--accept-changed-data"])
     assert ril.checkpoints(out)[-1].endswith("step_0000002.pt")
     assert open(os.path.join(out, "tokenizer.json")).read() == tokenizer
+
+
+def test_a_resume_does_not_check_stage_0_rows_again(tmp_path):
+    """Stage 0 ran before the first checkpoint: a resume neither encodes its rows again (hours at the paper's 4M) nor
+    refuses one that changed since."""
+    rows, flags = _jsonl_run(tmp_path)
+    (tmp_path / "sft.jsonl").write_text((tmp_path / "d.jsonl").read_text())
+    out = str(tmp_path / "o")
+    ril.main([*flags, "--sft-data", str(tmp_path / "sft.jsonl"), "--steps", "1", "--out", out])
+    bad = dict(json.loads((tmp_path / "d.jsonl").read_text().splitlines()[0]), id="new", question="q <|image_pad|>")
+    with open(tmp_path / "sft.jsonl", "a") as f:  # a row the processor refuses: one image token too many
+        print(json.dumps(bad), file=f)
+    ril.main(["--out", out, "--resume", "--steps", "2"])
+    assert ril.checkpoints(out)[-1].endswith("step_0000002.pt")
 
 
 def test_resume_without_a_checkpoint_is_refused(tmp_path, capsys):
