@@ -1042,15 +1042,19 @@ def test_a_forward_pass_over_images_of_different_sizes_sees_each_prompts_own_ima
     micro-batches of that batch (select_prompts per micro-batch, as policy_update takes them) and with the prompt
     encoded alone; and they depend on the image (so a prompt given another's pixels would show)."""
     model, proc, rows = tiny["model"], tiny["proc"], _rows_with_images_of_three_sizes(tiny)
-    enc = ril.repeat_prompts(ril.encode_prompts(proc, rows, CPU), 2)  # 6 prompts: 0, 0, 1, 1, 2, 2
-    comp, mask = ril.pad_right(
-        [ril.text_ids(proc.tokenizer, t, 8) for t in ["red.", "It is a circle.", "3", "blue", "4 shapes", "red."]],
-        proc.tokenizer.pad_token_id,
-        CPU,
-    )
+    other = ril.encode_prompts(proc, [dict(rows[0], image=rows[2]["image"])], CPU)
+    _sees_each_prompts_own_image(model, proc, rows, other)  # micro-batches of 16+16+48+48 and 32+32 pixel rows
+
+
+def _sees_each_prompts_own_image(model, proc, rows: list, other):
+    """The log-probs of six texts after prompts 0, 0, 1, 1, 2, 2 of rows agree within 1e-5 in one batch, in
+    micro-batches of 4 and 2 (select_prompts, as policy_update takes them) and with each prompt encoded alone; prompt 0
+    with another image's pixels (`other`, its encoding) gets other log-probs."""
+    enc = ril.repeat_prompts(ril.encode_prompts(proc, rows, CPU), 2)
+    texts = ["red.", "It is a circle.", "3", "blue", "4 shapes", "red."]
+    comp, mask = ril.pad_right([ril.text_ids(proc.tokenizer, t, 8) for t in texts], proc.tokenizer.pad_token_id, CPU)
     with torch.no_grad():
         full = ril.token_logprobs(model, enc, comp, mask, 1.0)
-        # [0, 4) and [4, 6): blocks of 16+16+48+48 and 32+32 rows
         parts = torch.cat(
             [
                 ril.token_logprobs(model, ril.select_prompts(enc, list(range(i, j))), comp[i:j], mask[i:j], 1.0)
@@ -1065,9 +1069,7 @@ def test_a_forward_pass_over_images_of_different_sizes_sees_each_prompts_own_ima
                 for i in range(6)
             ]
         )
-        swapped = ril.token_logprobs(
-            model, ril.encode_prompts(proc, [dict(rows[0], image=rows[2]["image"])], CPU), comp[:1], mask[:1], 1.0
-        )
+        swapped = ril.token_logprobs(model, other, comp[:1], mask[:1], 1.0)
     m = mask.bool()
     assert (full - parts)[m].abs().max() < 1e-5 and (full - alone)[m].abs().max() < 1e-5
     assert (swapped - alone[:1])[m[:1]].abs().max() > 1e-4
@@ -2226,6 +2228,46 @@ def test_each_family_trains_through_student_path_and_its_output_reloads(tmp_path
     assert trained.generate(**enc, max_new_tokens=3, do_sample=False).shape[1] > enc["input_ids"].shape[1]
 
 
+def test_internvl_prompts_keep_their_own_tiles(tmp_path):
+    """InternVL's processor cuts each image into 1 to max_patches tiles, flattens them all into pixel_values and
+    drops the counts: select_prompts and repeat_prompts still give each prompt its own tiles (as encoding the chosen
+    prompts directly does), the log-probs of a batch, its micro-batches and each prompt alone agree, they depend on
+    the image, and a run on images of other aspect ratios (so other tile counts) trains and reloads."""
+    folder = _tiny_family("internvl", tmp_path / "internvl")
+    model = transformers.AutoModelForImageTextToText.from_pretrained(folder).eval()
+    proc = ril.load_processor(folder)
+    sizes = [(112, 56), (56, 56), (56, 168)]  # (W, H): 2x1 tiles + a thumbnail, one tile, 1x3 + a thumbnail
+    rows = [dict(r, image=r["image"].resize(wh)) for r, wh in zip(ril.make_toy(3, 0), sizes, strict=True)]
+    enc = ril.encode_prompts(proc, rows, CPU)
+    tiles = ((enc["input_ids"] == proc.image_token_id).sum(1) // proc.image_seq_length).tolist()
+    assert tiles == [3, 1, 4] and len(enc["pixel_values"]) == 8
+    for idx in ([2, 0, 1], [1, 2, 2, 0, 1], [0, 0, 1, 1, 2, 2]):
+        picked, direct = ril.select_prompts(enc, idx), ril.encode_prompts(proc, [rows[i] for i in idx], CPU)
+        assert set(picked) == set(direct) and all(torch.equal(picked[k], direct[k]) for k in direct), idx
+    one = ril.encode_prompts(proc, rows[:1], CPU)
+    _sees_each_prompts_own_image(model, proc, rows, dict(one, pixel_values=enc["pixel_values"][4:7]))  # 2's 3 tiles
+    data = tmp_path / "data"
+    _save_jsonl(
+        data, [dict(r, image=r["image"].resize(sizes[i % 3])) for i, r in enumerate(ril.make_toy(8, 0))], "d.jsonl"
+    )
+    out = tmp_path / "out"
+    ril.main(
+        [
+            *argv("--eval-size 2 --sft-steps 1 --disc-pretrain-steps 1 --batch-size 2 --steps 1"),
+            "--data",
+            str(data / "d.jsonl"),
+            "--student",
+            folder,
+            "--out",
+            str(out),
+        ]
+    )
+    assert sum("reward/total" in x for x in open(out / "metrics.jsonl")) == 1
+    assert isinstance(ril.load_processor(str(out)), transformers.InternVLProcessor)
+    _, capped = ril.load_model(folder, args(max_pixels=2 * 56 * 56), "auto", "--student")  # --max-pixels: 2 tiles
+    assert capped.image_processor.max_patches == 2 and proc.image_processor.max_patches == 4
+
+
 def test_a_family_that_cannot_work_is_named_in_one_line(tmp_path, capsys):
     """A text-only model is not an image-text-to-text model; a VLM without a chat template cannot
     format prompts. Each is one line naming the model, no traceback."""
@@ -2995,65 +3037,3 @@ if __name__ == "__main__":
         ril.dist.destroy_process_group()
     elif "--ranks-agree" in sys.argv:  # test_torchrun_two_ranks_train_agree_and_save_an_ordinary_checkpoint
         _ranks_agree(sys.argv[sys.argv.index("--ranks-agree") + 1], sys.argv[sys.argv.index("--ranks-agree") + 2 :])
-
-
-def test_internvl_prompts_keep_their_own_tiles(tmp_path):
-    """InternVL's processor cuts each image into 1 to max_patches tiles, flattens them all into pixel_values and
-    drops the counts: select_prompts and repeat_prompts still give each prompt its own tiles (as encoding the chosen
-    prompts directly does), the log-probs of a batch, its micro-batches and each prompt alone agree, they depend on
-    the image, and a run on images of other aspect ratios (so other tile counts) trains and reloads."""
-    folder = _tiny_family("internvl", tmp_path / "internvl")
-    model = transformers.AutoModelForImageTextToText.from_pretrained(folder).eval()
-    proc = ril.load_processor(folder)
-    sizes = [(112, 56), (56, 56), (56, 168)]  # (W, H): 2x1 tiles + a thumbnail, one tile, 1x3 + a thumbnail
-    rows = [dict(r, image=r["image"].resize(wh)) for r, wh in zip(ril.make_toy(3, 0), sizes, strict=True)]
-    enc = ril.encode_prompts(proc, rows, CPU)
-    tiles = ((enc["input_ids"] == proc.image_token_id).sum(1) // proc.image_seq_length).tolist()
-    assert tiles == [3, 1, 4] and len(enc["pixel_values"]) == 8
-    for idx in ([2, 0, 1], [1, 2, 2, 0, 1], [0, 0, 1, 1, 2, 2]):
-        picked, direct = ril.select_prompts(enc, idx), ril.encode_prompts(proc, [rows[i] for i in idx], CPU)
-        assert set(picked) == set(direct) and all(torch.equal(picked[k], direct[k]) for k in direct), idx
-    rep = ril.repeat_prompts(enc, 2)
-    texts = ["red.", "It is a circle.", "3", "blue", "4 shapes", "red."]
-    comp, mask = ril.pad_right([ril.text_ids(proc.tokenizer, t, 8) for t in texts], proc.tokenizer.pad_token_id, CPU)
-    with torch.no_grad():
-        full = ril.token_logprobs(model, rep, comp, mask, 1.0)
-        parts = torch.cat(
-            [
-                ril.token_logprobs(model, ril.select_prompts(rep, list(range(i, j))), comp[i:j], mask[i:j], 1.0)
-                for i, j in ril.chunks(6, 4)
-            ]
-        )
-        alone = torch.cat(
-            [
-                ril.token_logprobs(
-                    model, ril.encode_prompts(proc, [rows[i // 2]], CPU), comp[i : i + 1], mask[i : i + 1], 1.0
-                )
-                for i in range(6)
-            ]
-        )
-        one = ril.encode_prompts(proc, rows[:1], CPU)  # prompt 0 with prompt 2's first 3 tiles
-        swapped = ril.token_logprobs(model, dict(one, pixel_values=enc["pixel_values"][4:7]), comp[:1], mask[:1], 1.0)
-    m = mask.bool()
-    assert (full - parts)[m].abs().max() < 1e-5 and (full - alone)[m].abs().max() < 1e-5
-    assert (swapped - alone[:1])[m[:1]].abs().max() > 1e-4
-    data = tmp_path / "data"
-    _save_jsonl(
-        data, [dict(r, image=r["image"].resize(sizes[i % 3])) for i, r in enumerate(ril.make_toy(8, 0))], "d.jsonl"
-    )
-    out = tmp_path / "out"
-    ril.main(
-        [
-            *argv("--eval-size 2 --sft-steps 1 --disc-pretrain-steps 1 --batch-size 2 --steps 1"),
-            "--data",
-            str(data / "d.jsonl"),
-            "--student",
-            folder,
-            "--out",
-            str(out),
-        ]
-    )
-    assert sum("reward/total" in x for x in open(out / "metrics.jsonl")) == 1
-    assert isinstance(ril.load_processor(str(out)), transformers.InternVLProcessor)
-    _, capped = ril.load_model(folder, args(max_pixels=2 * 56 * 56), "auto", "--student")  # --max-pixels: 2 tiles
-    assert capped.image_processor.max_patches == 2 and proc.image_processor.max_patches == 4
