@@ -2085,6 +2085,10 @@ def _tiny_family(family: str, folder) -> str:
     classes) to folder, for --student / --teachers / --judge PATH."""
     rows = ril.make_toy(24, 0)
 
+    def tower(image_size: int) -> dict:  # a one-block vision tower, 32 wide, of 14x14 patches
+        tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, patch_size=14)
+        return dict(tower, image_size=image_size)
+
     def text_config(tok, **kw):  # the tiny student's language model
         return dict(
             vocab_size=len(tok),
@@ -2134,14 +2138,7 @@ def _tiny_family(family: str, folder) -> str:
         )
     elif family == "llava":  # a CLIP vision tower, a Qwen2 language model, its own <image> token
         tok = ril.tiny_tokenizer(rows, (), ril.SPECIALS + ["<image>"], LLAVA_TEMPLATE)
-        vision = transformers.CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            image_size=28,
-            patch_size=14,
-        )
+        vision = transformers.CLIPVisionConfig(**tower(28))
         cfg = transformers.LlavaConfig(
             vision_config=vision,
             text_config=transformers.Qwen2Config(**text_config(tok)),
@@ -2164,16 +2161,8 @@ def _tiny_family(family: str, folder) -> str:
     elif family == "internvl":  # InternVL3: an InternViT tower, a Qwen2 LM, images cut into 1-4 tiles of 56x56
         tok = ril.tiny_tokenizer(rows, (), INTERNVL_SPECIALS, INTERNVL_TEMPLATE)
         tok._set_model_specific_special_tokens(INTERNVL_NAMED)  # what InternVLProcessor reads off the tokenizer
-        vision = dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            image_size=56,
-            patch_size=14,
-        )
         cfg = transformers.InternVLConfig(
-            vision_config=vision,
+            vision_config=tower(56),
             text_config=dict(model_type="qwen2", **text_config(tok)),
             image_token_id=tok.context_image_token_id,
             image_seq_length=4,  # (56 / 14)^2 patches, pixel-shuffled by 0.5: 4 tokens a tile
