@@ -670,11 +670,10 @@ def train(a: Config, s: State, sft_rows: list, rows: list, eval_rows: list, run)
         batch = RANKS.share(batch_at(rows, step - 1, a.batch_size, a.seed + 3))
         metrics, dump = ril_step(a, s, batch, step)
         metrics = RANKS.mean(metrics)
-        if step == a.steps or (a.eval_every and step % a.eval_every == 0):  # the last step's: logged with it
-            after = evaluate(a, s, eval_rows)
-            metrics.update(after[0])
+        if a.eval_every and step % a.eval_every == 0 and step != a.steps:
+            metrics.update(evaluate(a, s, eval_rows)[0])
         run.end_step(s, step, metrics, dump)
-    return before, after if start <= a.steps else evaluate(a, s, eval_rows)  # --steps 0; a resume at the last step
+    return before, evaluate(a, s, eval_rows)  # after the last checkpoint: a failure here resumes here
 
 
 # ======== MACHINERY, skip it on a first read: command line, data checks, models, judges, torchrun, checkpoints ========
@@ -1213,8 +1212,8 @@ def load_model(name: str, a: Args, dtype, flag: str, auto_class=transformers.Aut
     image = getattr(processor, "image_processor", None)  # Qwen2-VL's own limit is 12.8 MP: up to 16k tokens an image
     if hasattr(image, "merge_size") and image.size.get("longest_edge", 0) > a.max_pixels:
         image.size = {"shortest_edge": image.size["shortest_edge"], "longest_edge": a.max_pixels}
-    if hasattr(image, "max_patches"):  # InternVL3's: up to 12 tiles of 448x448, 256 tokens each (and a thumbnail)
-        image.max_patches = max(1, min(image.max_patches, a.max_pixels // (image.size["height"] * image.size["width"])))
+    if hasattr(image, "max_patches"):  # InternVL3's: up to 12 square tiles of 448x448, 256 tokens each, and a thumbnail
+        image.max_patches = max(1, min(image.max_patches, a.max_pixels // image.size["height"] ** 2 - 1))
     tok.padding_side = "left"
     tok.pad_token = tok.pad_token or tok.eos_token  # generate needs one
     return model, processor
@@ -1607,7 +1606,7 @@ def teacher_likeness(s: State, texts: list) -> str:
 
 
 def report(a: Args, s: State, run: Run, before: tuple, after: tuple, eval_rows: list):
-    """The held-out before/after table; then the trained student (save_pretrained) and D, saved."""
+    """The held-out before/after table; the trained student (save_pretrained) and D saved; the evaluation logged."""
     cols = "accuracy | teacher-likeness (D then) | teacher-likeness (final D) | teacher match | length"
     print(f"\n| held-out ({len(eval_rows)} questions) | {cols} |\n|---|---|---|---|---|---|")
     for name, (m, texts) in [("before RIL (after SFT)", before), (f"after {a.algo}", after)]:
@@ -1628,6 +1627,7 @@ def report(a: Args, s: State, run: Run, before: tuple, after: tuple, eval_rows: 
         save_student(unwrap(s.model), s.processor, a.out, student)
     if RANKS.rank == 0 and disc:  # for Discriminator(student).load_state_dict
         write_atomic(os.path.join(a.out, "discriminator.pt"), lambda f: torch.save(disc, f), "wb")
+    run.log(a.steps, after[0])  # last: after a failure before it, a resume at this step logs it once
 
 
 def lock_out(out: str) -> int:

@@ -1877,8 +1877,9 @@ def test_a_failure_after_the_last_step_is_named_and_its_continue_command_saves_t
     monkeypatch.undo()
     ril.main(argv("--out {out} --resume --steps 2", out=out))
     assert os.path.isfile(os.path.join(out, "model.safetensors"))
-    steps = [json.loads(x)["step"] for x in open(os.path.join(out, "metrics.jsonl")) if "reward/total" in x]
-    assert steps == [1, 2]  # no step trained twice
+    lines = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
+    assert [m["step"] for m in lines if "reward/total" in m] == [1, 2]  # no step trained twice
+    assert [m["step"] for m in lines if "eval/acc" in m] == [0, 2]  # the final evaluation logged once
 
 
 def test_a_checkpoint_of_a_fresh_optimiser_leaves_it_fresh():
@@ -2013,9 +2014,13 @@ def test_resume_refuses_a_flag_that_would_change_the_run_and_takes_those_that_ca
     own = ["--lr", "0.0002", "--seed", "0"]  # the run's own values, as in the first command (7777159: refused)
     memory = argv("--micro-batch 2 --gen-batch 3 --grad-checkpointing --device cpu")  # the same update in less memory
     ril.main(["--out", out, "--resume", "--steps", "3", "--save-every", "5", "--keep-last", "1", *own, *memory])
-    # a finished run extended: a line a step, the old end's evaluation kept in its line, as an uninterrupted run logs
+    # a finished run extended: its final evaluation stays at its old end (a line of its own), the new end gets one
     lines = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
-    assert [m["step"] for m in lines] == [0, 1, 2, 3] and [m["step"] for m in lines if "eval/acc" in m] == [0, 2, 3]
+    assert [m["step"] for m in lines] == [0, 1, 2, 2, 3, 3] and [m["step"] for m in lines if "eval/acc" in m] == [
+        0,
+        2,
+        3,
+    ]
     assert [json.loads(x)["step"] for x in open(os.path.join(out, "samples.jsonl"))] == [1, 2, 3]
     assert [os.path.basename(p) for p in ril.checkpoints(out)] == ["step_0000003.pt"]
 
@@ -2253,8 +2258,11 @@ def test_internvl_prompts_keep_their_own_tiles(tmp_path):
     )
     assert sum("reward/total" in x for x in open(out / "metrics.jsonl")) == 1
     assert isinstance(ril.load_processor(str(out)), transformers.InternVLProcessor)
-    _, capped = ril.load_model(folder, args(max_pixels=2 * 56 * 56), "auto", "--student")  # --max-pixels: 2 tiles
-    assert capped.image_processor.max_patches == 2 and proc.image_processor.max_patches == 4
+    _, capped = ril.load_model(folder, args(max_pixels=3 * 56 * 56), "auto", "--student")  # 3 tiles' pixels
+    tiles = (ril.encode_prompts(capped, rows[2:], CPU)["input_ids"] == proc.image_token_id).sum() // 4
+    assert (
+        capped.image_processor.max_patches == 2 and tiles == 3 and proc.image_processor.max_patches == 4
+    )  # + thumbnail
 
 
 def test_a_family_that_cannot_work_is_named_in_one_line(tmp_path, capsys):
