@@ -887,6 +887,7 @@ def load_jsonl(path: str) -> list:
 def load_data(a: Args) -> tuple:
     """(Stage 0, RL, held-out rows). Ids are unique in a file, and held-out ones in no training file."""
     sft = a.sft_data or {"transfer": "toy"}.get(a.data, a.data)  # 'transfer' builds on 'toy'
+    sft = sft if a.sft_steps and not a.resume else a.data  # Stage 0 will not run: its rows are not read
     sft_rows = [] if sft == a.data else make_toy(a.toy_size, a.seed, sft) if sft in QUESTIONS else load_jsonl(sft)
     toy = a.data in QUESTIONS  # a built-in task has held-out questions of its own
     rows = make_toy(a.toy_size, a.seed, a.data) if toy else load_jsonl(a.data)
@@ -1052,8 +1053,7 @@ VISION_TOWERS = ("visual", "vision_tower", "vision_model")  # the families we kn
 
 
 def image_only(family):
-    """A processor class (Qwen2-VL's, InternVL's) without its video half, which needs torchvision: no video_processor
-    in __init__, so from_pretrained loads none. Saved as the stock one, which AutoProcessor builds."""
+    """family without its video half, which needs torchvision (__init__ names no video_processor); saved as family."""
 
     class ImageOnly(family):
         def __init__(self, image_processor=None, tokenizer=None, chat_template=None, image_seq_length=256):
@@ -1581,7 +1581,7 @@ def setup(a: Args, device, mode: str, resumed) -> tuple:
     judge = MatchJudge(rows) if a.judge == "match" else ModelJudge(a.judge, a, device, frozen)
     # each prompt once: a row the processor refuses (Qwen2-VL: over 200:1) or too long stops the run here, not mid-run
     limit = getattr(model.config.get_text_config(), "max_position_embeddings", None) or math.inf  # None: unchecked
-    for r in rows + eval_rows + (sft_rows if a.sft_steps and not a.resume and sft_rows is not rows else []):
+    for r in rows + eval_rows + (sft_rows if sft_rows is not rows else []):
         try:
             n = len(encode_prompts(processor, [r], "cpu")["input_ids"][0])
         except (ValueError, RuntimeError) as e:

@@ -2057,8 +2057,8 @@ def test_resume_refuses_rows_that_changed_unless_told_to_accept_them(tmp_path, c
 
 
 def test_a_resume_does_not_check_stage_0_rows_again(tmp_path):
-    """Stage 0 ran before the first checkpoint: a resume neither encodes its rows again (hours at the paper's 4M) nor
-    refuses one that changed since."""
+    """Stage 0 ran before the first checkpoint: a resume neither reads nor encodes its rows again (hours at the paper's
+    4M) nor refuses one that changed since (here one the processor refuses, and one whose image is gone)."""
     rows, flags = _jsonl_run(tmp_path)
     (tmp_path / "sft.jsonl").write_text((tmp_path / "d.jsonl").read_text())
     out = str(tmp_path / "o")
@@ -2066,6 +2066,7 @@ def test_a_resume_does_not_check_stage_0_rows_again(tmp_path):
     bad = dict(json.loads((tmp_path / "d.jsonl").read_text().splitlines()[0]), id="new", question="q <|image_pad|>")
     with open(tmp_path / "sft.jsonl", "a") as f:  # a row the processor refuses: one image token too many
         print(json.dumps(bad), file=f)
+        print(json.dumps(dict(bad, id="gone", question="q", image="gone.png")), file=f)
     ril.main(["--out", out, "--resume", "--steps", "2"])
     assert ril.checkpoints(out)[-1].endswith("step_0000002.pt")
 
