@@ -897,7 +897,7 @@ def load_data(a: Args) -> tuple:
         for r in part:  # the same file given twice would evaluate on the training set
             if seen.setdefault(r["id"], r) is not r:
                 twice = f"id '{r['id']}' is also the id of {seen[r['id']]['where']}"
-                fail(f"{r['where']}: {twice}; ids must be unique across the data files (is it the training file?)")
+                fail(f"{r['where']}: {twice}; ids must be unique per file, and held-out ids in no training file")
     if not held:  # held out of --data
         if len(rows) <= a.eval_size:
             fail(f"{a.data}: {len(rows)} rows cannot spare --eval-size {a.eval_size}; lower it or pass --eval-data")
