@@ -1069,7 +1069,7 @@ def image_only(family):
 def tiny_tokenizer(rows: list, texts=(), specials: list = SPECIALS, chat_template: str = TINY_CHAT_TEMPLATE):
     """A byte-level BPE (up to 600 entries) trained on D's prompt, the chat roles, every text of the rows and `texts`,
     so that words are single tokens; pad != eos. The tests and make bench build theirs here too."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     corpus = [DISC_SYSTEM, DISC_USER, "user assistant system", *texts]
     for r in rows:
@@ -1078,7 +1078,6 @@ def tiny_tokenizer(rows: list, texts=(), specials: list = SPECIALS, chat_templat
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
     kw = dict(special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=600, **kw))
     special = dict(eos_token="<|im_end|>", pad_token="<|endoftext|>", additional_special_tokens=specials[1:])
