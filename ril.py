@@ -232,7 +232,7 @@ def generation_config(a: Config, model, tokenizer, greedy: bool) -> transformers
     cfg = transformers.GenerationConfig(do_sample=False, max_new_tokens=a.max_new_tokens, suppress_tokens=vision)
     cfg.pad_token_id = tokenizer.pad_token_id
     cfg.eos_token_id = sorted(set(eos) | {tokenizer.eos_token_id})
-    cfg.repetition_penalty = 1.0 if greedy else a.repetition_penalty
+    cfg.repetition_penalty = 1.0 if greedy else a.repetition_penalty  # [R] HF's counts pad tokens too; vLLM has none
     return cfg
 
 
@@ -548,8 +548,9 @@ def decaying_adamw(params, lr: float, steps: int) -> tuple:
 
 def sft_warmup(a: Config, s: State, rows: list):
     """Stage 0 [P]: cross-entropy on one target per question: [R] the answer or, with prob. --sft-teacher-frac, one of
-    the row's teacher texts, from any teacher (teacher texts alone leave D nothing to see; answers alone make D
-    perfect, the student collapses). Rows without teacher texts (instruction data, as the paper's) give answers."""
+    the row's teacher texts (teacher texts alone leave D nothing to see; answers alone make D perfect, the student
+    collapses), from any of its teachers, not only --teachers: Stage 0's rows may have teachers of their own.
+    Rows without teacher texts (instruction data, as the paper's) give answers."""
     tok = s.processor.tokenizer
     opt, sched = decaying_adamw([p for p in s.model.parameters() if p.requires_grad], a.sft_lr, a.sft_steps)
     s.model.train()
@@ -602,7 +603,7 @@ def ril_step(a: Config, s: State, batch: list, step: int) -> tuple:
         # 4: update D on this step's texts, students 1 and teachers 0 (Eq. 1, mu = 1)
         if a.disc_lr > 0:
             metrics.update(disc_update(s.disc, s.d_opt, tok, ro["texts"], ro["is_teacher"], a, s.device))
-        # 5: r_sim of all 2G texts by the just-updated D [P] Alg. 2
+        # 5: r_sim of all 2G texts by the just-updated D [R] (the order of Alg. 2's lines)
         d_logits = disc_logits(s.disc.eval(), tok, ro["texts"], s.device, a.micro_batch)
         r_sim = similarity_reward(d_logits, a)
     # 6: R = r_sim + r_ans, unweighted [P] §3.3; A = R - mean of all 2G [P] Eq. 2 (or of the G samples)
