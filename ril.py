@@ -1255,32 +1255,33 @@ def save_student(model, processor, folder: str, weights: dict):
     fixed = {**json.load(open(config)), "dtype": str(dtype).removeprefix("torch.")}
     write_atomic(config, lambda f: json.dump(fixed, f, indent=2))
     for f in os.listdir(tmp):
+        shutil.rmtree(os.path.join(folder, f), ignore_errors=True)  # a folder (additional_chat_templates): no replace
         os.replace(os.path.join(tmp, f), os.path.join(folder, f))
     os.rmdir(tmp)
 
 
-def teacher_cache(spec: str, a: Args, rows: list) -> str:
-    """A teacher model's cache file, named by the model, every setting shaping its answers and the questions."""
+def teacher_cache(spec: str, a: Args) -> str:
+    """A teacher model's cache file, named by the model and every setting shaping its answers."""
     names = ("teacher_samples", "temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens")
-    asked = [[r["id"], r["question"], str(getattr(r["image"], "args", ""))] for r in rows]  # ids may be reused
-    settings = {"model": spec, **{k: getattr(a, k) for k in names}, "cut": 1, "asked": asked}
+    settings = {"model": spec, **{k: getattr(a, k) for k in names}, "cut": 1}
     tag = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     name = re.sub(r"[^A-Za-z0-9.-]+", "_", spec).strip("_")
     return os.path.join(a.out, "teacher_cache", f"{name}-{tag}.jsonl")
 
 
 def cached(path: str) -> dict:
-    """The cache's entries by id, from its complete lines: not one that a kill cut short."""
+    """The cache's entries by what they asked (id, question, image), from its complete lines: none a kill cut short."""
     lines = [x for x in open(path) if x.endswith("}\n")] if os.path.isfile(path) else []
-    return {e["id"]: e for e in map(json.loads, lines)}
+    return {tuple(e["asked"]): e for e in map(json.loads, lines)}
 
 
 def model_teacher_texts(spec: str, rows: list, a: Args, device, dtype):
-    """A teacher model's answers, sampled once into --out/teacher_cache (a line per id); a killed run goes on where it
-    stopped. Under torchrun rank 0 generates; the other ranks wait for its lines, in no collective that times out."""
-    path = teacher_cache(spec, a, rows)
+    """A teacher model's answers, sampled once into --out/teacher_cache, a line a question (a killed run, or one on
+    edited data, asks the rest). Under torchrun rank 0 generates; the others wait for its lines, in no collective."""
+    path = teacher_cache(spec, a)
+    asked = {r["id"]: (r["id"], r["question"], str(getattr(r["image"], "args", ""))) for r in rows}  # ids may be reused
     done, t = cached(path), time.time()
-    while RANKS.rank > 0 and not done.keys() >= {r["id"] for r in rows}:
+    while RANKS.rank > 0 and not done.keys() >= set(asked.values()):
         if time.time() - t > 1800:  # rank 0 died, or this node does not see its --out
             fail(f"{path}: no new line from rank 0 in 30 minutes; --out must be a folder every node shares", True)
         time.sleep(5)
@@ -1288,7 +1289,7 @@ def model_teacher_texts(spec: str, rows: list, a: Args, device, dtype):
         done, t = now, time.time() if len(now) > len(done) else t
     if RANKS.rank == 0 and os.path.isfile(path):  # without a cut line: appending starts a fresh one
         write_atomic(path, lambda f: f.writelines(json.dumps(e) + "\n" for e in done.values()))
-    todo = [r for r in rows if r["id"] not in done]
+    todo = [r for r in rows if asked[r["id"]] not in done]
     n = a.teacher_samples
     if todo:
         model, processor = load_model(spec, a, dtype, "--teachers")
@@ -1300,14 +1301,14 @@ def model_teacher_texts(spec: str, rows: list, a: Args, device, dtype):
             for i in tqdm(range(0, len(todo), q), desc=f"teacher {spec}"):
                 _, _, texts, cut = sample(a, model, processor, encode_prompts(processor, todo[i : i + q], device), n)
                 for j, r in enumerate(todo[i : i + q]):
-                    line = dict(id=r["id"], texts=texts[j * n : (j + 1) * n], cut=cut[j * n : (j + 1) * n].tolist())
-                    print(json.dumps(line), file=f, flush=True)
+                    answers = dict(texts=texts[j * n : (j + 1) * n], cut=cut[j * n : (j + 1) * n].tolist())
+                    print(json.dumps(dict(asked=asked[r["id"]], **answers)), file=f, flush=True)
         del model  # its memory back before the next teacher or the student: mem_get_info counts PyTorch's cache as used
         gc.collect()
         torch.cuda.empty_cache()  # a no-op without CUDA
     cache = cached(path)
     for r in rows:
-        e = cache[r["id"]]
+        e = cache[asked[r["id"]]]
         r["teachers"][spec] = [Unfinished(t) if c else t for t, c in zip(e["texts"], e["cut"], strict=True)]
     print(f"teacher {spec}: {len(rows) - len(todo)} question(s) read from {path}, {len(todo)} generated")
 

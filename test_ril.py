@@ -1946,6 +1946,17 @@ def test_non_finite_guard_skips_then_stops(tmp_path, monkeypatch, capsys):
     assert e.value.code == 2 and "step 3:" in err and "step_0000000.pt" in err
 
 
+def test_a_student_whose_processor_saves_a_folder_is_saved_again_over_it(tmp_path):
+    """A tokenizer with named chat templates saves the folder additional_chat_templates; os.replace cannot move a folder
+    over one that is not empty, so every later save into that --out (a resume that extends a finished run, a continue
+    command) failed and left the new tokenizer beside the old weights."""
+    model, proc = ril.build_tiny(ril.make_toy(6, 0))
+    proc.tokenizer.chat_template = {"default": ril.TINY_CHAT_TEMPLATE, "tool_use": ril.TINY_CHAT_TEMPLATE}
+    for _ in range(2):
+        ril.save_student(model, proc, str(tmp_path), model.state_dict())
+    assert os.listdir(tmp_path / "additional_chat_templates") and not (tmp_path / ".tmp_save").exists()
+
+
 def test_weights_that_are_not_finite_are_never_saved(tmp_path, capsys, monkeypatch):
     real = ril.Run.end_step
 
@@ -2318,7 +2329,7 @@ def test_a_teacher_model_generates_once_then_its_cache_is_read(tmp_path, capsys)
     lines = open(cache).readlines()
     entries = [json.loads(x) for x in lines]
     assert len(entries) == 24 + 4 and all(len(e["texts"]) == 2 for e in entries)  # train + held-out questions
-    assert len({e["id"] for e in entries}) == len(entries)
+    assert len({tuple(e["asked"]) for e in entries}) == len(entries)
     assert "0 question(s) read" in capsys.readouterr().out
     # a cached text, as the student's tokens cut it
     tok, cap = (ril.load_processor(str(out)).tokenizer, ril.Args().max_new_tokens)
@@ -2344,18 +2355,24 @@ def test_a_teacher_model_generates_once_then_its_cache_is_read(tmp_path, capsys)
 def test_a_teacher_cache_cut_in_its_first_line_or_asked_other_questions_is_generated_anew(tmp_path, capsys):
     """A kill in the cache's first line leaves a fragment that later lines must not be glued to (every later run
     failed on it); rows asking other questions under the same ids (another dataset's q1, q2 in the same --out) get
-    the teacher's answers to those questions, not the cached ones."""
-    teacher, rows = _tiny_family("qwen2_vl", tmp_path / "teacher"), ril.make_toy(3, 0)
+    the teacher's answers to those questions, not the cached ones. Edited data (a row dropped, one asked otherwise,
+    the rest in another order, as another seed's split gives) asks the teacher the edited row alone: the file was
+    named by every question, so any edit asked them all again (GPU hours with a 72B teacher)."""
+    teacher, rows = _tiny_family("qwen2_vl", tmp_path / "teacher"), ril.make_toy(4, 0)
     a = args(out=str(tmp_path / "out"), teacher_samples=1)
-    path = ril.teacher_cache(teacher, a, rows)
+    path = ril.teacher_cache(teacher, a)
     os.makedirs(os.path.dirname(path))
-    open(path, "w").write('{"id": "toy0-0", "te')  # killed in its first line
+    open(path, "w").write('{"asked": ["toy0-0", "te')  # killed in its first line
     ril.model_teacher_texts(teacher, rows, a, CPU, torch.float32)
-    assert [json.loads(x)["id"] for x in open(path)] == [r["id"] for r in rows]
+    assert [json.loads(x)["asked"][0] for x in open(path)] == [r["id"] for r in rows]
     assert "0 question(s) read" in capsys.readouterr().out
     asked = [dict(r, question="Which shape do you see?", teachers={}) for r in rows]  # the same ids
     ril.model_teacher_texts(teacher, asked, a, CPU, torch.float32)
     assert "0 question(s) read" in capsys.readouterr().out
+    edited = [dict(r, teachers={}) for r in rows[3:0:-1]]  # rows[0] dropped, the rest reversed
+    edited[0]["question"] = "Which shape is it?"
+    ril.model_teacher_texts(teacher, edited, a, CPU, torch.float32)
+    assert "2 question(s) read" in capsys.readouterr().out and len(open(path).readlines()) == 4 + 4 + 1
 
 
 def test_a_model_id_that_cannot_be_found_is_named_for_teachers_and_judge(tmp_path, capsys):
@@ -2790,14 +2807,14 @@ def test_under_torchrun_other_ranks_wait_for_rank_0s_teacher_cache_and_never_gen
 
     def rank0_writes(_):  # rank 0 appends its lines while rank 1 waits
         calls.append(1)
-        with open(ril.teacher_cache("m/t", a, rows), "a") as f:
+        with open(ril.teacher_cache("m/t", a), "a") as f:
             for r in rows[1:]:
-                print(json.dumps({"id": r["id"], "texts": [f"t{r['id']}"], "cut": [False]}), file=f)
+                print(json.dumps({"asked": [r["id"], r["question"], ""], "texts": [f"t{r['id']}"], "cut": [0]}), file=f)
 
     monkeypatch.setattr(ril.time, "sleep", rank0_writes)
     os.makedirs(tmp_path / "teacher_cache")
-    with open(ril.teacher_cache("m/t", a, rows), "w") as f:
-        print(json.dumps({"id": rows[0]["id"], "texts": ["first"], "cut": [False]}), file=f)
+    with open(ril.teacher_cache("m/t", a), "w") as f:
+        print(json.dumps({"asked": [rows[0]["id"], rows[0]["question"], ""], "texts": ["first"], "cut": [0]}), file=f)
     ril.model_teacher_texts("m/t", rows, a, CPU, torch.float32)
     assert calls and [r["teachers"]["m/t"] for r in rows] == [["first"]] + [[f"t{r['id']}"] for r in rows[1:]]
 
