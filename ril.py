@@ -715,8 +715,8 @@ class Args(Config):
     accept_changed_data: bool = arg(False, "--resume although the rows differ from the checkpoint's")
 
 
-RESUMABLE = {"out", "steps", "resume", "save_every", "keep_last", "max_bad_steps", "accept_changed_data", "device"}
-RESUMABLE |= {"micro_batch", "gen_batch", "grad_checkpointing", "shard"}  # memory: the same update
+RESUMABLE = {"out", "steps", "resume", "save_every", "keep_last", "max_bad_steps", "accept_changed_data", "data"}
+RESUMABLE |= {"micro_batch", "gen_batch", "grad_checkpointing", "shard", "device", "eval_data"}  # memory, place
 CHECKS = {"gt": (operator.gt, ">"), "ge": (operator.ge, ">="), "lt": (operator.lt, "<"), "le": (operator.le, "<=")}
 
 
@@ -1406,7 +1406,7 @@ def checkpoints(out: str) -> list:
 
 
 def resume_state(a: Args, given: set) -> tuple:
-    """The run's arguments (this command's --out and --steps) and its newest loadable checkpoint."""
+    """The run's arguments, with this command's RESUMABLE ones (data may move: check_data), and its last checkpoint."""
     for path in reversed(checkpoints(a.out)):
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)

@@ -2067,6 +2067,20 @@ def test_resume_refuses_rows_that_changed_unless_told_to_accept_them(tmp_path, c
     assert open(os.path.join(out, "tokenizer.json")).read() == tokenizer
 
 
+def test_a_resume_from_another_folder_takes_the_data_files_path_from_there(tmp_path, monkeypatch):
+    """A run given relative data paths, resumed from another working directory: --data and --eval-data may name the
+    same files another way (they were refused: a dead end, since without them the paths do not resolve)."""
+    rows, flags = _jsonl_run(tmp_path)
+    (tmp_path / "val.jsonl").write_text("\n".join((tmp_path / "d.jsonl").read_text().splitlines()[:2]))
+    (tmp_path / "d.jsonl").write_text("\n".join((tmp_path / "d.jsonl").read_text().splitlines()[2:]))
+    monkeypatch.chdir(tmp_path)
+    flags = [x if x != str(tmp_path / "d.jsonl") else "d.jsonl" for x in flags]
+    ril.main([*flags, "--eval-data", "val.jsonl", "--steps", "1", "--out", "o"])
+    monkeypatch.chdir(tmp_path / "o")
+    ril.main(argv("--out . --resume --steps 2 --data ../d.jsonl --eval-data ../val.jsonl"))
+    assert ril.checkpoints(".")[-1].endswith("step_0000002.pt")
+
+
 def test_a_resume_does_not_check_stage_0_rows_again(tmp_path):
     """Stage 0 ran before the first checkpoint: a resume neither reads nor encodes its rows again (hours at the paper's
     4M) nor refuses one that changed since (here one the processor refuses, and one whose image is gone)."""
