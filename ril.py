@@ -932,16 +932,16 @@ NUMBER = r"(?<![\w.,])-?\d+(?:,\d{3})*(?:\.\d+)?(?!\w)"  # one word: -3, 2.5, 1,
 
 
 def normalize(text: str, number_words: bool = True) -> list:
-    """Words in any script (NFKC, case-folded; in scripts written without spaces, each character), punctuation
-    dropped but a number's sign, point and thousands (1,000 is 1000), number words as digits (unless number_words).
+    """Words in any script (NFKC, case-folded but a lone capital: option A is no article a; in unspaced scripts, each
+    character), punctuation dropped but a number's sign, point and thousands (1,000 is 1000), number words as digits.
 
-    >>> normalize("There are Three shapes, -2.50 or 1,000!")
-    ['there', 'are', '3', 'shapes', '-2.5', 'or', '1000']
+    >>> normalize("Option A: Three shapes, -2.50 or 1,000!")
+    ['option', 'A', '3', 'shapes', '-2.5', 'or', '1000']
     >>> normalize("答案是七")
     ['答', '案', '是', '七']
     """
-    text = unicodedata.normalize("NFKC", text).casefold()
-    words = [w.replace(",", "") for w in re.findall(f"{NUMBER}|[{UNSPACED}]|[^\\W_{UNSPACED}]+", text)]
+    words = re.findall(f"{NUMBER}|[{UNSPACED}]|[^\\W_{UNSPACED}]+", unicodedata.normalize("NFKC", text))
+    words = [w if re.fullmatch("[A-Z]", w) else w.casefold().replace(",", "") for w in words]
     words = [w.rstrip("0").rstrip(".") if "." in w else w for w in words]  # only numbers hold a point: 2.50 is 2.5
     return [NUMBER_WORDS.get(w, w) if number_words else w for w in words]
 

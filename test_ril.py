@@ -695,6 +695,16 @@ def test_answer_match_normalises_wants_whole_words_and_refuses_lists():
     # listing candidates is not an answer (the hack plain containment rewards)
     assert ril.answer_match("3 count 4 4 4", "3", c) == 0.0
     assert ril.answer_match("red, blue or green", "red", c) == 0.0
+    # an option letter is a capital alone: the article "a" is no answer A (it matched every "a square")
+    options = ril.MatchJudge([dict(answer=x) for x in "ABCD"]).candidates
+    assert options == {("A",), ("B",), ("C",), ("D",)}
+    assert [ril.answer_match(o, "A", options) for o in ("It is a square.", "A", "(A) a square", "A or B")] == [
+        0,
+        1,
+        1,
+        0,
+    ]
+    assert ril.answer_match("I think it is B.", "B", options) == 1.0
     # every toy teacher text is judged correct
     for r in ril.make_toy(30, 0):
         assert all(ril.answer_match(t, r["answer"], c) == 1.0 for ts in r["teachers"].values() for t in ts)
