@@ -698,12 +698,8 @@ def test_answer_match_normalises_wants_whole_words_and_refuses_lists():
     # an option letter is a capital alone: the article "a" is no answer A (it matched every "a square")
     options = ril.MatchJudge([dict(answer=x) for x in "ABCD"]).candidates
     assert options == {("A",), ("B",), ("C",), ("D",)}
-    assert [ril.answer_match(o, "A", options) for o in ("It is a square.", "A", "(A) a square", "A or B")] == [
-        0,
-        1,
-        1,
-        0,
-    ]
+    for response, right in [("It is a square.", 0.0), ("A", 1.0), ("(A) a square", 1.0), ("A or B", 0.0)]:
+        assert ril.answer_match(response, "A", options) == right, response
     assert ril.answer_match("I think it is B.", "B", options) == 1.0
     # every toy teacher text is judged correct
     for r in ril.make_toy(30, 0):
