@@ -596,7 +596,7 @@ def ril_step(a: Config, s: State, batch: list, step: int) -> tuple:
     metrics = {"len/truncated_frac": ro["truncated"]}
     # 3: r_ans in {0, 1} of every text [P] §3.3: the Fig. 4 LLM judge, or an answer matcher (part 2)
     r_ans = torch.tensor(s.judge(ro["questions"], ro["answers"], ro["texts"]), device=s.device)
-    if s.judge.unparsed is not None:
+    if getattr(s.judge, "unparsed", None) is not None:  # a model judge's share of replies without a verdict
         metrics["judge/unparsed"] = s.judge.unparsed  # no <answer>0|1</answer>: 0
     d_logits, r_sim = torch.zeros_like(r_ans), torch.zeros_like(r_ans)  # none in the baselines
     if ril:
@@ -932,16 +932,16 @@ NUMBER = r"(?<![\w.,])-?\d+(?:,\d{3})*(?:\.\d+)?(?!\w)"  # one word: -3, 2.5, 1,
 
 
 def normalize(text: str, number_words: bool = True) -> list:
-    """Words in any script (NFKC, case-folded but a lone capital: option A is no article a; in unspaced scripts, each
-    character), punctuation dropped but a number's sign, point and thousands (1,000 is 1000), number words as digits.
+    """Words in any script (NFKC, case-folded; in scripts written without spaces, each character), punctuation
+    dropped but a number's sign, point and thousands (1,000 is 1000), number words as digits (unless number_words).
 
-    >>> normalize("Option A: Three shapes, -2.50 or 1,000!")
-    ['option', 'A', '3', 'shapes', '-2.5', 'or', '1000']
+    >>> normalize("There are Three shapes, -2.50 or 1,000!")
+    ['there', 'are', '3', 'shapes', '-2.5', 'or', '1000']
     >>> normalize("答案是七")
     ['答', '案', '是', '七']
     """
-    words = re.findall(f"{NUMBER}|[{UNSPACED}]|[^\\W_{UNSPACED}]+", unicodedata.normalize("NFKC", text))
-    words = [w if re.fullmatch("[A-Z]", w) else w.casefold().replace(",", "") for w in words]
+    text = unicodedata.normalize("NFKC", text).casefold()
+    words = [w.replace(",", "") for w in re.findall(f"{NUMBER}|[{UNSPACED}]|[^\\W_{UNSPACED}]+", text)]
     words = [w.rstrip("0").rstrip(".") if "." in w else w for w in words]  # only numbers hold a point: 2.50 is 2.5
     return [NUMBER_WORDS.get(w, w) if number_words else w for w in words]
 
@@ -981,6 +981,8 @@ def answer_match(response: str, answer: str, candidates: frozenset = frozenset()
     """r_ans without an LLM judge [R]: 1 if the normalised answer is a whole-word span of the response and no *other*
     candidate answer is ("I count three shapes." for 3 scores 1; "3 or 4" and "Reddish." for red score 0). Plain
     containment is gamed within 100 steps on the toy task: the policy learns to list every answer ("3 count 4 4 4")."""
+    if re.fullmatch("[A-H]", answer.strip()):  # an option letter: that capital alone ("a square" names no option A)
+        return float(set(re.findall(r"\b[A-H]\b", response)) == {answer.strip()})
     t = tuple(normalize(answer))
     # number words as numbers for a number answer only: "the red one" names no count
     found = spans(normalize(response, number_words=any(w[-1].isdigit() for w in t)), max(3, len(t)))
@@ -990,8 +992,6 @@ def answer_match(response: str, answer: str, candidates: frozenset = frozenset()
 
 class MatchJudge:
     """r_ans for a batch by answer_match; candidates: the dataset's short (1-3 word) answers."""
-
-    unparsed = None  # a model judge reports its share of unparseable verdicts here
 
     def __init__(self, rows: list):
         answers = [tuple(normalize(r["answer"])) for r in rows]
@@ -1270,7 +1270,7 @@ def teacher_cache(spec: str, a: Args) -> str:
 
 
 def cached(path: str) -> dict:
-    """The cache's entries by what they asked (id, question, image), from its complete lines: none a kill cut short."""
+    """The cache's entries by what they asked (question, image), from its complete lines: none a kill cut short."""
     lines = [x for x in open(path) if x.endswith("}\n")] if os.path.isfile(path) else []
     return {tuple(e["asked"]): e for e in map(json.loads, lines)}
 
@@ -1279,7 +1279,7 @@ def model_teacher_texts(spec: str, rows: list, a: Args, device, dtype):
     """A teacher model's answers, sampled once into --out/teacher_cache, a line a question (a killed run, or one on
     edited data, asks the rest). Under torchrun rank 0 generates; the others wait for its lines, in no collective."""
     path = teacher_cache(spec, a)
-    asked = {r["id"]: (r["id"], r["question"], str(getattr(r["image"], "args", ""))) for r in rows}  # ids may be reused
+    asked = {r["id"]: (r["question"], str(getattr(r["image"], "args", r["id"]))) for r in rows}  # an image file, or id
     done, t = cached(path), time.time()
     while RANKS.rank > 0 and not done.keys() >= set(asked.values()):
         if time.time() - t > 1800:  # rank 0 died, or this node does not see its --out

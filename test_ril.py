@@ -695,12 +695,21 @@ def test_answer_match_normalises_wants_whole_words_and_refuses_lists():
     # listing candidates is not an answer (the hack plain containment rewards)
     assert ril.answer_match("3 count 4 4 4", "3", c) == 0.0
     assert ril.answer_match("red, blue or green", "red", c) == 0.0
-    # an option letter is a capital alone: the article "a" is no answer A (it matched every "a square")
-    options = ril.MatchJudge([dict(answer=x) for x in "ABCD"]).candidates
-    assert options == {("A",), ("B",), ("C",), ("D",)}
-    for response, right in [("It is a square.", 0.0), ("A", 1.0), ("(A) a square", 1.0), ("A or B", 0.0)]:
-        assert ril.answer_match(response, "A", options) == right, response
-    assert ril.answer_match("I think it is B.", "B", options) == 1.0
+    # an option letter is that capital alone: the article "a" is no answer A (it matched every "a square"); other
+    # answers still fold case, with option letters among the candidates (a lone capital kept its case in ad4d9d4,
+    # which scored "He wears a T-shirt." 0 for t-shirt, and "A square." 0 for square beside answers A to D)
+    both = ril.MatchJudge([dict(answer=x) for x in ["A", "B", "C", "D", "square", "Vitamin C", "t-shirt"]]).candidates
+    for response, answer, right in [
+        ("It is a square.", "A", 0.0),
+        ("A", "A", 1.0),
+        ("(A) a square", "A", 1.0),
+        ("A or B", "A", 0.0),
+        ("I think it is B.", "B", 1.0),
+        ("A square.", "square", 1.0),
+        ("It is vitamin c.", "Vitamin C", 1.0),
+        ("He wears a T-shirt.", "t-shirt", 1.0),
+    ]:
+        assert ril.answer_match(response, answer, both) == right, (response, answer)
     # every toy teacher text is judged correct
     for r in ril.make_toy(30, 0):
         assert all(ril.answer_match(t, r["answer"], c) == 1.0 for ts in r["teachers"].values() for t in ts)
@@ -2382,9 +2391,9 @@ def test_a_teacher_cache_cut_in_its_first_line_or_asked_other_questions_is_gener
     a = args(out=str(tmp_path / "out"), teacher_samples=1)
     path = ril.teacher_cache(teacher, a)
     os.makedirs(os.path.dirname(path))
-    open(path, "w").write('{"asked": ["toy0-0", "te')  # killed in its first line
+    open(path, "w").write('{"asked": ["What color is the shape?", "te')  # killed in its first line
     ril.model_teacher_texts(teacher, rows, a, CPU, torch.float32)
-    assert [json.loads(x)["asked"][0] for x in open(path)] == [r["id"] for r in rows]
+    assert [json.loads(x)["asked"][1] for x in open(path)] == [r["id"] for r in rows]
     assert "0 question(s) read" in capsys.readouterr().out
     asked = [dict(r, question="Which shape do you see?", teachers={}) for r in rows]  # the same ids
     ril.model_teacher_texts(teacher, asked, a, CPU, torch.float32)
@@ -2393,6 +2402,16 @@ def test_a_teacher_cache_cut_in_its_first_line_or_asked_other_questions_is_gener
     edited[0]["question"] = "Which shape is it?"
     ril.model_teacher_texts(teacher, edited, a, CPU, torch.float32)
     assert "2 question(s) read" in capsys.readouterr().out and len(open(path).readlines()) == 4 + 4 + 1
+    _jsonl_run(
+        tmp_path, n=3
+    )  # rows of a file without ids: the first line dropped moves every later row's id (file:line)
+    lines = [dict(json.loads(x), id=None) for x in (tmp_path / "d.jsonl").read_text().splitlines()]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({k: v for k, v in x.items() if v}) + "\n" for x in lines))
+    ril.model_teacher_texts(teacher, ril.load_jsonl(str(tmp_path / "d.jsonl")), a, CPU, torch.float32)
+    assert "0 question(s) read" in capsys.readouterr().out
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({k: v for k, v in x.items() if v}) + "\n" for x in lines[1:]))
+    ril.model_teacher_texts(teacher, ril.load_jsonl(str(tmp_path / "d.jsonl")), a, CPU, torch.float32)
+    assert "2 question(s) read" in capsys.readouterr().out
 
 
 def test_a_model_id_that_cannot_be_found_is_named_for_teachers_and_judge(tmp_path, capsys):
@@ -2829,12 +2848,12 @@ def test_under_torchrun_other_ranks_wait_for_rank_0s_teacher_cache_and_never_gen
         calls.append(1)
         with open(ril.teacher_cache("m/t", a), "a") as f:
             for r in rows[1:]:
-                print(json.dumps({"asked": [r["id"], r["question"], ""], "texts": [f"t{r['id']}"], "cut": [0]}), file=f)
+                print(json.dumps({"asked": [r["question"], r["id"]], "texts": [f"t{r['id']}"], "cut": [0]}), file=f)
 
     monkeypatch.setattr(ril.time, "sleep", rank0_writes)
     os.makedirs(tmp_path / "teacher_cache")
     with open(ril.teacher_cache("m/t", a), "w") as f:
-        print(json.dumps({"asked": [rows[0]["id"], rows[0]["question"], ""], "texts": ["first"], "cut": [0]}), file=f)
+        print(json.dumps({"asked": [rows[0]["question"], rows[0]["id"]], "texts": ["first"], "cut": [0]}), file=f)
     ril.model_teacher_texts("m/t", rows, a, CPU, torch.float32)
     assert calls and [r["teachers"]["m/t"] for r in rows] == [["first"]] + [[f"t{r['id']}"] for r in rows[1:]]
 
