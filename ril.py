@@ -697,7 +697,7 @@ class Args(Config):
     max_pixels: int = arg(448 * 448, "pixels an image: Qwen-VL scales it, InternVL drops tiles (tiny: 112x112)", ge=784)
     data: str = arg("toy", "a built-in task ('toy', 'phrased', 'transfer') or a JSONL file (format in the header)")
     sft_data: str = arg("", "Stage 0's data, a built-in task or JSONL; empty = --data ('toy' for 'transfer')")
-    eval_data: str = arg("", "held-out JSONL; empty = hold out --eval-size rows of --data")
+    eval_data: str = arg("", "held-out JSONL; empty: --eval-size rows of --data (a built-in task: new ones)")
     eval_size: int = arg(120, "held-out questions of a built-in task, or of --data without --eval-data", ge=1)
     toy_size: int = arg(600, "training questions of a built-in task", ge=1)
     out: str = arg("runs/ril", "output folder: the trained student, discriminator.pt, metrics.jsonl, checkpoints")
@@ -933,7 +933,7 @@ NUMBER = r"(?<![\w.,])-?\d+(?:,\d{3})*(?:\.\d+)?(?!\w)"  # one word: -3, 2.5, 1,
 
 def normalize(text: str, number_words: bool = True) -> list:
     """Words in any script (NFKC, case-folded; in scripts written without spaces, each character), punctuation
-    dropped but a number's sign, point and thousands (1,000 is 1000), number words as digits (unless number_words).
+    dropped but a number's sign, point and thousands (1,000 is 1000), number words as digits (if number_words).
 
     >>> normalize("There are Three shapes, -2.50 or 1,000!")
     ['there', 'are', '3', 'shapes', '-2.5', 'or', '1000']
@@ -991,7 +991,7 @@ def answer_match(response: str, answer: str, candidates: frozenset = frozenset()
 
 
 class MatchJudge:
-    """r_ans for a batch by answer_match; candidates: the dataset's short (1-3 word) answers."""
+    """r_ans for a batch by answer_match; candidates: the RL rows' 1-3 word answers, none led by a stopword."""
 
     def __init__(self, rows: list):
         answers = [tuple(normalize(r["answer"])) for r in rows]
@@ -1179,7 +1179,7 @@ def check_plan(a: Args, device, teacher_models: list):
     for key, spec in [("student", a.student), ("judge", a.judge), *[(t, t) for t in teacher_models]]:
         with contextlib.suppress(OSError, ValueError, KeyError):  # the loader says why
             configs[key] = transformers.AutoConfig.from_pretrained(ALIASES.get(spec, spec), trust_remote_code=remote)
-    fixes = {"KV cache": "--gen-batch 16", "judge": "--judge match, or a smaller --judge"}
+    fixes = {"KV cache": "a lower --gen-batch", "judge": "--judge match, or a smaller --judge"}
     fixes.update(activations="--micro-batch 8, --grad-checkpointing or a lower --max-pixels")
     fixes.update(weights="its texts in the rows (from GPUs of their own)")
     free = torch.cuda.mem_get_info(device)[0]
@@ -1188,7 +1188,7 @@ def check_plan(a: Args, device, teacher_models: list):
             parts = ", ".join(f"{k} {v / 2**30:.1f}" for k, v in need.items() if v)
             gib = f"{sum(need.values()) / 2**30:.1f} GiB per GPU ({parts}); {device} has {free / 2**30:.1f} GiB free"
             top = max(need, key=need.get)  # the student, the reference or D: sharding
-            fail(f"the plan: {phase} needs {gib}; to fit, {top}: {fixes.get(top, '--shard, or --dtype bf16')}")
+            fail(f"the plan: {phase} needs {gib}; to fit, {top}: {fixes.get(top, '--dtype bf16; torchrun: --shard')}")
 
 
 def load_model(name: str, a: Args, dtype, flag: str, auto_class=transformers.AutoModelForImageTextToText) -> tuple:
@@ -1261,8 +1261,8 @@ def save_student(model, processor, folder: str, weights: dict):
 
 
 def teacher_cache(spec: str, a: Args) -> str:
-    """A teacher model's cache file, named by the model and every setting shaping its answers."""
-    names = ("teacher_samples", "temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens")
+    """A teacher model's cache file, named by the model and every setting shaping its answers (but --dtype)."""
+    names = ("teacher_samples", "temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens", "max_pixels")
     settings = {"model": spec, **{k: getattr(a, k) for k in names}, "cut": 1}
     tag = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     name = re.sub(r"[^A-Za-z0-9.-]+", "_", spec).strip("_")
@@ -1549,8 +1549,8 @@ def check_data(a: Args, rows: list, eval_rows: list, resumed) -> dict:
     """The rows' fingerprints (count, hash): a resume on other rows fails (batch_at's order)."""
     data = {}
     for name, part in (("training", rows), ("held-out", eval_rows)):
-        keys = ("id", "question", "answer", "teachers")
-        said = [[r[k] for k in keys] + [str(getattr(r["image"], "args", ""))] for r in part]
+        keys = ("question", "answer", "teachers")  # no id (file:line by default) nor folder: the data may move
+        said = [[r[k] for k in keys] + [os.path.basename(getattr(r["image"], "args", [""])[0])] for r in part]
         data[name] = [len(part), hashlib.sha1(json.dumps(said, sort_keys=True).encode()).hexdigest()]
     then = (resumed[1].get("data") if resumed else None) or data  # none: not checked
     changed = [f"{k} rows ({then[k][0]} then, {data[k][0]} now)" for k in data if data[k] != then[k]]
@@ -1622,7 +1622,7 @@ def report(a: Args, s: State, run: Run, before: tuple, after: tuple, eval_rows: 
     (student, _), (disc, _) = full_state(s.model), full_state(s.disc)
     bad = [k for k, v in {**student, **(disc or {})}.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
-        fail(f"the trained weights are not finite ({len(bad)} tensors, e.g. {bad[0]}); {a.out} unchanged; lower --lr")
+        fail(f"the trained weights are not finite ({len(bad)} tensors, e.g. {bad[0]}); no student saved; lower --lr")
     if RANKS.rank == 0:
         save_student(unwrap(s.model), s.processor, a.out, student)
     if RANKS.rank == 0 and disc:  # for Discriminator(student).load_state_dict
@@ -1649,7 +1649,7 @@ def lock_out(out: str) -> int:
 
 def stopped(a: Args, run: Run, argv: list, e: Exception):
     """A failure mid-run: one line with what failed, what was kept and the command to continue."""
-    where = "SFT or D pre-training" if run.step is None else f"step {run.step + 1}"
+    where = "SFT, D pre-training or the first evaluation" if run.step is None else f"step {run.step + 1}"
     where = "the final evaluation or save" if run.step == a.steps else where
     kept = f"the last complete checkpoint is {run.last}" if run.last else "nothing was saved"
     cmd = f"--out {a.out} --resume --steps {a.steps}" if run.last else " ".join(argv)

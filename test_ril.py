@@ -2065,29 +2065,36 @@ def test_resume_refuses_rows_that_changed_unless_told_to_accept_them(tmp_path, c
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and "the training rows (4 then, 7 now)" in err and "--accept-changed-data" in err
     assert "held-out rows (2 then, 2 now)" in err  # the held-out split is drawn from all the rows, so it moved too
-    # the same rows, their images moved to a folder (the tiny student's tokenizer, made from the texts, stays)
+    # the same rows, their images moved to a folder: the same rows (the folder is no part of them)
     os.makedirs(tmp_path / "img")
     for r in rows:
         os.rename(tmp_path / f"{r['id']}.png", tmp_path / "img" / f"{r['id']}.png")
     data.write_text(original.replace('"image": "', '"image": "img/'))
+    ril.main(["--out", out, "--resume", "--steps", "2"])
+    assert ril.checkpoints(out)[-1].endswith("step_0000002.pt")
+    moved = data.read_text()  # another image for a row: changed
+    data.write_text(moved.replace(f"img/{rows[0]['id']}.png", f"img/{rows[1]['id']}.png", 1))
     with pytest.raises(SystemExit):
-        ril.main(["--out", out, "--resume", "--steps", "2"])
-    assert "the training rows (4 then, 4 now)" in capsys.readouterr().err
+        ril.main(["--out", out, "--resume", "--steps", "3"])
+    assert "differ from the checkpoint's" in capsys.readouterr().err
+    data.write_text(original.replace('"image": "', '"image": "img/'))
     tokenizer = open(os.path.join(out, "tokenizer.json")).read()  # the tiny student's, made from the rows' words
     with open(data, "a") as f:  # rows with words the tokenizer never saw: the run keeps its own tokenizer
         row = json.loads(data.read_text().splitlines()[0])
         print(json.dumps({**row, "id": "new", "question": "Which planet is it?"}), file=f)
-    ril.main(["--out", out, "--resume", "--steps", "2", "--accept-changed-data"])
-    assert ril.checkpoints(out)[-1].endswith("step_0000002.pt")
+    ril.main(["--out", out, "--resume", "--steps", "3", "--accept-changed-data"])
+    assert ril.checkpoints(out)[-1].endswith("step_0000003.pt")
     assert open(os.path.join(out, "tokenizer.json")).read() == tokenizer
 
 
 def test_a_resume_from_another_folder_takes_the_data_files_path_from_there(tmp_path, monkeypatch):
     """A run given relative data paths, resumed from another working directory: --data and --eval-data may name the
-    same files another way (they were refused: a dead end, since without them the paths do not resolve)."""
+    same files another way (they were refused: a dead end, since without them the paths do not resolve). Rows
+    without ids (file:line, the path as typed) and the images' folder are no part of the rows' fingerprint."""
     rows, flags = _jsonl_run(tmp_path)
-    (tmp_path / "val.jsonl").write_text("\n".join((tmp_path / "d.jsonl").read_text().splitlines()[:2]))
-    (tmp_path / "d.jsonl").write_text("\n".join((tmp_path / "d.jsonl").read_text().splitlines()[2:]))
+    lines = [json.dumps({k: v for k, v in json.loads(x).items() if k != "id"}) for x in open(tmp_path / "d.jsonl")]
+    (tmp_path / "val.jsonl").write_text("\n".join(lines[:2]))
+    (tmp_path / "d.jsonl").write_text("\n".join(lines[2:]))
     monkeypatch.chdir(tmp_path)
     flags = [x if x != str(tmp_path / "d.jsonl") else "d.jsonl" for x in flags]
     ril.main([*flags, "--eval-data", "val.jsonl", "--steps", "1", "--out", "o"])
@@ -2390,6 +2397,7 @@ def test_a_teacher_cache_cut_in_its_first_line_or_asked_other_questions_is_gener
     teacher, rows = _tiny_family("qwen2_vl", tmp_path / "teacher"), ril.make_toy(4, 0)
     a = args(out=str(tmp_path / "out"), teacher_samples=1)
     path = ril.teacher_cache(teacher, a)
+    assert path != ril.teacher_cache(teacher, args(out=a.out, teacher_samples=1, max_pixels=784))  # other images
     os.makedirs(os.path.dirname(path))
     open(path, "w").write('{"asked": ["What color is the shape?", "te')  # killed in its first line
     ril.model_teacher_texts(teacher, rows, a, CPU, torch.float32)
