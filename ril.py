@@ -1279,7 +1279,7 @@ def model_teacher_texts(spec: str, rows: list, a: Args, device, dtype):
     """A teacher model's answers, sampled once into --out/teacher_cache, a line a question (a killed run, or one on
     edited data, asks the rest). Under torchrun rank 0 generates; the others wait for its lines, in no collective."""
     path = teacher_cache(spec, a)
-    asked = {r["id"]: (r["question"], str(getattr(r["image"], "args", r["id"]))) for r in rows}  # an image file, or id
+    asked = {r["id"]: (r["question"], getattr(r["image"], "args", [r["id"]])[0]) for r in rows}  # an image file, or id
     done, t = cached(path), time.time()
     while RANKS.rank > 0 and not done.keys() >= set(asked.values()):
         if time.time() - t > 1800:  # rank 0 died, or this node does not see its --out
